@@ -1,0 +1,356 @@
+// The CPU entry points of the C ABI: argument checks, temporaries, per-channel coefficients and
+// dispatch to the kernel table. Every check runs before any output is written.
+#include <cstdint>
+#include <vector>
+
+#include "checks.hpp"
+#include "cpu_kernels.hpp"
+#include "dtype.hpp"
+#include "formulas.hpp"
+#include "pybn/pybn.h"
+
+#ifndef PYBN_VERSION_STRING
+#error "PYBN_VERSION_STRING must be defined by the build"
+#endif
+
+using namespace pybn;
+
+namespace {
+
+int64_t per_channel(const pybn_view& v) { return v.outer * v.inner; }
+
+// Value of a nullable per-channel parameter array of type P.
+template <class P> double param_or(const void* p, int64_t c, double fallback) {
+    return p ? double(static_cast<const P*>(p)[c]) : fallback;
+}
+template <class P> void put(void* p, int64_t c, double value) { static_cast<P*>(p)[c] = P(value); }
+
+pybn_status check_counts(const char* fn, int64_t channels, const double* count, double minimum) {
+    for (int64_t c = 0; c < channels; ++c)
+        if (!(count[c] >= minimum))
+            return fail(minimum >= 2 ? PYBN_ERROR_TOO_FEW_VALUES : PYBN_ERROR_INVALID_VALUE,
+                        "%s: count[%lld] must be >= %g, got %g", fn, (long long)c, minimum, count[c]);
+    return PYBN_SUCCESS;
+}
+
+template <class P>
+void normalize_impl(const pybn_view& v, const void* x, const double* count, const double* mean,
+                    const double* m2, const void* gamma, const void* beta, double eps, void* y,
+                    void* running_mean, void* running_var, double momentum, void* save_mean,
+                    void* save_invstd) {
+    const int64_t C = v.channels;
+    std::vector<P> coef(static_cast<size_t>(4 * C));
+    std::vector<double> invstd(static_cast<size_t>(C));
+    for (int64_t c = 0; c < C; ++c) {
+        invstd[size_t(c)] = invstd_of(count[c], m2[c], eps);
+        const NormCoef<P> k = train_coef<P>(mean[c], invstd[size_t(c)], param_or<P>(gamma, c, 1.0),
+                                            param_or<P>(beta, c, 0.0));
+        coef[size_t(c)] = k.hi;
+        coef[size_t(C + c)] = k.lo;
+        coef[size_t(2 * C + c)] = k.scale;
+        coef[size_t(3 * C + c)] = k.shift;
+    }
+    // Nothing below can fail.
+    if (per_channel(v) > 0) cpu::kernels().normalize(v, x, coef.data(), y);
+    for (int64_t c = 0; c < C; ++c) {
+        if (running_mean) put<P>(running_mean, c, ema(param_or<P>(running_mean, c, 0), mean[c], momentum));
+        if (running_var)
+            put<P>(running_var, c, ema(param_or<P>(running_var, c, 0), m2[c] / (count[c] - 1), momentum));
+        if (save_mean) put<P>(save_mean, c, mean[c]);
+        if (save_invstd) put<P>(save_invstd, c, invstd[size_t(c)]);
+    }
+}
+
+template <class P>
+void backward_elementwise_impl(const pybn_view& v, const void* dy, const void* x, const void* mean,
+                               const void* invstd, const void* gamma, int training,
+                               const double* count, const double* sum_dy, const double* sum_dy_xmu,
+                               const double* sum_xmu, void* dx, void* dgamma, void* dbeta) {
+    const int64_t C = v.channels;
+    std::vector<P> coef(static_cast<size_t>(4 * C));
+    std::vector<BackCoef<P>> k(static_cast<size_t>(C));
+    for (int64_t c = 0; c < C; ++c) {
+        k[size_t(c)] = backward_coef<P>(training != 0, training ? count[c] : 1.0,
+                                        param_or<P>(invstd, c, 0), param_or<P>(gamma, c, 1.0),
+                                        sum_dy[c], sum_dy_xmu[c], sum_xmu ? sum_xmu[c] : 0.0);
+        coef[size_t(c)] = training ? static_cast<const P*>(mean)[c] : P(0);
+        coef[size_t(C + c)] = k[size_t(c)].a;
+        coef[size_t(2 * C + c)] = k[size_t(c)].b;
+        coef[size_t(3 * C + c)] = k[size_t(c)].c;
+    }
+    if (dx && per_channel(v) > 0)
+        cpu::kernels().backward_elementwise(v, dy, training ? x : nullptr, coef.data(), dx);
+    for (int64_t c = 0; c < C; ++c) {
+        if (dgamma) static_cast<P*>(dgamma)[c] = k[size_t(c)].dgamma;
+        if (dbeta) static_cast<P*>(dbeta)[c] = k[size_t(c)].dbeta;
+    }
+}
+
+// Calls f(P{}) with P the parameter type of the view's dtype.
+template <class F> void with_param(const pybn_view& v, F&& f) {
+    if (v.dtype == PYBN_FLOAT64) f(double{});
+    else f(float{});
+}
+
+pybn_status check_backward_elementwise(const char* fn, const pybn_view& v, const void* dy,
+                                       const void* x, const void* mean, const void* invstd,
+                                       int training, const double* count, const double* sum_dy,
+                                       const double* sum_dy_xmu, void* dx) {
+    PYBN_CHECK(check_view(fn, v));
+    if (dx) PYBN_CHECK(check_ptr(fn, "dy", dy));
+    PYBN_CHECK(check_ptr(fn, "invstd", invstd));
+    PYBN_CHECK(check_ptr(fn, "sum_dy", sum_dy));
+    PYBN_CHECK(check_ptr(fn, "sum_dy_xmu", sum_dy_xmu));
+    if (training) {
+        if (dx) PYBN_CHECK(check_ptr(fn, "x", x));
+        PYBN_CHECK(check_ptr(fn, "mean", mean));
+        PYBN_CHECK(check_ptr(fn, "count", count));
+    }
+    return PYBN_SUCCESS;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* pybn_status_string(pybn_status status) {
+    switch (status) {
+        case PYBN_SUCCESS: return "success";
+        case PYBN_ERROR_INVALID_ARGUMENT: return "invalid argument";
+        case PYBN_ERROR_UNSUPPORTED_DTYPE: return "unsupported dtype";
+        case PYBN_ERROR_INVALID_VALUE: return "invalid value";
+        case PYBN_ERROR_TOO_FEW_VALUES: return "too few values per channel";
+        case PYBN_ERROR_OUT_OF_MEMORY: return "out of memory";
+        case PYBN_ERROR_NOT_COMPILED: return "not compiled in this build";
+        case PYBN_ERROR_CUDA: return "CUDA error";
+        case PYBN_ERROR_INTERNAL: return "internal error";
+    }
+    return "unknown status";
+}
+
+const char* pybn_last_error(void) { return last_error(); }
+const char* pybn_version(void) { return PYBN_VERSION_STRING; }
+int pybn_abi_version(void) { return PYBN_ABI_VERSION; }
+const char* pybn_cpu_isa(void) { return cpu::kernels().isa; }
+
+int pybn_has_cuda(void) {
+#ifdef PYBN_WITH_CUDA
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+pybn_status pybn_batch_stats(pybn_view v, const void* x, double* count, double* mean, double* m2) {
+    const char* fn = "pybn_batch_stats";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_ptr(fn, "x", x));
+        PYBN_CHECK(check_ptr(fn, "count", count));
+        PYBN_CHECK(check_ptr(fn, "mean", mean));
+        PYBN_CHECK(check_ptr(fn, "m2", m2));
+        const int64_t C = v.channels, n = per_channel(v);
+        if (n > 0) {
+            std::vector<double> mu(static_cast<size_t>(C)), sq(static_cast<size_t>(C));  // no output written on failure
+            cpu::kernels().batch_stats(v, x, mu.data(), sq.data());
+            for (int64_t c = 0; c < C; ++c) {
+                mean[c] = mu[size_t(c)];
+                m2[c] = sq[size_t(c)];
+            }
+        } else {
+            for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = 0.0;
+        }
+        for (int64_t c = 0; c < C; ++c) count[c] = double(n);
+        return PYBN_SUCCESS;
+    });
+}
+
+pybn_status pybn_merge_stats(int64_t k, int64_t channels, const double* counts, const double* means,
+                             const double* m2s, double* count, double* mean, double* m2) {
+    const char* fn = "pybn_merge_stats";
+    return guarded(fn, [&] {
+        if (k < 1) return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: k must be >= 1, got %lld", fn, (long long)k);
+        if (channels < 0)
+            return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: channels must be >= 0, got %lld", fn,
+                        (long long)channels);
+        int64_t kc = 0, bytes = 0;
+        if (__builtin_mul_overflow(k, channels, &kc) || __builtin_mul_overflow(kc, int64_t(8), &bytes))
+            return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: k=%lld x channels=%lld overflows", fn,
+                        (long long)k, (long long)channels);
+        PYBN_CHECK(check_ptr(fn, "counts", counts));
+        PYBN_CHECK(check_ptr(fn, "means", means));
+        PYBN_CHECK(check_ptr(fn, "m2s", m2s));
+        PYBN_CHECK(check_ptr(fn, "count", count));
+        PYBN_CHECK(check_ptr(fn, "mean", mean));
+        PYBN_CHECK(check_ptr(fn, "m2", m2));
+        for (int64_t i = 0; i < kc; ++i)
+            if (!(counts[i] >= 0))
+                return fail(PYBN_ERROR_INVALID_VALUE, "%s: counts[%lld][%lld] must be >= 0, got %g", fn,
+                            (long long)(i / channels), (long long)(i % channels), counts[i]);
+        for (int64_t c = 0; c < channels; ++c) {
+            // Two passes over the K partials: weighted mean, then M2 about it (exact for unequal
+            // counts; partials with count 0 contribute nothing).
+            double n = 0, s = 0;
+            for (int64_t i = 0; i < k; ++i) n += counts[i * channels + c];
+            for (int64_t i = 0; i < k; ++i) {
+                const double ni = counts[i * channels + c];
+                if (ni > 0) s += ni / n * means[i * channels + c];
+            }
+            double q = 0;
+            for (int64_t i = 0; i < k; ++i) {
+                const double ni = counts[i * channels + c];
+                if (ni > 0) {
+                    const double d = means[i * channels + c] - s;
+                    q += m2s[i * channels + c] + ni * d * d;
+                }
+            }
+            count[c] = n;  // outputs may alias row 0: written after the last read of channel c
+            mean[c] = n > 0 ? s : 0.0;
+            m2[c] = n > 0 ? q : 0.0;
+        }
+        return PYBN_SUCCESS;
+    });
+}
+
+pybn_status pybn_normalize(pybn_view v, const void* x, const double* count, const double* mean,
+                           const double* m2, const void* gamma, const void* beta, double eps, void* y,
+                           void* running_mean, void* running_var, double momentum, void* save_mean,
+                           void* save_invstd) {
+    const char* fn = "pybn_normalize";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_ptr(fn, "x", x));
+        PYBN_CHECK(check_ptr(fn, "y", y));
+        PYBN_CHECK(check_ptr(fn, "count", count));
+        PYBN_CHECK(check_ptr(fn, "mean", mean));
+        PYBN_CHECK(check_ptr(fn, "m2", m2));
+        PYBN_CHECK(check_eps(fn, eps));
+        if (running_mean || running_var) PYBN_CHECK(check_momentum(fn, momentum));
+        PYBN_CHECK(check_counts(fn, v.channels, count, running_var ? 2.0 : 1.0));
+        with_param(v, [&](auto p) {
+            normalize_impl<decltype(p)>(v, x, count, mean, m2, gamma, beta, eps, y, running_mean,
+                                        running_var, momentum, save_mean, save_invstd);
+        });
+        return PYBN_SUCCESS;
+    });
+}
+
+pybn_status pybn_backward_reduce(pybn_view v, const void* dy, const void* x, const void* mean,
+                                 double* sum_dy, double* sum_dy_xmu, double* sum_xmu) {
+    const char* fn = "pybn_backward_reduce";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_ptr(fn, "dy", dy));
+        PYBN_CHECK(check_ptr(fn, "x", x));
+        PYBN_CHECK(check_ptr(fn, "mean", mean));
+        PYBN_CHECK(check_ptr(fn, "sum_dy", sum_dy));
+        PYBN_CHECK(check_ptr(fn, "sum_dy_xmu", sum_dy_xmu));
+        if (per_channel(v) > 0) {
+            cpu::kernels().backward_reduce(v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu);
+        } else {
+            for (int64_t c = 0; c < v.channels; ++c) {
+                sum_dy[c] = sum_dy_xmu[c] = 0.0;
+                if (sum_xmu) sum_xmu[c] = 0.0;
+            }
+        }
+        return PYBN_SUCCESS;
+    });
+}
+
+pybn_status pybn_backward_elementwise(pybn_view v, const void* dy, const void* x, const void* mean,
+                                      const void* invstd, const void* gamma, int training,
+                                      const double* count, const double* sum_dy,
+                                      const double* sum_dy_xmu, const double* sum_xmu, void* dx,
+                                      void* dgamma, void* dbeta) {
+    const char* fn = "pybn_backward_elementwise";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_backward_elementwise(fn, v, dy, x, mean, invstd, training, count, sum_dy,
+                                              sum_dy_xmu, dx));
+        if (training) PYBN_CHECK(check_counts(fn, v.channels, count, 1.0));
+        with_param(v, [&](auto p) {
+            backward_elementwise_impl<decltype(p)>(v, dy, x, mean, invstd, gamma, training, count,
+                                                   sum_dy, sum_dy_xmu, sum_xmu, dx, dgamma, dbeta);
+        });
+        return PYBN_SUCCESS;
+    });
+}
+
+pybn_status pybn_forward_train(pybn_view v, const void* x, const void* gamma, const void* beta,
+                               double eps, void* running_mean, void* running_var, double momentum,
+                               void* y, void* save_mean, void* save_invstd) {
+    const char* fn = "pybn_forward_train";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_ptr(fn, "x", x));
+        PYBN_CHECK(check_ptr(fn, "y", y));
+        PYBN_CHECK(check_eps(fn, eps));
+        if (running_mean || running_var) PYBN_CHECK(check_momentum(fn, momentum));
+        PYBN_CHECK(check_train_count(fn, v));
+        const size_t C = size_t(v.channels);
+        std::vector<double> count(C, double(per_channel(v))), mean(C), m2(C);
+        if (C > 0) cpu::kernels().batch_stats(v, x, mean.data(), m2.data());
+        with_param(v, [&](auto p) {
+            normalize_impl<decltype(p)>(v, x, count.data(), mean.data(), m2.data(), gamma, beta, eps,
+                                        y, running_mean, running_var, momentum, save_mean,
+                                        save_invstd);
+        });
+        return PYBN_SUCCESS;
+    });
+}
+
+pybn_status pybn_forward_infer(pybn_view v, const void* x, const void* running_mean,
+                               const void* running_var, const void* gamma, const void* beta,
+                               double eps, void* y) {
+    const char* fn = "pybn_forward_infer";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_ptr(fn, "x", x));
+        PYBN_CHECK(check_ptr(fn, "y", y));
+        PYBN_CHECK(check_ptr(fn, "running_mean", running_mean));
+        PYBN_CHECK(check_ptr(fn, "running_var", running_var));
+        PYBN_CHECK(check_eps(fn, eps));
+        const int64_t C = v.channels;
+        with_param(v, [&](auto p) {
+            using P = decltype(p);
+            std::vector<P> coef(static_cast<size_t>(4 * C));
+            for (int64_t c = 0; c < C; ++c) {
+                const NormCoef<P> k = infer_coef<P>(static_cast<const P*>(running_mean)[c],
+                                                    param_or<P>(running_var, c, 0), eps,
+                                                    param_or<P>(gamma, c, 1.0), param_or<P>(beta, c, 0.0));
+                coef[size_t(c)] = k.hi;
+                coef[size_t(C + c)] = k.lo;
+                coef[size_t(2 * C + c)] = k.scale;
+                coef[size_t(3 * C + c)] = k.shift;
+            }
+            if (per_channel(v) > 0) cpu::kernels().normalize(v, x, coef.data(), y);
+        });
+        return PYBN_SUCCESS;
+    });
+}
+
+pybn_status pybn_backward(pybn_view v, const void* dy, const void* x, const void* mean,
+                          const void* invstd, const void* gamma, int training, void* dx,
+                          void* dgamma, void* dbeta) {
+    const char* fn = "pybn_backward";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_ptr(fn, "dy", dy));
+        PYBN_CHECK(check_ptr(fn, "x", x));
+        PYBN_CHECK(check_ptr(fn, "mean", mean));
+        PYBN_CHECK(check_ptr(fn, "invstd", invstd));
+        if (training) PYBN_CHECK(check_train_count(fn, v));
+        const size_t C = size_t(v.channels);
+        std::vector<double> count(C, double(per_channel(v))), s0(C, 0.0), s1(C, 0.0), s2(C, 0.0);
+        if (per_channel(v) > 0)
+            cpu::kernels().backward_reduce(v, dy, x, mean, s0.data(), s1.data(),
+                                           training ? s2.data() : nullptr);
+        with_param(v, [&](auto p) {
+            backward_elementwise_impl<decltype(p)>(v, dy, x, mean, invstd, gamma, training,
+                                                   count.data(), s0.data(), s1.data(),
+                                                   training ? s2.data() : nullptr, dx, dgamma, dbeta);
+        });
+        return PYBN_SUCCESS;
+    });
+}
+
+}  // extern "C"

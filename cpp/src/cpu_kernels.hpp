@@ -1,0 +1,33 @@
+// The CPU kernel table: one implementation per instruction-set path, chosen once at run time.
+// Kernels assume validated arguments; the checks live in api.cpp.
+#pragma once
+
+#include "pybn/pybn.h"
+
+namespace pybn::cpu {
+
+// Per-channel coefficient arrays are struct-of-arrays, 4 x C values of the accumulation type of
+// the view's dtype (double for float64 data, float otherwise).
+struct KernelTable {
+    const char* isa;
+    // mean and M2 (double) of every channel; the view has outer * inner >= 1.
+    void (*batch_stats)(const pybn_view& v, const void* x, double* mean, double* m2);
+    // y = ((x - hi) - lo) * scale + shift, coef = [hi | lo | scale | shift]. y may be x.
+    void (*normalize)(const pybn_view& v, const void* x, const void* coef, void* y);
+    // sum(dy), sum(dy * (x - mean)) and, if sum_xmu != nullptr, sum(x - mean) per channel;
+    // mean holds C values of the accumulation type.
+    void (*backward_reduce)(const pybn_view& v, const void* dy, const void* x, const void* mean,
+                            double* sum_dy, double* sum_dy_xmu, double* sum_xmu);
+    // dx = a * dy + b * (x - mean) + c, coef = [mean | a | b | c]; with x == nullptr, dx = a * dy.
+    // dx may be dy or x.
+    void (*backward_elementwise)(const pybn_view& v, const void* dy, const void* x,
+                                 const void* coef, void* dx);
+};
+
+// The plain C++ path every build has; the reference for the others.
+const KernelTable& portable_kernels();
+
+// The table in use.
+const KernelTable& kernels();
+
+}  // namespace pybn::cpu

@@ -1,0 +1,261 @@
+"""Array handling for the Python API: which device an array lives on, dtypes, and the canonical
+``(outer, channels, inner)`` view of libpybn.
+
+A *backend* wraps one kind of array (NumPy on the host; CUDA arrays plug in here as a second
+backend). The API code is written once against the small backend interface below.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _core
+
+# dtype name -> libpybn dtype code
+_DTYPE_CODES = {
+    "float32": _core.FLOAT32,
+    "float64": _core.FLOAT64,
+    "float16": _core.FLOAT16,
+    "bfloat16": _core.BFLOAT16,
+}
+SUPPORTED_DTYPES = "float16, bfloat16, float32 or float64"
+
+
+class HostBackend:
+    """NumPy arrays in host memory, computed by the CPU kernels."""
+
+    name = "cpu"
+    xp = np
+
+    @staticmethod
+    def owns(a: Any) -> bool:
+        return isinstance(a, np.ndarray)
+
+    @staticmethod
+    def address(a: Any) -> int:
+        return int(a.__array_interface__["data"][0])
+
+    @staticmethod
+    def stream() -> Optional[int]:
+        return None  # host calls take no stream
+
+    @staticmethod
+    def writable(a: Any) -> bool:
+        return bool(a.flags.writeable)
+
+    @staticmethod
+    def may_share_memory(a: Any, b: Any) -> bool:
+        return bool(np.may_share_memory(a, b))
+
+
+HOST = HostBackend()
+
+
+def _is_cuda_array(a: Any) -> bool:
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    dev = getattr(a, "__dlpack_device__", None)
+    if dev is not None:
+        try:
+            return int(dev()[0]) in (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+        except Exception:
+            return False
+    return False
+
+
+def _device_of(name: str, a: Any) -> str:
+    if HOST.owns(a):
+        return "cpu"
+    if _is_cuda_array(a):
+        return "cuda"
+    raise TypeError(
+        f"{name} must be a NumPy array or a CUDA array (CuPy, or any object with "
+        f"__cuda_array_interface__ / a CUDA __dlpack__), got {type(a).__module__}.{type(a).__name__}"
+    )
+
+
+def backend_of(arrays: Sequence[Tuple[str, Any]]) -> HostBackend:
+    """The backend of a call: all non-None arrays must live on the same device."""
+    devices = [(name, _device_of(name, a)) for name, a in arrays if a is not None]
+    kinds = {d for _, d in devices}
+    if len(kinds) > 1:
+        where = ", ".join(f"{n} on {d}" for n, d in devices)
+        raise TypeError(f"all arrays of one call must live on the same device, got {where}")
+    if kinds == {"cuda"}:
+        # The CUDA backend plugs in here (CuPy / __cuda_array_interface__ / DLPack arrays).
+        raise TypeError(
+            "CUDA arrays are not supported by this pybn build "
+            f"(pybn.has_cuda() is {_core.has_cuda()}); pass NumPy arrays"
+        )
+    return HOST
+
+
+def dtype_code(name: str, a: Any) -> int:
+    code = _DTYPE_CODES.get(np.dtype(a.dtype).name)
+    if code is None:
+        raise TypeError(f"{name} must have dtype {SUPPORTED_DTYPES}, got {np.dtype(a.dtype).name}")
+    return code
+
+
+def param_dtype(x_dtype: Any) -> np.dtype:
+    """dtype of per-channel arrays for data of dtype x_dtype."""
+    return np.dtype(np.float64) if np.dtype(x_dtype) == np.float64 else np.dtype(np.float32)
+
+
+def check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_eps(eps: Any) -> float:
+    e = check_real("eps", eps)
+    if not (e >= 0.0) or not math.isfinite(e):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return e
+
+
+def check_momentum(momentum: Any) -> float:
+    m = check_real("momentum", momentum)
+    if not (0.0 <= m <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    return m
+
+
+def check_axis(axis: Any, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be in [{-ndim}, {ndim}) for a {ndim}-D x, got {axis}")
+    return int(axis) % ndim
+
+
+class Canonical:
+    """x seen as a C-contiguous (outer, channels, inner) array.
+
+    A C-contiguous x, or a permutation of one (e.g. a channels-last tensor with NCHW shape), is
+    used in place; anything else is copied once. ``perm`` orders x's axes by memory order, so
+    that every other array of the call is laid out like x.
+    """
+
+    def __init__(self, backend: HostBackend, x: Any, axis: int, name: str = "x"):
+        self.backend = backend
+        self.code = dtype_code(name, x)
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions, got shape {tuple(x.shape)}")
+        ax = check_axis(axis, x.ndim)
+        self.shape = tuple(x.shape)
+        self.dtype = np.dtype(x.dtype)
+        self.pdtype = param_dtype(x.dtype)
+        self.perm = self._memory_order(x)
+        self.inv_perm = tuple(np.argsort(self.perm))
+        self.data = self.arrange(x)
+        k = self.perm.index(ax)
+        tshape = self.data.shape
+        self.channels = int(tshape[k])
+        self.outer = int(math.prod(tshape[:k]))
+        self.inner = int(math.prod(tshape[k + 1 :]))
+        self.count = self.outer * self.inner  # values per channel
+        self.view = (self.outer, self.channels, self.inner, self.code)
+
+    @staticmethod
+    def _memory_order(x: Any) -> Tuple[int, ...]:
+        if x.flags.c_contiguous:
+            return tuple(range(x.ndim))
+        perm = tuple(sorted(range(x.ndim), key=lambda i: -abs(x.strides[i])))
+        if x.transpose(perm).flags.c_contiguous:
+            return perm
+        return tuple(range(x.ndim))  # not a permuted contiguous array: arrange() copies
+
+    def arrange(self, a: Any) -> Any:
+        """a (with x's shape) as a C-contiguous array in x's memory order (a copy if needed)."""
+        t = a.transpose(self.perm)
+        return t if t.flags.c_contiguous else self.backend.xp.ascontiguousarray(t)
+
+    def is_arranged(self, a: Any) -> bool:
+        return bool(a.transpose(self.perm).flags.c_contiguous)
+
+    def empty(self) -> Any:
+        """A new array shaped and laid out like x; returns (array, its canonical data)."""
+        data = self.backend.xp.empty(self.data.shape, dtype=self.dtype)
+        return data.transpose(self.inv_perm), data
+
+    def like_x(self, name: str, a: Any) -> Any:
+        """Canonical data of an input that must match x in shape and dtype (dy)."""
+        if np.dtype(a.dtype) != self.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({self.dtype.name}), got {np.dtype(a.dtype).name}")
+        if tuple(a.shape) != self.shape:
+            raise ValueError(f"{name} must have the shape of x {self.shape}, got {tuple(a.shape)}")
+        return self.arrange(a)
+
+    def per_channel(self, name: str, a: Any, *, writable: bool = False) -> Any:
+        """Validated per-channel array; returns its contiguous data (a copy if it was strided)."""
+        if a is None:
+            return None
+        if np.dtype(a.dtype) != self.pdtype:
+            raise TypeError(
+                f"{name} must have dtype {self.pdtype.name} (per-channel dtype for {self.dtype.name} x), "
+                f"got {np.dtype(a.dtype).name}"
+            )
+        if tuple(a.shape) != (self.channels,):
+            raise ValueError(f"{name} must have shape ({self.channels},) (one value per channel), got {tuple(a.shape)}")
+        if writable and not self.backend.writable(a):
+            raise ValueError(f"{name} is read-only; it is updated in place and must be writable")
+        return a if a.flags.c_contiguous else self.backend.xp.ascontiguousarray(a)
+
+    def output(self, out: Any, inputs: Sequence[Tuple[str, Any]], in_place: Sequence[Any] = ()) -> "Output":
+        """The elementwise output of a call (y or dx), laid out like x.
+
+        out=None allocates. Otherwise out must match x's shape and dtype, be writable and overlap
+        no input, except by being exactly one of `in_place` (same memory and layout). When out is
+        not laid out like x, the result is computed into a temporary and copied into out.
+        """
+        if out is None:
+            return Output(*self.empty())
+        if not self.backend.owns(out):
+            raise TypeError(f"out must be an array on the device of x ({self.backend.name}), got {type(out).__name__}")
+        if np.dtype(out.dtype) != self.dtype:
+            raise TypeError(f"out must have the dtype of x ({self.dtype.name}), got {np.dtype(out.dtype).name}")
+        if tuple(out.shape) != self.shape:
+            raise ValueError(f"out must have the shape of x {self.shape}, got {tuple(out.shape)}")
+        if not self.backend.writable(out):
+            raise ValueError("out is read-only")
+        for name, a in inputs:
+            if a is None or not self.backend.may_share_memory(out, a):
+                continue
+            if any(a is b for b in in_place) and _same_memory(out, a, self.backend):
+                continue
+            raise ValueError(f"out overlaps the input {name}; only exact in-place use is supported")
+        if self.is_arranged(out):
+            return Output(out, out.transpose(self.perm))
+        return Output(out, self.empty()[1], inv_perm=self.inv_perm)
+
+
+class Output:
+    """An elementwise result: `data` is the canonical array the library writes; finish() copies
+    it into a user's `out` whose layout differs from x's."""
+
+    def __init__(self, result: Any, data: Any, inv_perm: Optional[Tuple[int, ...]] = None):
+        self.result, self.data, self.inv_perm = result, data, inv_perm
+
+    def finish(self) -> Any:
+        if self.inv_perm is not None:
+            self.result[...] = self.data.transpose(self.inv_perm)
+        return self.result
+
+
+def _same_memory(a: Any, b: Any, backend: HostBackend) -> bool:
+    return (
+        backend.address(a) == backend.address(b)
+        and tuple(a.shape) == tuple(b.shape)
+        and tuple(a.strides) == tuple(b.strides)
+        and np.dtype(a.dtype) == np.dtype(b.dtype)
+    )
+
+
+def address(backend: HostBackend, a: Any) -> int:
+    """Address of an array for libpybn (0 for None)."""
+    return 0 if a is None else backend.address(a)

@@ -1,0 +1,304 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Binding of libpybn: a mirror of cpp/include/pybn/pybn.h, nothing more.
+
+Arrays are passed as integer addresses (0 for NULL) so that host and device memory take the same
+path; views are (outer, channels, inner, dtype) tuples. Every call releases the GIL while the
+library runs and raises on a non-success status.
+"""
+from libc.stdint cimport int32_t, int64_t, uintptr_t
+
+cdef extern from "pybn/pybn.h" nogil:
+    ctypedef enum pybn_status:
+        PYBN_SUCCESS
+        PYBN_ERROR_INVALID_ARGUMENT
+        PYBN_ERROR_UNSUPPORTED_DTYPE
+        PYBN_ERROR_INVALID_VALUE
+        PYBN_ERROR_TOO_FEW_VALUES
+        PYBN_ERROR_OUT_OF_MEMORY
+        PYBN_ERROR_NOT_COMPILED
+        PYBN_ERROR_CUDA
+        PYBN_ERROR_INTERNAL
+    ctypedef enum pybn_dtype:
+        PYBN_FLOAT32
+        PYBN_FLOAT64
+        PYBN_FLOAT16
+        PYBN_BFLOAT16
+    ctypedef struct pybn_view:
+        int64_t outer
+        int64_t channels
+        int64_t inner
+        int32_t dtype
+    int PYBN_ABI_VERSION
+
+    const char* pybn_status_string(pybn_status status)
+    const char* pybn_last_error()
+    const char* pybn_version()
+    int pybn_abi_version()
+    int pybn_has_cuda()
+    const char* pybn_cpu_isa()
+
+    pybn_status pybn_batch_stats(pybn_view v, const void* x, double* count, double* mean, double* m2)
+    pybn_status pybn_merge_stats(int64_t k, int64_t channels, const double* counts,
+                                 const double* means, const double* m2s, double* count,
+                                 double* mean, double* m2)
+    pybn_status pybn_normalize(pybn_view v, const void* x, const double* count, const double* mean,
+                               const double* m2, const void* gamma, const void* beta, double eps,
+                               void* y, void* running_mean, void* running_var, double momentum,
+                               void* save_mean, void* save_invstd)
+    pybn_status pybn_backward_reduce(pybn_view v, const void* dy, const void* x, const void* mean,
+                                     double* sum_dy, double* sum_dy_xmu, double* sum_xmu)
+    pybn_status pybn_backward_elementwise(pybn_view v, const void* dy, const void* x,
+                                          const void* mean, const void* invstd, const void* gamma,
+                                          int training, const double* count, const double* sum_dy,
+                                          const double* sum_dy_xmu, const double* sum_xmu,
+                                          void* dx, void* dgamma, void* dbeta)
+    pybn_status pybn_forward_train(pybn_view v, const void* x, const void* gamma, const void* beta,
+                                   double eps, void* running_mean, void* running_var,
+                                   double momentum, void* y, void* save_mean, void* save_invstd)
+    pybn_status pybn_forward_infer(pybn_view v, const void* x, const void* running_mean,
+                                   const void* running_var, const void* gamma, const void* beta,
+                                   double eps, void* y)
+    pybn_status pybn_backward(pybn_view v, const void* dy, const void* x, const void* mean,
+                              const void* invstd, const void* gamma, int training, void* dx,
+                              void* dgamma, void* dbeta)
+
+    pybn_status pybn_cuda_batch_stats(pybn_view v, const void* x, double* count, double* mean,
+                                      double* m2, void* stream)
+    pybn_status pybn_cuda_merge_stats(int64_t k, int64_t channels, const double* counts,
+                                      const double* means, const double* m2s, double* count,
+                                      double* mean, double* m2, void* stream)
+    pybn_status pybn_cuda_normalize(pybn_view v, const void* x, const double* count,
+                                    const double* mean, const double* m2, const void* gamma,
+                                    const void* beta, double eps, void* y, void* running_mean,
+                                    void* running_var, double momentum, void* save_mean,
+                                    void* save_invstd, void* stream)
+    pybn_status pybn_cuda_backward_reduce(pybn_view v, const void* dy, const void* x,
+                                          const void* mean, double* sum_dy, double* sum_dy_xmu,
+                                          double* sum_xmu, void* stream)
+    pybn_status pybn_cuda_backward_elementwise(pybn_view v, const void* dy, const void* x,
+                                               const void* mean, const void* invstd,
+                                               const void* gamma, int training,
+                                               const double* count, const double* sum_dy,
+                                               const double* sum_dy_xmu, const double* sum_xmu,
+                                               void* dx, void* dgamma, void* dbeta, void* stream)
+    pybn_status pybn_cuda_forward_train(pybn_view v, const void* x, const void* gamma,
+                                        const void* beta, double eps, void* running_mean,
+                                        void* running_var, double momentum, void* y,
+                                        void* save_mean, void* save_invstd, void* stream)
+    pybn_status pybn_cuda_forward_infer(pybn_view v, const void* x, const void* running_mean,
+                                        const void* running_var, const void* gamma,
+                                        const void* beta, double eps, void* y, void* stream)
+    pybn_status pybn_cuda_backward(pybn_view v, const void* dy, const void* x, const void* mean,
+                                   const void* invstd, const void* gamma, int training, void* dx,
+                                   void* dgamma, void* dbeta, void* stream)
+
+FLOAT32 = PYBN_FLOAT32
+FLOAT64 = PYBN_FLOAT64
+FLOAT16 = PYBN_FLOAT16
+BFLOAT16 = PYBN_BFLOAT16
+ABI_VERSION = PYBN_ABI_VERSION
+
+
+class PybnError(RuntimeError):
+    """An error reported by libpybn that is not a bad argument (CUDA, memory, internal)."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
+cdef int _check(pybn_status status) except -1:
+    if status == PYBN_SUCCESS:
+        return 0
+    message = pybn_last_error().decode("utf-8", "replace")
+    if status == PYBN_ERROR_UNSUPPORTED_DTYPE:
+        raise TypeError(message)
+    if status in (PYBN_ERROR_INVALID_ARGUMENT, PYBN_ERROR_INVALID_VALUE,
+                  PYBN_ERROR_TOO_FEW_VALUES):
+        raise ValueError(message)
+    if status == PYBN_ERROR_OUT_OF_MEMORY:
+        raise MemoryError(message)
+    raise PybnError(message, int(status))
+
+
+cdef pybn_view _view(tuple view) except *:
+    cdef pybn_view v
+    v.outer, v.channels, v.inner, v.dtype = view
+    return v
+
+
+def status_string(int status):
+    return pybn_status_string(<pybn_status>status).decode()
+
+def version():
+    return pybn_version().decode()
+
+def abi_version():
+    return pybn_abi_version()
+
+def has_cuda():
+    return bool(pybn_has_cuda())
+
+def cpu_isa():
+    return pybn_cpu_isa().decode()
+
+
+def batch_stats(tuple view, uintptr_t x, uintptr_t count, uintptr_t mean, uintptr_t m2,
+                object stream=None):
+    cdef pybn_view v = _view(view)
+    cdef pybn_status st
+    cdef uintptr_t s = 0
+    if stream is None:
+        with nogil:
+            st = pybn_batch_stats(v, <const void*>x, <double*>count, <double*>mean, <double*>m2)
+    else:
+        s = stream
+        with nogil:
+            st = pybn_cuda_batch_stats(v, <const void*>x, <double*>count, <double*>mean,
+                                       <double*>m2, <void*>s)
+    _check(st)
+
+
+def merge_stats(int64_t k, int64_t channels, uintptr_t counts, uintptr_t means, uintptr_t m2s,
+                uintptr_t count, uintptr_t mean, uintptr_t m2, object stream=None):
+    cdef pybn_status st
+    cdef uintptr_t s = 0
+    if stream is None:
+        with nogil:
+            st = pybn_merge_stats(k, channels, <const double*>counts, <const double*>means,
+                                  <const double*>m2s, <double*>count, <double*>mean, <double*>m2)
+    else:
+        s = stream
+        with nogil:
+            st = pybn_cuda_merge_stats(k, channels, <const double*>counts, <const double*>means,
+                                       <const double*>m2s, <double*>count, <double*>mean,
+                                       <double*>m2, <void*>s)
+    _check(st)
+
+
+def normalize(tuple view, uintptr_t x, uintptr_t count, uintptr_t mean, uintptr_t m2,
+              uintptr_t gamma, uintptr_t beta, double eps, uintptr_t y, uintptr_t running_mean,
+              uintptr_t running_var, double momentum, uintptr_t save_mean, uintptr_t save_invstd,
+              object stream=None):
+    cdef pybn_view v = _view(view)
+    cdef pybn_status st
+    cdef uintptr_t s = 0
+    if stream is None:
+        with nogil:
+            st = pybn_normalize(v, <const void*>x, <const double*>count, <const double*>mean,
+                                <const double*>m2, <const void*>gamma, <const void*>beta, eps,
+                                <void*>y, <void*>running_mean, <void*>running_var, momentum,
+                                <void*>save_mean, <void*>save_invstd)
+    else:
+        s = stream
+        with nogil:
+            st = pybn_cuda_normalize(v, <const void*>x, <const double*>count, <const double*>mean,
+                                     <const double*>m2, <const void*>gamma, <const void*>beta,
+                                     eps, <void*>y, <void*>running_mean, <void*>running_var,
+                                     momentum, <void*>save_mean, <void*>save_invstd, <void*>s)
+    _check(st)
+
+
+def backward_reduce(tuple view, uintptr_t dy, uintptr_t x, uintptr_t mean, uintptr_t sum_dy,
+                    uintptr_t sum_dy_xmu, uintptr_t sum_xmu, object stream=None):
+    cdef pybn_view v = _view(view)
+    cdef pybn_status st
+    cdef uintptr_t s = 0
+    if stream is None:
+        with nogil:
+            st = pybn_backward_reduce(v, <const void*>dy, <const void*>x, <const void*>mean,
+                                      <double*>sum_dy, <double*>sum_dy_xmu, <double*>sum_xmu)
+    else:
+        s = stream
+        with nogil:
+            st = pybn_cuda_backward_reduce(v, <const void*>dy, <const void*>x, <const void*>mean,
+                                           <double*>sum_dy, <double*>sum_dy_xmu,
+                                           <double*>sum_xmu, <void*>s)
+    _check(st)
+
+
+def backward_elementwise(tuple view, uintptr_t dy, uintptr_t x, uintptr_t mean, uintptr_t invstd,
+                         uintptr_t gamma, bint training, uintptr_t count, uintptr_t sum_dy,
+                         uintptr_t sum_dy_xmu, uintptr_t sum_xmu, uintptr_t dx, uintptr_t dgamma,
+                         uintptr_t dbeta, object stream=None):
+    cdef pybn_view v = _view(view)
+    cdef pybn_status st
+    cdef uintptr_t s = 0
+    if stream is None:
+        with nogil:
+            st = pybn_backward_elementwise(v, <const void*>dy, <const void*>x, <const void*>mean,
+                                           <const void*>invstd, <const void*>gamma, training,
+                                           <const double*>count, <const double*>sum_dy,
+                                           <const double*>sum_dy_xmu, <const double*>sum_xmu,
+                                           <void*>dx, <void*>dgamma, <void*>dbeta)
+    else:
+        s = stream
+        with nogil:
+            st = pybn_cuda_backward_elementwise(v, <const void*>dy, <const void*>x,
+                                                <const void*>mean, <const void*>invstd,
+                                                <const void*>gamma, training,
+                                                <const double*>count, <const double*>sum_dy,
+                                                <const double*>sum_dy_xmu,
+                                                <const double*>sum_xmu, <void*>dx, <void*>dgamma,
+                                                <void*>dbeta, <void*>s)
+    _check(st)
+
+
+def forward_train(tuple view, uintptr_t x, uintptr_t gamma, uintptr_t beta, double eps,
+                  uintptr_t running_mean, uintptr_t running_var, double momentum, uintptr_t y,
+                  uintptr_t save_mean, uintptr_t save_invstd, object stream=None):
+    cdef pybn_view v = _view(view)
+    cdef pybn_status st
+    cdef uintptr_t s = 0
+    if stream is None:
+        with nogil:
+            st = pybn_forward_train(v, <const void*>x, <const void*>gamma, <const void*>beta, eps,
+                                    <void*>running_mean, <void*>running_var, momentum, <void*>y,
+                                    <void*>save_mean, <void*>save_invstd)
+    else:
+        s = stream
+        with nogil:
+            st = pybn_cuda_forward_train(v, <const void*>x, <const void*>gamma,
+                                         <const void*>beta, eps, <void*>running_mean,
+                                         <void*>running_var, momentum, <void*>y,
+                                         <void*>save_mean, <void*>save_invstd, <void*>s)
+    _check(st)
+
+
+def forward_infer(tuple view, uintptr_t x, uintptr_t running_mean, uintptr_t running_var,
+                  uintptr_t gamma, uintptr_t beta, double eps, uintptr_t y, object stream=None):
+    cdef pybn_view v = _view(view)
+    cdef pybn_status st
+    cdef uintptr_t s = 0
+    if stream is None:
+        with nogil:
+            st = pybn_forward_infer(v, <const void*>x, <const void*>running_mean,
+                                    <const void*>running_var, <const void*>gamma,
+                                    <const void*>beta, eps, <void*>y)
+    else:
+        s = stream
+        with nogil:
+            st = pybn_cuda_forward_infer(v, <const void*>x, <const void*>running_mean,
+                                         <const void*>running_var, <const void*>gamma,
+                                         <const void*>beta, eps, <void*>y, <void*>s)
+    _check(st)
+
+
+def backward(tuple view, uintptr_t dy, uintptr_t x, uintptr_t mean, uintptr_t invstd,
+             uintptr_t gamma, bint training, uintptr_t dx, uintptr_t dgamma, uintptr_t dbeta,
+             object stream=None):
+    cdef pybn_view v = _view(view)
+    cdef pybn_status st
+    cdef uintptr_t s = 0
+    if stream is None:
+        with nogil:
+            st = pybn_backward(v, <const void*>dy, <const void*>x, <const void*>mean,
+                               <const void*>invstd, <const void*>gamma, training, <void*>dx,
+                               <void*>dgamma, <void*>dbeta)
+    else:
+        s = stream
+        with nogil:
+            st = pybn_cuda_backward(v, <const void*>dy, <const void*>x, <const void*>mean,
+                                    <const void*>invstd, <const void*>gamma, training, <void*>dx,
+                                    <void*>dgamma, <void*>dbeta, <void*>s)
+    _check(st)

@@ -1,0 +1,133 @@
+"""pybn.BatchNorm: a batch-normalisation layer with its own parameters and running statistics."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from ._api import batchnorm_backward, batchnorm_forward
+from ._arrays import check_eps, check_momentum
+
+Array = Any
+
+
+class BatchNorm:
+    """Batch normalisation over every axis but `axis`, with learnable gamma/beta and running
+    statistics, like torch.nn.BatchNorm{1,2,3}d.
+
+    momentum=None means a cumulative moving average (weight 1/num_batches_tracked).
+    track_running_stats=False normalises with batch statistics in training and in eval.
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, axis: int = 1,
+                 dtype: Any = np.float32, device: str = "cpu"):
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        self.eps = check_eps(eps)
+        self.momentum = None if momentum is None else check_momentum(momentum)
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype (of parameters and running statistics) must be float32 or float64, got {dtype.name}")
+        if device != "cpu":
+            raise ValueError(f"device must be 'cpu' in this build, got {device!r}")
+        self.num_features = int(num_features)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = int(axis)
+        self.dtype = dtype
+        self.device = device
+        xp = np
+        self.gamma: Optional[Array] = xp.ones(num_features, dtype) if affine else None
+        self.beta: Optional[Array] = xp.zeros(num_features, dtype) if affine else None
+        self.running_mean: Optional[Array] = xp.zeros(num_features, dtype) if track_running_stats else None
+        self.running_var: Optional[Array] = xp.ones(num_features, dtype) if track_running_stats else None
+        self.num_batches_tracked = 0
+        self.grad_gamma: Optional[Array] = None
+        self.grad_beta: Optional[Array] = None
+        self.training = True
+        self._saved: Optional[tuple] = None
+
+    def train(self, mode: bool = True) -> "BatchNorm":
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "BatchNorm":
+        return self.train(False)
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def __call__(self, x: Array) -> Array:
+        return self.forward(x)
+
+    def forward(self, x: Array) -> Array:
+        batch = self._uses_batch_stats()
+        momentum = self.momentum
+        update = self.training and self.track_running_stats
+        if update and momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        y, mean, invstd = batchnorm_forward(
+            x, self.gamma, self.beta,
+            self.running_mean if (update or not batch) else None,
+            self.running_var if (update or not batch) else None,
+            training=batch, momentum=0.0 if momentum is None else momentum, eps=self.eps,
+            axis=self.axis)
+        if update:
+            self.num_batches_tracked += 1
+        self._saved = (x, mean, invstd, batch)
+        return y
+
+    def backward(self, dy: Array) -> Array:
+        """dx for the last forward; sets grad_gamma and grad_beta (None when affine=False)."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() call first")
+        x, mean, invstd, batch = self._saved
+        dx, dgamma, dbeta = batchnorm_backward(dy, x, mean, invstd, self.gamma, training=batch,
+                                               axis=self.axis)
+        if self.affine:
+            self.grad_gamma, self.grad_beta = dgamma, dbeta
+        return dx
+
+    def state_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {}
+        if self.affine:
+            d["gamma"], d["beta"] = self.gamma.copy(), self.beta.copy()
+        if self.track_running_stats:
+            d["running_mean"], d["running_var"] = self.running_mean.copy(), self.running_var.copy()
+            d["num_batches_tracked"] = self.num_batches_tracked
+        return d
+
+    def load_state_dict(self, d: Dict[str, Any]) -> None:
+        """Load what state_dict() returned; every entry is checked before anything changes."""
+        expected = self.state_dict().keys()
+        missing = [k for k in expected if k not in d]
+        unexpected = [k for k in d if k not in expected]
+        if missing or unexpected:
+            raise ValueError(f"state dict keys do not match: missing {missing}, unexpected {unexpected}")
+        arrays = {}
+        for k in expected:
+            if k == "num_batches_tracked":
+                v = d[k]
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                    raise ValueError(f"num_batches_tracked must be an int >= 0, got {v!r}")
+                continue
+            a = np.asarray(d[k])
+            if a.shape != (self.num_features,):
+                raise ValueError(f"{k} must have shape ({self.num_features},), got {a.shape}")
+            if not np.can_cast(a.dtype, self.dtype, casting="same_kind"):
+                raise TypeError(f"{k} must be a float array, got dtype {a.dtype}")
+            arrays[k] = a
+        for k, a in arrays.items():
+            getattr(self, k)[...] = a
+        if self.track_running_stats:
+            self.num_batches_tracked = int(d["num_batches_tracked"])
+
+    def __repr__(self) -> str:
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"axis={self.axis}, dtype={self.dtype.name})")
