@@ -1,10 +1,12 @@
 // Portable CPU kernels: plain C++ written so that compilers vectorise the lane loops.
 //
 // Numerics of the statistics: each channel is cut into blocks of at most kBlock values. A block
-// is accumulated relative to its own first value (a shift that lies inside the data, so x - shift
-// is exact for data far from zero and the sum of squares does not cancel), in the accumulation
-// type, over kLanes independent lanes. Block results (count, mean, M2) are merged in float64 with
-// Chan's formula, in a fixed order, so results do not depend on how work is split.
+// is accumulated relative to its own first value (a shift inside the data: x - shift is exact for
+// data far from zero, and the sum of squares does not cancel). Each float32 accumulator adds at
+// most kDepth values before it is added into float64: longer float32 runs bias the sum of squares
+// on data far from zero, whose values are coarsely quantised (measured in bench/NOTES.md). Blocks
+// (count, mean, M2) are merged in float64 with Chan's formula in a fixed order, so results never
+// depend on how work is split.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -16,25 +18,31 @@ namespace pybn::cpu {
 namespace {
 
 constexpr int kLanes = 16;       // independent accumulators in a row block
-constexpr int64_t kBlock = 256;  // values of one channel accumulated before a float64 merge
-constexpr int64_t kRowMin = 64;  // inner >= kRowMin: walk rows of one channel; else across channels
+constexpr int64_t kDepth = 4;    // values one float32 accumulator adds before a float64 flush
+constexpr int64_t kBlock = kLanes * kDepth;  // values of one channel sharing a shift
+constexpr int64_t kRowMin = 4;   // inner >= kRowMin: walk the rows of a channel; else across channels
 
-// Running (count, mean, M2) in float64, merged block by block (Chan, Golub & LeVeque).
+// Running (count, mean, M2) in float64, merged block by block (Chan, Golub & LeVeque). The mean
+// is carried relative to the first block's shift, so merging rounds at the scale of the spread,
+// not at the scale of a mean far from zero.
 struct Moments {
-    double n = 0, mean = 0, m2 = 0;
+    double base = 0, n = 0, rel_mean = 0, m2 = 0;
     void merge_shifted(double nb, double shift, double s, double q) {
         // block of nb values with s = sum(x - shift), q = sum((x - shift)^2)
-        const double mb = shift + s / nb;
+        if (n == 0) base = shift;
+        const double mb = (shift - base) + s / nb;
         double m2b = q - s * (s / nb);
         if (m2b < 0) m2b = 0;  // rounding only; a NaN stays NaN
         const double nn = n + nb;
-        const double delta = mb - mean;
-        mean += delta * (nb / nn);
+        const double delta = mb - rel_mean;
+        rel_mean += delta * (nb / nn);
         m2 += m2b + delta * delta * (n * (nb / nn));
         n = nn;
     }
+    double mean() const { return base + rel_mean; }
 };
 
+// Moments of one row segment of a channel, block by block.
 template <class T>
 void row_moments(const T* p, int64_t len, Moments& mom) {
     using A = acc_t<T>;
@@ -74,23 +82,22 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
         for (int64_t o = 0; o < outer; ++o)
             for (int64_t c = 0; c < C; ++c) row_moments(x + (o * C + c) * inner, inner, mom[size_t(c)]);
     } else {
-        // Tiles of `rows` outer rows: every channel accumulates rows * inner values per tile.
-        const int64_t rows = std::max<int64_t>(1, 64 / inner);
+        // Across channels (inner < kRowMin): a block is a tile of `rows` outer rows; float32
+        // partials cover `flush` rows (at most kDepth values) and are added into float64.
+        const int64_t flush = std::max<int64_t>(1, kDepth / inner);
+        const int64_t rows = flush * std::max<int64_t>(1, kBlock / (flush * inner));
         std::vector<A> shift(static_cast<size_t>(C)), s(static_cast<size_t>(C)), sq(static_cast<size_t>(C));
+        std::vector<double> ss(static_cast<size_t>(C)), qq(static_cast<size_t>(C));
         for (int64_t o0 = 0; o0 < outer; o0 += rows) {
             const int64_t o1 = std::min(outer, o0 + rows);
             for (int64_t c = 0; c < C; ++c) shift[size_t(c)] = load(x[(o0 * C + c) * inner]);
-            std::fill(s.begin(), s.end(), A(0));
-            std::fill(sq.begin(), sq.end(), A(0));
-            for (int64_t o = o0; o < o1; ++o) {
-                const T* row = x + o * C * inner;
-                if (inner == 1) {
-                    for (int64_t c = 0; c < C; ++c) {
-                        const A d = load(row[c]) - shift[size_t(c)];
-                        s[size_t(c)] += d;
-                        sq[size_t(c)] += d * d;
-                    }
-                } else {
+            std::fill(ss.begin(), ss.end(), 0.0);
+            std::fill(qq.begin(), qq.end(), 0.0);
+            for (int64_t f0 = o0; f0 < o1; f0 += flush) {
+                std::fill(s.begin(), s.end(), A(0));
+                std::fill(sq.begin(), sq.end(), A(0));
+                for (int64_t o = f0; o < std::min(o1, f0 + flush); ++o) {
+                    const T* row = x + o * C * inner;
                     for (int64_t c = 0; c < C; ++c)
                         for (int64_t i = 0; i < inner; ++i) {
                             const A d = load(row[c * inner + i]) - shift[size_t(c)];
@@ -98,15 +105,18 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
                             sq[size_t(c)] += d * d;
                         }
                 }
+                for (int64_t c = 0; c < C; ++c) {
+                    ss[size_t(c)] += s[size_t(c)];
+                    qq[size_t(c)] += sq[size_t(c)];
+                }
             }
             const double nb = double((o1 - o0) * inner);
             for (int64_t c = 0; c < C; ++c)
-                mom[size_t(c)].merge_shifted(nb, double(shift[size_t(c)]), double(s[size_t(c)]),
-                                             double(sq[size_t(c)]));
+                mom[size_t(c)].merge_shifted(nb, double(shift[size_t(c)]), ss[size_t(c)], qq[size_t(c)]);
         }
     }
     for (int64_t c = 0; c < C; ++c) {
-        mean[c] = mom[size_t(c)].mean;
+        mean[c] = mom[size_t(c)].mean();
         m2[c] = mom[size_t(c)].m2;
     }
 }
@@ -182,7 +192,7 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
                 row_sums(dy + off, x + off, inner, mean[c], s0[size_t(c)], s1[size_t(c)], s2[size_t(c)]);
             }
     } else {
-        const int64_t rows = std::max<int64_t>(1, 64 / inner);
+        const int64_t rows = std::max<int64_t>(1, kDepth / inner);
         std::vector<A> a0(static_cast<size_t>(C)), a1(static_cast<size_t>(C)), a2(static_cast<size_t>(C));
         for (int64_t o0 = 0; o0 < outer; o0 += rows) {
             const int64_t o1 = std::min(outer, o0 + rows);
