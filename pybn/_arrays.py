@@ -218,7 +218,7 @@ class Canonical:
         if not self.backend.owns(out):
             raise TypeError(f"out must be an array on the device of x ({self.backend.name}), got {type(out).__name__}")
         if np.dtype(out.dtype) != self.dtype:
-            raise TypeError(f"out must have the dtype of x ({self.dtype.name}), got {np.dtype(out.dtype).name}")
+            raise ValueError(f"out must have the dtype of x ({self.dtype.name}), got {np.dtype(out.dtype).name}")
         if tuple(out.shape) != self.shape:
             raise ValueError(f"out must have the shape of x {self.shape}, got {tuple(out.shape)}")
         if not self.backend.writable(out):

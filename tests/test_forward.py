@@ -156,3 +156,15 @@ def test_empty_batch_in_inference_returns_empty():
     x = np.empty((0, 3, 4), np.float32)
     y = pybn.batchnorm(x, None, None, np.zeros(3, np.float32), np.ones(3, np.float32), training=False)
     assert y.shape == (0, 3, 4)
+
+
+def test_concurrent_calls_from_threads_match_sequential(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [randn(rng, (8, 6, 40, 40), np.float32, loc=i) for i in range(8)]
+    expected = [pybn.batchnorm_forward(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:  # the GIL is released inside every call
+        got = list(pool.map(pybn.batchnorm_forward, xs))
+    for e, g in zip(expected, got):
+        for a, b in zip(e, g):
+            assert a.tobytes() == b.tobytes()
