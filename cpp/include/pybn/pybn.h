@@ -187,7 +187,8 @@ PYBN_API pybn_status pybn_backward_reduce(pybn_view view, const void* dy, const 
  *     dx = gamma*invstd*dy,  dgamma = invstd * sum_dy_xmu,  dbeta = sum_dy.
  *   view      layout and dtype of dy, x and dx.
  *   dy, x     inputs, `view`; x may be NULL when training=0.
- *   mean, invstd   C values of the parameter dtype.
+ *   mean      C values of the parameter dtype; may be NULL when training=0.
+ *   invstd    C values of the parameter dtype.
  *   gamma     C values of the parameter dtype, may be NULL (1).
  *   count     C doubles, total values per channel of the batch the sums cover (>= 1);
  *             may be NULL when training=0.
