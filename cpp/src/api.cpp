@@ -1,5 +1,6 @@
 // The CPU entry points of the C ABI: argument checks, temporaries, per-channel coefficients and
 // dispatch to the kernel table. Every check runs before any output is written.
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -19,11 +20,9 @@ namespace {
 
 int64_t per_channel(const pybn_view& v) { return v.outer * v.inner; }
 
-// Value of a nullable per-channel parameter array of type P.
-template <class P> double param_or(const void* p, int64_t c, double fallback) {
-    return p ? double(static_cast<const P*>(p)[c]) : fallback;
+template <class P> void copy_out(const std::vector<P>& from, void* to) {
+    if (to) std::copy(from.begin(), from.end(), static_cast<P*>(to));
 }
-template <class P> void put(void* p, int64_t c, double value) { static_cast<P*>(p)[c] = P(value); }
 
 pybn_status check_counts(const char* fn, int64_t channels, const double* count, double minimum) {
     for (int64_t c = 0; c < channels; ++c)
@@ -40,25 +39,20 @@ void normalize_impl(const pybn_view& v, const void* x, const double* count, cons
                     void* save_invstd) {
     const int64_t C = v.channels;
     std::vector<P> coef(static_cast<size_t>(4 * C));
-    std::vector<double> invstd(static_cast<size_t>(C));
-    for (int64_t c = 0; c < C; ++c) {
-        invstd[size_t(c)] = invstd_of(count[c], m2[c], eps);
-        const NormCoef<P> k = train_coef<P>(mean[c], invstd[size_t(c)], param_or<P>(gamma, c, 1.0),
-                                            param_or<P>(beta, c, 0.0));
-        coef[size_t(c)] = k.hi;
-        coef[size_t(C + c)] = k.lo;
-        coef[size_t(2 * C + c)] = k.scale;
-        coef[size_t(3 * C + c)] = k.shift;
-    }
-    // Nothing below can fail.
+    // Per-channel outputs first go to copies: nothing is written until the kernel has run.
+    std::vector<P> rm, rv, sm(static_cast<size_t>(C)), si(static_cast<size_t>(C));
+    if (running_mean) rm.assign(static_cast<const P*>(running_mean), static_cast<const P*>(running_mean) + C);
+    if (running_var) rv.assign(static_cast<const P*>(running_var), static_cast<const P*>(running_var) + C);
+    const NormalizeArgs<P> args{C, count, mean, m2, static_cast<const P*>(gamma),
+                                static_cast<const P*>(beta), eps, running_mean ? rm.data() : nullptr,
+                                running_var ? rv.data() : nullptr, momentum, sm.data(), si.data(),
+                                coef.data()};
+    for (int64_t c = 0; c < C; ++c) normalize_channel(args, c, count[c], mean[c], m2[c]);
     if (per_channel(v) > 0) cpu::kernels().normalize(v, x, coef.data(), y);
-    for (int64_t c = 0; c < C; ++c) {
-        if (running_mean) put<P>(running_mean, c, ema(param_or<P>(running_mean, c, 0), mean[c], momentum));
-        if (running_var)
-            put<P>(running_var, c, ema(param_or<P>(running_var, c, 0), m2[c] / (count[c] - 1), momentum));
-        if (save_mean) put<P>(save_mean, c, mean[c]);
-        if (save_invstd) put<P>(save_invstd, c, invstd[size_t(c)]);
-    }
+    copy_out(rm, running_mean);
+    copy_out(rv, running_var);
+    copy_out(sm, save_mean);
+    copy_out(si, save_invstd);
 }
 
 template <class P>
@@ -67,23 +61,16 @@ void backward_elementwise_impl(const pybn_view& v, const void* dy, const void* x
                                const double* count, const double* sum_dy, const double* sum_dy_xmu,
                                const double* sum_xmu, void* dx, void* dgamma, void* dbeta) {
     const int64_t C = v.channels;
-    std::vector<P> coef(static_cast<size_t>(4 * C));
-    std::vector<BackCoef<P>> k(static_cast<size_t>(C));
-    for (int64_t c = 0; c < C; ++c) {
-        k[size_t(c)] = backward_coef<P>(training != 0, training ? count[c] : 1.0,
-                                        param_or<P>(invstd, c, 0), param_or<P>(gamma, c, 1.0),
-                                        sum_dy[c], sum_dy_xmu[c], sum_xmu ? sum_xmu[c] : 0.0);
-        coef[size_t(c)] = training ? static_cast<const P*>(mean)[c] : P(0);
-        coef[size_t(C + c)] = k[size_t(c)].a;
-        coef[size_t(2 * C + c)] = k[size_t(c)].b;
-        coef[size_t(3 * C + c)] = k[size_t(c)].c;
-    }
+    std::vector<P> coef(static_cast<size_t>(4 * C)), dg(static_cast<size_t>(C)), db(static_cast<size_t>(C));
+    const BackwardArgs<P> args{C, static_cast<const P*>(mean), static_cast<const P*>(invstd),
+                               static_cast<const P*>(gamma), training != 0, count, sum_dy,
+                               sum_dy_xmu, sum_xmu, dg.data(), db.data(), coef.data()};
+    for (int64_t c = 0; c < C; ++c)
+        backward_channel(args, c, sum_dy[c], sum_dy_xmu[c], sum_xmu ? sum_xmu[c] : 0.0);
     if (dx && per_channel(v) > 0)
         cpu::kernels().backward_elementwise(v, dy, training ? x : nullptr, coef.data(), dx);
-    for (int64_t c = 0; c < C; ++c) {
-        if (dgamma) static_cast<P*>(dgamma)[c] = k[size_t(c)].dgamma;
-        if (dbeta) static_cast<P*>(dbeta)[c] = k[size_t(c)].dbeta;
-    }
+    copy_out(dg, dgamma);
+    copy_out(db, dbeta);
 }
 
 // Calls f(P{}) with P the parameter type of the view's dtype.
@@ -187,27 +174,7 @@ pybn_status pybn_merge_stats(int64_t k, int64_t channels, const double* counts, 
             if (!(counts[i] >= 0))
                 return fail(PYBN_ERROR_INVALID_VALUE, "%s: counts[%lld][%lld] must be >= 0, got %g", fn,
                             (long long)(i / channels), (long long)(i % channels), counts[i]);
-        for (int64_t c = 0; c < channels; ++c) {
-            // Two passes over the K partials: weighted mean, then M2 about it (exact for unequal
-            // counts; partials with count 0 contribute nothing).
-            double n = 0, s = 0;
-            for (int64_t i = 0; i < k; ++i) n += counts[i * channels + c];
-            for (int64_t i = 0; i < k; ++i) {
-                const double ni = counts[i * channels + c];
-                if (ni > 0) s += ni / n * means[i * channels + c];
-            }
-            double q = 0;
-            for (int64_t i = 0; i < k; ++i) {
-                const double ni = counts[i * channels + c];
-                if (ni > 0) {
-                    const double d = means[i * channels + c] - s;
-                    q += m2s[i * channels + c] + ni * d * d;
-                }
-            }
-            count[c] = n;  // outputs may alias row 0: written after the last read of channel c
-            mean[c] = n > 0 ? s : 0.0;
-            m2[c] = n > 0 ? q : 0.0;
-        }
+        for (int64_t c = 0; c < channels; ++c) merge_channel(k, channels, c, counts, means, m2s, count, mean, m2);
         return PYBN_SUCCESS;
     });
 }
@@ -313,15 +280,9 @@ pybn_status pybn_forward_infer(pybn_view v, const void* x, const void* running_m
         with_param(v, [&](auto p) {
             using P = decltype(p);
             std::vector<P> coef(static_cast<size_t>(4 * C));
-            for (int64_t c = 0; c < C; ++c) {
-                const NormCoef<P> k = infer_coef<P>(static_cast<const P*>(running_mean)[c],
-                                                    param_or<P>(running_var, c, 0), eps,
-                                                    param_or<P>(gamma, c, 1.0), param_or<P>(beta, c, 0.0));
-                coef[size_t(c)] = k.hi;
-                coef[size_t(C + c)] = k.lo;
-                coef[size_t(2 * C + c)] = k.scale;
-                coef[size_t(3 * C + c)] = k.shift;
-            }
+            for (int64_t c = 0; c < C; ++c)
+                infer_channel(C, c, static_cast<const P*>(running_mean), static_cast<const P*>(running_var),
+                              static_cast<const P*>(gamma), static_cast<const P*>(beta), eps, coef.data());
             if (per_channel(v) > 0) cpu::kernels().normalize(v, x, coef.data(), y);
         });
         return PYBN_SUCCESS;

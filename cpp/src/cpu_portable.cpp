@@ -5,7 +5,7 @@
 // data far from zero, and the sum of squares does not cancel). Each float32 accumulator adds at
 // most kDepth values before it is added into float64: longer float32 runs bias the sum of squares
 // on data far from zero, whose values are coarsely quantised (measured in bench/NOTES.md). Blocks
-// (count, mean, M2) are merged in float64 with Chan's formula in a fixed order, so results never
+// (count, mean, M2) are merged in float64 (pybn::Moments) in a fixed order, so results never
 // depend on how work is split.
 #include <algorithm>
 #include <cstdint>
@@ -13,6 +13,7 @@
 
 #include "cpu_kernels.hpp"
 #include "dtype.hpp"
+#include "formulas.hpp"
 
 namespace pybn::cpu {
 namespace {
@@ -21,26 +22,6 @@ constexpr int kLanes = 16;       // independent accumulators in a row block
 constexpr int64_t kDepth = 4;    // values one float32 accumulator adds before a float64 flush
 constexpr int64_t kBlock = kLanes * kDepth;  // values of one channel sharing a shift
 constexpr int64_t kRowMin = 4;   // inner >= kRowMin: walk the rows of a channel; else across channels
-
-// Running (count, mean, M2) in float64, merged block by block (Chan, Golub & LeVeque). The mean
-// is carried relative to the first block's shift, so merging rounds at the scale of the spread,
-// not at the scale of a mean far from zero.
-struct Moments {
-    double base = 0, n = 0, rel_mean = 0, m2 = 0;
-    void merge_shifted(double nb, double shift, double s, double q) {
-        // block of nb values with s = sum(x - shift), q = sum((x - shift)^2)
-        if (n == 0) base = shift;
-        const double mb = (shift - base) + s / nb;
-        double m2b = q - s * (s / nb);
-        if (m2b < 0) m2b = 0;  // rounding only; a NaN stays NaN
-        const double nn = n + nb;
-        const double delta = mb - rel_mean;
-        rel_mean += delta * (nb / nn);
-        m2 += m2b + delta * delta * (n * (nb / nn));
-        n = nn;
-    }
-    double mean() const { return base + rel_mean; }
-};
 
 // Moments of one row segment of a channel, block by block.
 template <class T>

@@ -1,9 +1,10 @@
-// Per-channel formulas shared by the CPU API and the CUDA kernels, so both compute the same
-// coefficients from the same statistics. All arithmetic is float64; results are rounded once to
-// the parameter type P (float or double).
+// Per-channel formulas shared by the CPU kernels and API and by the CUDA kernels, so both paths
+// compute the same statistics and coefficients the same way. Arithmetic is float64; results
+// are rounded once to the parameter type P (float or double).
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define PYBN_HD __host__ __device__ inline
@@ -13,44 +14,150 @@
 
 namespace pybn {
 
-// y = ((x - hi) - lo) * scale + shift, with hi + lo the float64 mean split into two P values so
-// that x - hi is exact for x near the mean: the mean survives rounding to P.
-template <class P> struct NormCoef { P hi, lo, scale, shift; };
+// Running (count, mean, M2) in float64, merged with Chan, Golub & LeVeque's formula. The mean is
+// carried relative to `base` (the first shift seen), so merging rounds at the scale of the
+// spread, not at the scale of a mean far from zero.
+struct Moments {
+    double base = 0, n = 0, rel_mean = 0, m2 = 0;
 
-template <class P>
-PYBN_HD NormCoef<P> train_coef(double mean, double invstd, double gamma, double beta) {
-    const P hi = P(mean);
-    return {hi, P(mean - double(hi)), P(gamma * invstd), P(beta)};
-}
-
-template <class P>
-PYBN_HD NormCoef<P> infer_coef(P running_mean, double running_var, double eps, double gamma,
-                               double beta) {
-    return {running_mean, P(0), P(gamma / std::sqrt(running_var + eps)), P(beta)};
-}
+    PYBN_HD void merge(const Moments& o) {
+        if (o.n == 0) return;
+        if (n == 0) {
+            *this = o;
+            return;
+        }
+        const double mb = (o.base - base) + o.rel_mean;
+        const double nn = n + o.n;
+        const double delta = mb - rel_mean;
+        rel_mean += delta * (o.n / nn);
+        m2 += o.m2 + delta * delta * (n * (o.n / nn));
+        n = nn;
+    }
+    // A block of nb values with s = sum(x - shift), q = sum((x - shift)^2).
+    PYBN_HD void merge_shifted(double nb, double shift, double s, double q) {
+        double m2b = q - s * (s / nb);
+        if (m2b < 0) m2b = 0;  // rounding only; a NaN stays NaN
+        Moments b;
+        b.base = shift;
+        b.n = nb;
+        b.rel_mean = s / nb;
+        b.m2 = m2b;
+        merge(b);
+    }
+    PYBN_HD double mean() const { return base + rel_mean; }
+};
 
 PYBN_HD double invstd_of(double count, double m2, double eps) {
     return 1.0 / std::sqrt(m2 / count + eps);
 }
 
-// Exponential moving average, PyTorch's convention: unbiased variance for running_var.
+// Exponential moving average, PyTorch's convention (running_var takes the unbiased variance).
 PYBN_HD double ema(double running, double batch, double momentum) {
     return (1.0 - momentum) * running + momentum * batch;
 }
 
-// dx = a * dy + b * (x - mean) + c, and the parameter gradients.
-template <class P> struct BackCoef { P a, b, c; P dgamma, dbeta; };
+template <class P> PYBN_HD double value_or(const P* p, int64_t c, double fallback) {
+    return p ? double(p[c]) : fallback;
+}
+
+// Normalisation coefficients, struct-of-arrays coef[4*C] = [hi | lo | scale | shift]:
+// y = ((x - hi) - lo) * scale + shift, with hi + lo the float64 mean split into two P values so
+// that x - hi is exact for x near the mean: the mean survives rounding to P.
+template <class P> struct NormalizeArgs {
+    int64_t channels;
+    const double *count, *mean, *m2;
+    const P *gamma, *beta;  // may be null
+    double eps;
+    P *running_mean, *running_var;  // may be null
+    double momentum;
+    P *save_mean, *save_invstd;  // may be null
+    P* coef;                     // 4 * channels
+};
 
 template <class P>
-PYBN_HD BackCoef<P> backward_coef(bool training, double count, double invstd, double gamma,
-                                  double sum_dy, double sum_dy_xmu, double sum_xmu) {
-    const double a = gamma * invstd;
-    if (!training) return {P(a), P(0), P(0), P(invstd * sum_dy_xmu), P(sum_dy)};
-    // d: the part of the batch mean that `mean` (rounded to P) lost; s: sum(dy * (x - true mean))
-    const double d = sum_xmu / count;
-    const double s = sum_dy_xmu - d * sum_dy;
-    const double b = -a * invstd * invstd * s / count;
-    return {P(a), P(b), P(-a * sum_dy / count - b * d), P(invstd * s), P(sum_dy)};
+PYBN_HD void normalize_channel(const NormalizeArgs<P>& a, int64_t c, double count, double mean,
+                               double m2) {
+    const int64_t C = a.channels;
+    const double invstd = invstd_of(count, m2, a.eps);
+    const P hi = P(mean);
+    a.coef[c] = hi;
+    a.coef[C + c] = P(mean - double(hi));
+    a.coef[2 * C + c] = P(value_or(a.gamma, c, 1.0) * invstd);
+    a.coef[3 * C + c] = P(value_or(a.beta, c, 0.0));
+    if (a.running_mean) a.running_mean[c] = P(ema(double(a.running_mean[c]), mean, a.momentum));
+    if (a.running_var)
+        a.running_var[c] = P(ema(double(a.running_var[c]), m2 / (count - 1), a.momentum));
+    if (a.save_mean) a.save_mean[c] = P(mean);
+    if (a.save_invstd) a.save_invstd[c] = P(invstd);
+}
+
+template <class P>
+PYBN_HD void infer_channel(int64_t C, int64_t c, const P* running_mean, const P* running_var,
+                           const P* gamma, const P* beta, double eps, P* coef) {
+    coef[c] = running_mean[c];
+    coef[C + c] = P(0);
+    coef[2 * C + c] = P(value_or(gamma, c, 1.0) / std::sqrt(double(running_var[c]) + eps));
+    coef[3 * C + c] = P(value_or(beta, c, 0.0));
+}
+
+// Backward coefficients coef[4*C] = [mean | a | b | c]: dx = a * dy + b * (x - mean) + c,
+// and the parameter gradients.
+template <class P> struct BackwardArgs {
+    int64_t channels;
+    const P *mean, *invstd, *gamma;  // mean may be null when !training; gamma may be null
+    bool training;
+    const double *count, *sum_dy, *sum_dy_xmu, *sum_xmu;  // count may be null when !training
+    P *dgamma, *dbeta;                                     // may be null
+    P* coef;                                               // 4 * channels
+};
+
+template <class P>
+PYBN_HD void backward_channel(const BackwardArgs<P>& a, int64_t c, double sum_dy,
+                              double sum_dy_xmu, double sum_xmu) {
+    const int64_t C = a.channels;
+    const double invstd = double(a.invstd[c]);
+    const double ga = value_or(a.gamma, c, 1.0) * invstd;
+    double b = 0, c0 = 0, dgamma = invstd * sum_dy_xmu;
+    if (a.training) {
+        // d: the part of the batch mean that `mean` (rounded to P) lost; s: sum(dy * (x - mean))
+        // about the true batch mean.
+        const double n = a.count[c];
+        const double d = sum_xmu / n;
+        const double s = sum_dy_xmu - d * sum_dy;
+        b = -ga * invstd * invstd * s / n;
+        c0 = -ga * sum_dy / n - b * d;
+        dgamma = invstd * s;
+    }
+    a.coef[c] = a.training ? a.mean[c] : P(0);
+    a.coef[C + c] = P(ga);
+    a.coef[2 * C + c] = P(b);
+    a.coef[3 * C + c] = P(c0);
+    if (a.dgamma) a.dgamma[c] = P(dgamma);
+    if (a.dbeta) a.dbeta[c] = P(sum_dy);
+}
+
+// Merge of K partial statistics of channel c (K x C row-major): weighted mean first, then M2
+// about it; exact for unequal counts, and partials with count 0 contribute nothing.
+PYBN_HD void merge_channel(int64_t k, int64_t C, int64_t c, const double* counts,
+                           const double* means, const double* m2s, double* count, double* mean,
+                           double* m2) {
+    double n = 0, s = 0, q = 0;
+    for (int64_t i = 0; i < k; ++i) n += counts[i * C + c];
+    for (int64_t i = 0; i < k; ++i) {
+        const double ni = counts[i * C + c];
+        if (ni > 0) s += ni / n * means[i * C + c];
+    }
+    for (int64_t i = 0; i < k; ++i) {
+        const double ni = counts[i * C + c];
+        if (ni > 0) {
+            const double d = means[i * C + c] - s;
+            q += m2s[i * C + c] + ni * d * d;
+        }
+    }
+    // outputs may alias row 0 of the inputs: written after the last read of channel c
+    count[c] = n;
+    mean[c] = n > 0 ? s : 0.0;
+    m2[c] = n > 0 ? q : 0.0;
 }
 
 }  // namespace pybn
