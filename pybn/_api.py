@@ -6,14 +6,31 @@ raises changes nothing it was given.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from . import _core
-from ._arrays import Canonical, address, backend_of, check_eps, check_momentum
+from ._arrays import Canonical, address, backend_of, check_eps, check_momentum, device_context
 
 Array = Any
+
+
+def _on_device(fn):
+    """Adds the keyword `stream` and runs fn with the device of its CUDA arrays current and,
+    if given, `stream` as CuPy's current stream (the stream the work is queued on)."""
+
+    @functools.wraps(fn)
+    def call(*args, stream=None, **kwargs):
+        with device_context((*args, *kwargs.values()), stream):
+            return fn(*args, **kwargs)
+
+    sig = inspect.signature(fn)
+    call.__signature__ = sig.replace(parameters=[*sig.parameters.values(), inspect.Parameter(
+        "stream", inspect.Parameter.KEYWORD_ONLY, default=None)])
+    return call
 
 
 def _prepare(x: Array, axis: int, named: Tuple[Tuple[str, Any], ...]) -> Canonical:
@@ -37,11 +54,12 @@ def _stats_array(cx: Canonical, name: str, a: Array) -> Array:
     """A float64 per-channel statistics array (count / mean / M2 / sums)."""
     if a is None:
         raise ValueError(f"{name} is required")
+    a = cx.backend.adopt(a)
     if np.dtype(a.dtype) != np.float64:
         raise TypeError(f"{name} must have dtype float64, got {np.dtype(a.dtype).name}")
     if tuple(a.shape) != (cx.channels,):
         raise ValueError(f"{name} must have shape ({cx.channels},), got {tuple(a.shape)}")
-    return a if a.flags.c_contiguous else cx.backend.xp.ascontiguousarray(a)
+    return cx.backend.contiguous(a)
 
 
 def _training_flag(training: Any) -> bool:
@@ -54,7 +72,7 @@ class _RunningStats:
     """Running statistics updated in place; strided arrays are updated through a copy."""
 
     def __init__(self, cx: Canonical, running_mean: Array, running_var: Array):
-        self.given = (running_mean, running_var)
+        self.given = (cx.backend.adopt(running_mean), cx.backend.adopt(running_var))
         self.data = (
             cx.per_channel("running_mean", running_mean, writable=True),
             cx.per_channel("running_var", running_var, writable=True),
@@ -105,6 +123,7 @@ def _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
     return y.finish(), mean, invstd
 
 
+@_on_device
 def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = None,
               running_mean: Optional[Array] = None, running_var: Optional[Array] = None, *,
               training: bool = True, momentum: float = 0.1, eps: float = 1e-5, axis: int = 1,
@@ -120,6 +139,7 @@ def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = N
                     out, save=False)[0]
 
 
+@_on_device
 def batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = None,
                       running_mean: Optional[Array] = None, running_var: Optional[Array] = None, *,
                       training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
@@ -130,6 +150,7 @@ def batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Optional[Ar
                     out, save=True)
 
 
+@_on_device
 def batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
                        gamma: Optional[Array] = None, *, training: bool = True, axis: int = 1,
                        out: Optional[Array] = None) -> Tuple[Array, Array, Array]:
@@ -161,6 +182,7 @@ def batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
 
 # ------------------------------------ composable primitives ------------------------------------
 
+@_on_device
 def batch_stats(x: Array, *, axis: int = 1) -> Tuple[Array, Array, Array]:
     """Per-channel (count, mean, M2) of x as float64 arrays; M2 = sum((x - mean)^2)."""
     cx = _prepare(x, axis, ())
@@ -171,11 +193,13 @@ def batch_stats(x: Array, *, axis: int = 1) -> Tuple[Array, Array, Array]:
     return count, mean, m2
 
 
+@_on_device
 def merge_stats(count: Array, mean: Array, m2: Array) -> Tuple[Array, Array, Array]:
     """Merge K partial statistics, given as (K, C) float64 arrays, into (C,) statistics of the
     union (exact for unequal counts; partials with count 0 contribute nothing)."""
     backend = backend_of((("count", count), ("mean", mean), ("m2", m2)))
     parts = []
+    count, mean, m2 = (backend.adopt(a) for a in (count, mean, m2))
     for name, a in (("count", count), ("mean", mean), ("m2", m2)):
         if np.dtype(a.dtype) != np.float64:
             raise TypeError(f"{name} must have dtype float64, got {np.dtype(a.dtype).name}")
@@ -183,7 +207,7 @@ def merge_stats(count: Array, mean: Array, m2: Array) -> Tuple[Array, Array, Arr
             raise ValueError(f"{name} must be 2-D (partials, channels), got shape {tuple(a.shape)}")
         if tuple(a.shape) != tuple(count.shape):
             raise ValueError(f"{name} must have the shape of count {tuple(count.shape)}, got {tuple(a.shape)}")
-        parts.append(a if a.flags.c_contiguous else backend.xp.ascontiguousarray(a))
+        parts.append(backend.contiguous(a))
     k, channels = (int(s) for s in count.shape)
     if k < 1:
         raise ValueError("merge_stats needs at least one partial (count.shape[0] >= 1)")
@@ -193,6 +217,7 @@ def merge_stats(count: Array, mean: Array, m2: Array) -> Tuple[Array, Array, Arr
     return res[0], res[1], res[2]
 
 
+@_on_device
 def normalize(x: Array, count: Array, mean: Array, m2: Array, gamma: Optional[Array] = None,
               beta: Optional[Array] = None, running_mean: Optional[Array] = None,
               running_var: Optional[Array] = None, *, momentum: float = 0.1, eps: float = 1e-5,
@@ -221,6 +246,7 @@ def normalize(x: Array, count: Array, mean: Array, m2: Array, gamma: Optional[Ar
     return y.finish(), smean, sinvstd
 
 
+@_on_device
 def backward_reduce(dy: Array, x: Array, mean: Array, *, axis: int = 1) -> Tuple[Array, Array, Array]:
     """Per-channel float64 (sum(dy), sum(dy * (x - mean)), sum(x - mean)) in one sweep."""
     cx = _prepare(x, axis, (("dy", dy), ("mean", mean)))
@@ -235,6 +261,7 @@ def backward_reduce(dy: Array, x: Array, mean: Array, *, axis: int = 1) -> Tuple
     return sums[0], sums[1], sums[2]
 
 
+@_on_device
 def backward_elementwise(dy: Array, x: Array, mean: Array, invstd: Array, gamma: Optional[Array],
                          count: Array, sum_dy: Array, sum_dy_xmu: Array,
                          sum_xmu: Optional[Array] = None, *, training: bool = True,

@@ -6,6 +6,7 @@ backend). The API code is written once against the small backend interface below
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Any, Optional, Sequence, Tuple
@@ -51,7 +52,100 @@ class HostBackend:
         return bool(np.may_share_memory(a, b))
 
 
+    @staticmethod
+    def adopt(a: Any) -> Any:
+        return a
+
+    @staticmethod
+    def contiguous(a: Any) -> Any:
+        return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
 HOST = HostBackend()
+
+
+def _cupy() -> Any:
+    """CuPy, imported on first use of a CUDA array."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise TypeError(
+            "CUDA arrays need CuPy: pip install 'pybn[cuda12]' or 'pybn[cuda13]' "
+            f"(import cupy failed: {e})"
+        ) from None
+    return cupy
+
+
+class CudaBackend:
+    """CUDA arrays (CuPy, or any __cuda_array_interface__ / CUDA DLPack object, adopted as a
+    zero-copy CuPy view), computed by the CUDA kernels on CuPy's current stream."""
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        self.xp = _cupy()
+        self.device = self.xp.cuda.Device().id
+
+    def adopt(self, a: Any) -> Any:
+        """A CuPy view of a CUDA array (zero-copy), on the current device."""
+        if a is None:
+            return None
+        if not isinstance(a, self.xp.ndarray):
+            # CuPy honours the producer's stream: CAI v3 "stream", DLPack's stream argument
+            a = self.xp.asarray(a) if hasattr(a, "__cuda_array_interface__") else self.xp.from_dlpack(a)
+        if a.device.id != self.device:
+            raise TypeError(f"all arrays of one call must live on the same device, got devices "
+                            f"{self.device} and {a.device.id}")
+        return a
+
+    @staticmethod
+    def address(a: Any) -> int:
+        return int(a.data.ptr)
+
+    def stream(self) -> int:
+        return int(self.xp.cuda.get_current_stream().ptr)
+
+    @staticmethod
+    def writable(a: Any) -> bool:
+        return True
+
+    def may_share_memory(self, a: Any, b: Any) -> bool:
+        return bool(self.xp.may_share_memory(self.adopt(a), self.adopt(b)))
+
+    def contiguous(self, a: Any) -> Any:
+        return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
+
+
+def device_context(arrays: Sequence[Any], stream: Any = None) -> Any:
+    """Context for a call: for CUDA arrays, the device of the first one and the requested stream
+    (a CuPy stream, a torch.cuda.Stream, or a cudaStream_t as int) made current; for host
+    arrays, nothing (stream is ignored)."""
+    cuda = [a for a in arrays if a is not None and not isinstance(a, np.ndarray) and _is_cuda_array(a)]
+    host = any(isinstance(a, np.ndarray) for a in arrays)
+    if not cuda or host or not _core.has_cuda():  # host work, or an error that backend_of reports
+        return contextlib.nullcontext()
+    cp = _cupy()
+    stack = contextlib.ExitStack()
+    stack.enter_context(cp.cuda.Device(_device_id(cp, cuda[0])))
+    if stream is not None:
+        if isinstance(stream, cp.cuda.Stream):
+            stack.enter_context(stream)
+        else:
+            ptr = getattr(stream, "cuda_stream", getattr(stream, "ptr", stream))
+            if isinstance(ptr, bool) or not isinstance(ptr, numbers.Integral):
+                raise TypeError(f"stream must be a CuPy stream, a torch.cuda.Stream or an int "
+                                f"cudaStream_t, got {type(stream).__name__}")
+            stack.enter_context(cp.cuda.ExternalStream(int(ptr)))
+    return stack
+
+
+def _device_id(cp: Any, a: Any) -> int:
+    if isinstance(a, cp.ndarray):
+        return int(a.device.id)
+    if hasattr(a, "__cuda_array_interface__"):
+        ptr = a.__cuda_array_interface__["data"][0]
+        return int(cp.cuda.runtime.pointerGetAttributes(ptr).device) if ptr else cp.cuda.Device().id
+    return int(a.__dlpack_device__()[1])
 
 
 def _is_cuda_array(a: Any) -> bool:
@@ -77,7 +171,7 @@ def _device_of(name: str, a: Any) -> str:
     )
 
 
-def backend_of(arrays: Sequence[Tuple[str, Any]]) -> HostBackend:
+def backend_of(arrays: Sequence[Tuple[str, Any]]) -> Any:
     """The backend of a call: all non-None arrays must live on the same device."""
     devices = [(name, _device_of(name, a)) for name, a in arrays if a is not None]
     kinds = {d for _, d in devices}
@@ -85,11 +179,10 @@ def backend_of(arrays: Sequence[Tuple[str, Any]]) -> HostBackend:
         where = ", ".join(f"{n} on {d}" for n, d in devices)
         raise TypeError(f"all arrays of one call must live on the same device, got {where}")
     if kinds == {"cuda"}:
-        # The CUDA backend plugs in here (CuPy / __cuda_array_interface__ / DLPack arrays).
-        raise TypeError(
-            "CUDA arrays are not supported by this pybn build "
-            f"(pybn.has_cuda() is {_core.has_cuda()}); pass NumPy arrays"
-        )
+        if not _core.has_cuda():
+            raise TypeError("CUDA arrays are not supported by this pybn build (pybn.has_cuda() is "
+                            "False: it was built without the CUDA toolkit); pass NumPy arrays")
+        return CudaBackend()
     return HOST
 
 
@@ -141,8 +234,9 @@ class Canonical:
     that every other array of the call is laid out like x.
     """
 
-    def __init__(self, backend: HostBackend, x: Any, axis: int, name: str = "x"):
+    def __init__(self, backend: Any, x: Any, axis: int, name: str = "x"):
         self.backend = backend
+        x = backend.adopt(x)
         self.code = dtype_code(name, x)
         if x.ndim < 2:
             raise ValueError(f"{name} must have at least 2 dimensions, got shape {tuple(x.shape)}")
@@ -173,7 +267,7 @@ class Canonical:
     def arrange(self, a: Any) -> Any:
         """a (with x's shape) as a C-contiguous array in x's memory order (a copy if needed)."""
         t = a.transpose(self.perm)
-        return t if t.flags.c_contiguous else self.backend.xp.ascontiguousarray(t)
+        return self.backend.contiguous(t)
 
     def is_arranged(self, a: Any) -> bool:
         return bool(a.transpose(self.perm).flags.c_contiguous)
@@ -185,6 +279,7 @@ class Canonical:
 
     def like_x(self, name: str, a: Any) -> Any:
         """Canonical data of an input that must match x in shape and dtype (dy)."""
+        a = self.backend.adopt(a)
         if np.dtype(a.dtype) != self.dtype:
             raise TypeError(f"{name} must have the dtype of x ({self.dtype.name}), got {np.dtype(a.dtype).name}")
         if tuple(a.shape) != self.shape:
@@ -195,6 +290,7 @@ class Canonical:
         """Validated per-channel array; returns its contiguous data (a copy if it was strided)."""
         if a is None:
             return None
+        a = self.backend.adopt(a)
         if np.dtype(a.dtype) != self.pdtype:
             raise TypeError(
                 f"{name} must have dtype {self.pdtype.name} (per-channel dtype for {self.dtype.name} x), "
@@ -204,7 +300,7 @@ class Canonical:
             raise ValueError(f"{name} must have shape ({self.channels},) (one value per channel), got {tuple(a.shape)}")
         if writable and not self.backend.writable(a):
             raise ValueError(f"{name} is read-only; it is updated in place and must be writable")
-        return a if a.flags.c_contiguous else self.backend.xp.ascontiguousarray(a)
+        return self.backend.contiguous(a)
 
     def output(self, out: Any, inputs: Sequence[Tuple[str, Any]], in_place: Sequence[Any] = ()) -> "Output":
         """The elementwise output of a call (y or dx), laid out like x.
@@ -215,8 +311,7 @@ class Canonical:
         """
         if out is None:
             return Output(*self.empty())
-        if not self.backend.owns(out):
-            raise TypeError(f"out must be an array on the device of x ({self.backend.name}), got {type(out).__name__}")
+        given, out = out, self.backend.adopt(out)
         if np.dtype(out.dtype) != self.dtype:
             raise ValueError(f"out must have the dtype of x ({self.dtype.name}), got {np.dtype(out.dtype).name}")
         if tuple(out.shape) != self.shape:
@@ -230,24 +325,26 @@ class Canonical:
                 continue
             raise ValueError(f"out overlaps the input {name}; only exact in-place use is supported")
         if self.is_arranged(out):
-            return Output(out, out.transpose(self.perm))
-        return Output(out, self.empty()[1], inv_perm=self.inv_perm)
+            return Output(given, out.transpose(self.perm))
+        return Output(given, self.empty()[1], inv_perm=self.inv_perm, target=out)
 
 
 class Output:
     """An elementwise result: `data` is the canonical array the library writes; finish() copies
     it into a user's `out` whose layout differs from x's."""
 
-    def __init__(self, result: Any, data: Any, inv_perm: Optional[Tuple[int, ...]] = None):
-        self.result, self.data, self.inv_perm = result, data, inv_perm
+    def __init__(self, result: Any, data: Any, inv_perm: Optional[Tuple[int, ...]] = None,
+                 target: Any = None):
+        self.result, self.data, self.inv_perm, self.target = result, data, inv_perm, target
 
     def finish(self) -> Any:
         if self.inv_perm is not None:
-            self.result[...] = self.data.transpose(self.inv_perm)
+            self.target[...] = self.data.transpose(self.inv_perm)
         return self.result
 
 
-def _same_memory(a: Any, b: Any, backend: HostBackend) -> bool:
+def _same_memory(a: Any, b: Any, backend: Any) -> bool:
+    a, b = backend.adopt(a), backend.adopt(b)
     return (
         backend.address(a) == backend.address(b)
         and tuple(a.shape) == tuple(b.shape)
@@ -256,6 +353,6 @@ def _same_memory(a: Any, b: Any, backend: HostBackend) -> bool:
     )
 
 
-def address(backend: HostBackend, a: Any) -> int:
+def address(backend: Any, a: Any) -> int:
     """Address of an array for libpybn (0 for None)."""
     return 0 if a is None else backend.address(a)

@@ -6,7 +6,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from ._api import batchnorm_backward, batchnorm_forward
-from ._arrays import check_eps, check_momentum
+from ._arrays import _cupy, check_eps, check_momentum
+from ._core import has_cuda
 
 Array = Any
 
@@ -16,6 +17,7 @@ class BatchNorm:
     statistics, like torch.nn.BatchNorm{1,2,3}d.
 
     momentum=None means a cumulative moving average (weight 1/num_batches_tracked).
+    device="cuda" keeps parameters and statistics as CuPy arrays on the current device.
     track_running_stats=False normalises with batch statistics in training and in eval.
     """
 
@@ -33,15 +35,18 @@ class BatchNorm:
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype (of parameters and running statistics) must be float32 or float64, got {dtype.name}")
-        if device != "cpu":
-            raise ValueError(f"device must be 'cpu' in this build, got {device!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda" and not has_cuda():
+            raise ValueError("device='cuda' needs a pybn built with CUDA (pybn.has_cuda() is False)")
         self.num_features = int(num_features)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = dtype
         self.device = device
-        xp = np
+        xp = _cupy() if device == "cuda" else np
+        self._xp = xp
         self.gamma: Optional[Array] = xp.ones(num_features, dtype) if affine else None
         self.beta: Optional[Array] = xp.zeros(num_features, dtype) if affine else None
         self.running_mean: Optional[Array] = xp.zeros(num_features, dtype) if track_running_stats else None
@@ -116,7 +121,7 @@ class BatchNorm:
                 if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                     raise ValueError(f"num_batches_tracked must be an int >= 0, got {v!r}")
                 continue
-            a = np.asarray(d[k])
+            a = self._xp.asarray(d[k])
             if a.shape != (self.num_features,):
                 raise ValueError(f"{k} must have shape ({self.num_features},), got {a.shape}")
             if not np.can_cast(a.dtype, self.dtype, casting="same_kind"):

@@ -13,7 +13,7 @@ import pybn
 LIB = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(pybn.__file__), "libpybn*"))[0])
 
 SUCCESS, INVALID_ARGUMENT, UNSUPPORTED_DTYPE, INVALID_VALUE, TOO_FEW_VALUES = 0, 1, 2, 3, 4
-NOT_COMPILED = 6
+NOT_COMPILED, CUDA_ERROR = 6, 7
 F32, F64 = 0, 1
 
 
@@ -145,3 +145,7 @@ def test_cuda_entry_points_exist_in_every_build():
     if not pybn.has_cuda():
         assert st == NOT_COMPILED
         assert "built without CUDA" in last_error()
+    else:  # host pointers are refused before any launch (or the runtime has no driver/GPU)
+        assert st in (INVALID_ARGUMENT, CUDA_ERROR)
+        assert "pybn_cuda_forward_train: " in last_error()
+        assert "must be device memory" in last_error() or "failed" in last_error()

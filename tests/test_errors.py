@@ -143,8 +143,15 @@ def test_float64_x_needs_float64_parameters():
         pybn.batchnorm(x, np.ones(3, np.float32))
 
 
-def test_cuda_arrays_are_refused_clearly_without_cuda():
-    if pybn.has_cuda():
-        pytest.skip("this build has CUDA")
-    with pytest.raises(TypeError, match="CUDA arrays are not supported by this pybn build"):
-        pybn.batchnorm(FakeCudaArray((4, 3)))
+def test_cuda_arrays_are_refused_clearly_without_cuda_or_cupy():
+    if not pybn.has_cuda():
+        with pytest.raises(TypeError, match="CUDA arrays are not supported by this pybn build"):
+            pybn.batchnorm(FakeCudaArray((4, 3)))
+        return
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(TypeError, match=r"CUDA arrays need CuPy: pip install 'pybn\[cuda12\]'"):
+            pybn.batchnorm(FakeCudaArray((4, 3)))
+        return
+    pytest.skip("CUDA build with CuPy: GPU behaviour is tested in test_gpu.py")

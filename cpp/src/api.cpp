@@ -58,13 +58,14 @@ void normalize_impl(const pybn_view& v, const void* x, const double* count, cons
 template <class P>
 void backward_elementwise_impl(const pybn_view& v, const void* dy, const void* x, const void* mean,
                                const void* invstd, const void* gamma, int training,
-                               const double* count, const double* sum_dy, const double* sum_dy_xmu,
-                               const double* sum_xmu, void* dx, void* dgamma, void* dbeta) {
+                               const double* count, double count_all, const double* sum_dy,
+                               const double* sum_dy_xmu, const double* sum_xmu, void* dx,
+                               void* dgamma, void* dbeta) {
     const int64_t C = v.channels;
     std::vector<P> coef(static_cast<size_t>(4 * C)), dg(static_cast<size_t>(C)), db(static_cast<size_t>(C));
     const BackwardArgs<P> args{C, static_cast<const P*>(mean), static_cast<const P*>(invstd),
-                               static_cast<const P*>(gamma), training != 0, count, sum_dy,
-                               sum_dy_xmu, sum_xmu, dg.data(), db.data(), coef.data()};
+                               static_cast<const P*>(gamma), training != 0, count, count_all,
+                               sum_dy, sum_dy_xmu, sum_xmu, dg.data(), db.data(), coef.data()};
     for (int64_t c = 0; c < C; ++c)
         backward_channel(args, c, sum_dy[c], sum_dy_xmu[c], sum_xmu ? sum_xmu[c] : 0.0);
     if (dx && per_channel(v) > 0)
@@ -236,7 +237,7 @@ pybn_status pybn_backward_elementwise(pybn_view v, const void* dy, const void* x
         if (training) PYBN_CHECK(check_counts(fn, v.channels, count, 1.0));
         with_param(v, [&](auto p) {
             backward_elementwise_impl<decltype(p)>(v, dy, x, mean, invstd, gamma, training, count,
-                                                   sum_dy, sum_dy_xmu, sum_xmu, dx, dgamma, dbeta);
+                                                   0.0, sum_dy, sum_dy_xmu, sum_xmu, dx, dgamma, dbeta);
         });
         return PYBN_SUCCESS;
     });
@@ -301,13 +302,13 @@ pybn_status pybn_backward(pybn_view v, const void* dy, const void* x, const void
         PYBN_CHECK(check_ptr(fn, "invstd", invstd));
         if (training) PYBN_CHECK(check_train_count(fn, v));
         const size_t C = size_t(v.channels);
-        std::vector<double> count(C, double(per_channel(v))), s0(C, 0.0), s1(C, 0.0), s2(C, 0.0);
+        std::vector<double> s0(C, 0.0), s1(C, 0.0), s2(C, 0.0);
         if (per_channel(v) > 0)
             cpu::kernels().backward_reduce(v, dy, x, mean, s0.data(), s1.data(),
                                            training ? s2.data() : nullptr);
         with_param(v, [&](auto p) {
             backward_elementwise_impl<decltype(p)>(v, dy, x, mean, invstd, gamma, training,
-                                                   count.data(), s0.data(), s1.data(),
+                                                   nullptr, double(per_channel(v)), s0.data(), s1.data(),
                                                    training ? s2.data() : nullptr, dx, dgamma, dbeta);
         });
         return PYBN_SUCCESS;

@@ -106,7 +106,9 @@ template <class P> struct BackwardArgs {
     int64_t channels;
     const P *mean, *invstd, *gamma;  // mean may be null when !training; gamma may be null
     bool training;
-    const double *count, *sum_dy, *sum_dy_xmu, *sum_xmu;  // count may be null when !training
+    const double* count;  // per channel; null: count_all for every channel
+    double count_all;
+    const double *sum_dy, *sum_dy_xmu, *sum_xmu;
     P *dgamma, *dbeta;                                     // may be null
     P* coef;                                               // 4 * channels
 };
@@ -121,7 +123,7 @@ PYBN_HD void backward_channel(const BackwardArgs<P>& a, int64_t c, double sum_dy
     if (a.training) {
         // d: the part of the batch mean that `mean` (rounded to P) lost; s: sum(dy * (x - mean))
         // about the true batch mean.
-        const double n = a.count[c];
+        const double n = a.count ? a.count[c] : a.count_all;
         const double d = sum_xmu / n;
         const double s = sum_dy_xmu - d * sum_dy;
         b = -ga * invstd * invstd * s / n;

@@ -1,0 +1,201 @@
+// CUDA backward: reduction (sum dy, sum dy*(x-mean), sum x-mean), elementwise step with the
+// parameter gradients, and the fused backward.
+#include "common.cuh"
+
+using namespace pybn;
+using namespace pybn::cuda;
+
+namespace {
+
+// dx = a * dy + b * (x - mean) + c, coef = [mean | a | b | c]; x == nullptr: dx = a * dy.
+template <class T> struct BackwardOp {
+    const T *dy, *x;
+    T* dx;
+    const acc_t<T>* coef;
+    int64_t C;
+    __device__ void operator()(int64_t e, int64_t c) const {
+        const acc_t<T> g = coef[C + c] * load(dy[e]);
+        dx[e] = store<T>(x ? g + coef[2 * C + c] * (load(x[e]) - coef[c]) + coef[3 * C + c] : g);
+    }
+};
+
+struct SumsOut {
+    double *sum_dy, *sum_dy_xmu, *sum_xmu;
+    __device__ void operator()(int64_t c, const Sums& s) const {
+        sum_dy[c] = s.dy;
+        sum_dy_xmu[c] = s.dy_xmu;
+        if (sum_xmu) sum_xmu[c] = s.xmu;
+    }
+};
+
+// The reduction's sums feed the coefficients and parameter gradients in the same launch.
+template <class P> struct BackwardEpilogue {
+    BackwardArgs<P> args;
+    __device__ void operator()(int64_t c, const Sums& s) const {
+        backward_channel(args, c, s.dy, s.dy_xmu, s.xmu);
+    }
+};
+
+template <class P>
+__global__ void backward_prepare_kernel(BackwardArgs<P> args) {
+    const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c < args.channels)
+        backward_channel(args, c, args.sum_dy[c], args.sum_dy_xmu[c], args.sum_xmu ? args.sum_xmu[c] : 0.0);
+}
+
+template <class P>
+BackwardArgs<P> backward_args(const pybn_view& v, const void* mean, const void* invstd,
+                              const void* gamma, int training, const double* count,
+                              const double* sum_dy, const double* sum_dy_xmu,
+                              const double* sum_xmu, void* dgamma, void* dbeta, P* coef) {
+    return {v.channels, static_cast<const P*>(mean), static_cast<const P*>(invstd),
+            static_cast<const P*>(gamma), training != 0, count, double(v.outer * v.inner),
+            sum_dy, sum_dy_xmu, sum_xmu, static_cast<P*>(dgamma), static_cast<P*>(dbeta), coef};
+}
+
+pybn_status launch_backward_reduce(const char* fn, const pybn_view& v, const void* dy,
+                                   const void* x, const void* mean, double* sum_dy,
+                                   double* sum_dy_xmu, double* sum_xmu, cudaStream_t stream) {
+    pybn_status st = PYBN_SUCCESS;
+    with_dtype(v.dtype, [&](auto t) {
+        using T = decltype(t);
+        using R = SumsReducer<T>;
+        const ReducePlan plan = plan_reduce(v);
+        DeviceBuffer parts;
+        st = parts.allocate(fn, sizeof(Sums) * size_t(v.channels * plan.chunks), stream);
+        if (st != PYBN_SUCCESS) return;
+        const typename R::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
+                                    static_cast<const acc_t<T>*>(mean)};
+        st = run_reduce<R>(fn, v, in, plan, parts.as<Sums>(), SumsOut{sum_dy, sum_dy_xmu, sum_xmu}, stream);
+    });
+    return st;
+}
+
+pybn_status launch_backward_elementwise(const char* fn, const pybn_view& v, const void* dy,
+                                        const void* x, const void* mean, const void* invstd,
+                                        const void* gamma, int training, const double* count,
+                                        const double* sum_dy, const double* sum_dy_xmu,
+                                        const double* sum_xmu, void* dx, void* dgamma,
+                                        void* dbeta, cudaStream_t stream) {
+    if (v.channels == 0) return PYBN_SUCCESS;
+    pybn_status st = PYBN_SUCCESS;
+    with_dtype(v.dtype, [&](auto t) {
+        using T = decltype(t);
+        using P = acc_t<T>;
+        DeviceBuffer tmp;
+        st = tmp.allocate(fn, sizeof(P) * 4 * size_t(v.channels), stream);
+        if (st != PYBN_SUCCESS) return;
+        P* coef = tmp.as<P>();
+        backward_prepare_kernel<P><<<unsigned(ceil_div(v.channels, kThreads)), kThreads, 0, stream>>>(
+            backward_args<P>(v, mean, invstd, gamma, training, count, sum_dy, sum_dy_xmu, sum_xmu,
+                             dgamma, dbeta, coef));
+        st = launched(fn);
+        if (st != PYBN_SUCCESS || dx == nullptr) return;
+        st = run_elementwise(fn, v,
+                             BackwardOp<T>{static_cast<const T*>(dy),
+                                           training ? static_cast<const T*>(x) : nullptr,
+                                           static_cast<T*>(dx), coef, v.channels},
+                             stream);
+    });
+    return st;
+}
+
+pybn_status launch_backward(const char* fn, const pybn_view& v, const void* dy, const void* x,
+                            const void* mean, const void* invstd, const void* gamma, int training,
+                            void* dx, void* dgamma, void* dbeta, cudaStream_t stream) {
+    pybn_status st = PYBN_SUCCESS;
+    with_dtype(v.dtype, [&](auto t) {
+        using T = decltype(t);
+        using P = acc_t<T>;
+        using R = SumsReducer<T>;
+        const ReducePlan plan = plan_reduce(v);
+        const size_t parts_bytes = align_up(sizeof(Sums) * size_t(v.channels * plan.chunks));
+        DeviceBuffer tmp;
+        st = tmp.allocate(fn, parts_bytes + sizeof(P) * 4 * size_t(v.channels), stream);
+        if (st != PYBN_SUCCESS) return;
+        P* coef = tmp.as<P>(parts_bytes);
+        const typename R::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
+                                    static_cast<const P*>(mean)};
+        BackwardArgs<P> args = backward_args<P>(v, mean, invstd, gamma, training, nullptr, nullptr,
+                                                nullptr, nullptr, dgamma, dbeta, coef);
+        st = run_reduce<R>(fn, v, in, plan, tmp.as<Sums>(), BackwardEpilogue<P>{args}, stream);
+        if (st != PYBN_SUCCESS || dx == nullptr) return;
+        st = run_elementwise(fn, v,
+                             BackwardOp<T>{static_cast<const T*>(dy),
+                                           training ? static_cast<const T*>(x) : nullptr,
+                                           static_cast<T*>(dx), coef, v.channels},
+                             stream);
+    });
+    return st;
+}
+
+}  // namespace
+
+extern "C" {
+
+pybn_status pybn_cuda_backward_reduce(pybn_view v, const void* dy, const void* x, const void* mean,
+                                      double* sum_dy, double* sum_dy_xmu, double* sum_xmu,
+                                      void* stream) {
+    const char* fn = "pybn_cuda_backward_reduce";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_device_arg(fn, "dy", dy));
+        PYBN_CHECK(check_device_arg(fn, "x", x));
+        PYBN_CHECK(check_device_arg(fn, "mean", mean));
+        PYBN_CHECK(check_device_arg(fn, "sum_dy", sum_dy));
+        PYBN_CHECK(check_device_arg(fn, "sum_dy_xmu", sum_dy_xmu));
+        PYBN_CHECK(check_device_ptr(fn, "sum_xmu", sum_xmu));
+        return launch_backward_reduce(fn, v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu,
+                                      static_cast<cudaStream_t>(stream));
+    });
+}
+
+pybn_status pybn_cuda_backward_elementwise(pybn_view v, const void* dy, const void* x,
+                                           const void* mean, const void* invstd, const void* gamma,
+                                           int training, const double* count, const double* sum_dy,
+                                           const double* sum_dy_xmu, const double* sum_xmu,
+                                           void* dx, void* dgamma, void* dbeta, void* stream) {
+    const char* fn = "pybn_cuda_backward_elementwise";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        if (dx) PYBN_CHECK(check_device_arg(fn, "dy", dy));
+        PYBN_CHECK(check_device_arg(fn, "invstd", invstd));
+        PYBN_CHECK(check_device_arg(fn, "sum_dy", sum_dy));
+        PYBN_CHECK(check_device_arg(fn, "sum_dy_xmu", sum_dy_xmu));
+        if (training) {
+            if (dx) PYBN_CHECK(check_device_arg(fn, "x", x));
+            PYBN_CHECK(check_device_arg(fn, "mean", mean));
+            PYBN_CHECK(check_device_arg(fn, "count", count));
+        }
+        PYBN_CHECK(check_device_ptr(fn, "gamma", gamma));
+        PYBN_CHECK(check_device_ptr(fn, "sum_xmu", sum_xmu));
+        PYBN_CHECK(check_device_ptr(fn, "dx", dx));
+        PYBN_CHECK(check_device_ptr(fn, "dgamma", dgamma));
+        PYBN_CHECK(check_device_ptr(fn, "dbeta", dbeta));
+        return launch_backward_elementwise(fn, v, dy, x, mean, invstd, gamma, training, count,
+                                           sum_dy, sum_dy_xmu, sum_xmu, dx, dgamma, dbeta,
+                                           static_cast<cudaStream_t>(stream));
+    });
+}
+
+pybn_status pybn_cuda_backward(pybn_view v, const void* dy, const void* x, const void* mean,
+                               const void* invstd, const void* gamma, int training, void* dx,
+                               void* dgamma, void* dbeta, void* stream) {
+    const char* fn = "pybn_cuda_backward";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_device_arg(fn, "dy", dy));
+        PYBN_CHECK(check_device_arg(fn, "x", x));
+        PYBN_CHECK(check_device_arg(fn, "mean", mean));
+        PYBN_CHECK(check_device_arg(fn, "invstd", invstd));
+        PYBN_CHECK(check_device_ptr(fn, "gamma", gamma));
+        PYBN_CHECK(check_device_ptr(fn, "dx", dx));
+        PYBN_CHECK(check_device_ptr(fn, "dgamma", dgamma));
+        PYBN_CHECK(check_device_ptr(fn, "dbeta", dbeta));
+        if (training) PYBN_CHECK(check_train_count(fn, v));
+        return launch_backward(fn, v, dy, x, mean, invstd, gamma, training, dx, dgamma, dbeta,
+                               static_cast<cudaStream_t>(stream));
+    });
+}
+
+}  // extern "C"

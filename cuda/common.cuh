@@ -1,0 +1,340 @@
+// Device helpers shared by every CUDA op file: dtypes, error handling, stream-ordered
+// temporaries, the deterministic per-channel reduction skeleton and the elementwise launcher.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "checks.hpp"
+#include "formulas.hpp"
+#include "pybn/pybn.h"
+
+namespace pybn::cuda {
+
+constexpr int kThreads = 256;     // threads of every reduction and elementwise block
+constexpr int kDepth = 4;         // values one float32 accumulator adds before a float64 flush
+constexpr int kChunk = 64;        // values of one thread sharing a shift (as on the CPU)
+constexpr int64_t kValuesPerBlock = 16384;  // target values of one channel per reduction block
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- dtypes -------------------------------------------------------------------------------
+template <class T> using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+__device__ inline float load(float v) { return v; }
+__device__ inline double load(double v) { return v; }
+__device__ inline float load(__half v) { return __half2float(v); }
+__device__ inline float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T> __device__ inline T store(acc_t<T> v) {
+    if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
+    else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
+    else return v;
+}
+
+// Calls f(T{}) with T the device storage type of `dtype` (which must be known).
+template <class F> void with_dtype(int32_t dtype, F&& f) {
+    switch (dtype) {
+        case PYBN_FLOAT64: f(double{}); break;
+        case PYBN_FLOAT16: f(__half{}); break;
+        case PYBN_BFLOAT16: f(__nv_bfloat16{}); break;
+        default: f(float{}); break;
+    }
+}
+
+// Calls f(P{}) with P the parameter type of `dtype`.
+template <class F> void with_param(int32_t dtype, F&& f) {
+    if (dtype == PYBN_FLOAT64) f(double{});
+    else f(float{});
+}
+
+// ---- errors -------------------------------------------------------------------------------
+inline pybn_status cuda_fail(const char* fn, const char* what, cudaError_t e) {
+    return fail(PYBN_ERROR_CUDA, "%s: %s failed: %s (%s)", fn, what, cudaGetErrorName(e),
+                cudaGetErrorString(e));
+}
+
+#define PYBN_CUDA_TRY(fn, what, expr)                                  \
+    do {                                                               \
+        const cudaError_t pybn_err_ = (expr);                          \
+        if (pybn_err_ != cudaSuccess) return ::pybn::cuda::cuda_fail(fn, what, pybn_err_); \
+    } while (0)
+
+// A non-NULL pointer must be device-accessible: a host pointer would fault inside a kernel and
+// poison the CUDA context, so it is refused here instead.
+pybn_status check_device_ptr(const char* fn, const char* name, const void* p);
+// check_ptr (non-NULL) and check_device_ptr.
+pybn_status check_device_arg(const char* fn, const char* name, const void* p);
+
+// The status of the launches just queued (configuration errors; faults surface later).
+inline pybn_status launched(const char* fn) {
+    const cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? PYBN_SUCCESS : cuda_fail(fn, "kernel launch", e);
+}
+
+// ---- stream-ordered temporaries ---------------------------------------------------------------
+class DeviceBuffer {
+  public:
+    DeviceBuffer() = default;
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    ~DeviceBuffer() {
+        if (ptr_) cudaFreeAsync(ptr_, stream_);
+    }
+    pybn_status allocate(const char* fn, size_t bytes, cudaStream_t stream) {
+        stream_ = stream;
+        if (bytes == 0) return PYBN_SUCCESS;
+        PYBN_CUDA_TRY(fn, "cudaMallocAsync", cudaMallocAsync(&ptr_, bytes, stream));
+        return PYBN_SUCCESS;
+    }
+    template <class U> U* as(size_t offset_bytes = 0) const {
+        return reinterpret_cast<U*>(static_cast<char*>(ptr_) + offset_bytes);
+    }
+
+  private:
+    void* ptr_ = nullptr;
+    cudaStream_t stream_ = nullptr;
+};
+
+inline size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
+
+// ---- per-channel reduction skeleton ---------------------------------------------------------
+// Stage 1 (reduce_rows / reduce_cols) writes one partial per (channel, chunk of rows); stage 2
+// (reduce_finish) merges the partials of a channel in a fixed tree and hands the result to an
+// epilogue. The partition depends only on the shape, and every merge order is fixed, so results
+// are bitwise identical from run to run (no atomics).
+//
+// A Reducer R provides: Part (a merge-able partial, default-constructible as the identity),
+// static merge(Part&, const Part&), and Thread, a per-thread accumulator constructed from
+// (const Inputs&, channel) with add(int64_t element_index) and part().
+
+// Shared-memory array of N partials (raw storage: __shared__ variables cannot have constructors).
+#define PYBN_SHARED_PARTS(R, name, N)                                                 \
+    __shared__ alignas(16) unsigned char name##_storage[sizeof(typename R::Part) * (N)]; \
+    typename R::Part* name = reinterpret_cast<typename R::Part*>(name##_storage)
+
+template <class R>
+__device__ void block_merge(typename R::Part* sh, typename R::Part mine, int tid, int nthreads) {
+    sh[tid] = mine;
+    __syncthreads();
+    for (int stride = nthreads / 2; stride > 0; stride >>= 1) {
+        if (tid < stride) R::merge(sh[tid], sh[tid + stride]);
+        __syncthreads();
+    }
+}
+
+// inner > 1: block (c, k) walks rows [k*rows, (k+1)*rows) of channel c, threads across values.
+template <class R>
+__global__ void reduce_rows(pybn_view v, typename R::Inputs in, int64_t rows, int64_t chunks,
+                            typename R::Part* parts) {
+    PYBN_SHARED_PARTS(R, sh, kThreads);
+    const int64_t c = blockIdx.x / chunks, k = blockIdx.x % chunks;
+    const int64_t o0 = k * rows;
+    const int64_t o1 = o0 + rows < v.outer ? o0 + rows : v.outer;
+    typename R::Thread t(in, c);
+    const int64_t len = (o1 - o0) * v.inner;
+    for (int64_t j = threadIdx.x; j < len; j += kThreads) {
+        const int64_t o = o0 + j / v.inner, i = j % v.inner;
+        t.add((o * v.channels + c) * v.inner + i);
+    }
+    block_merge<R>(sh, t.part(), threadIdx.x, kThreads);
+    if (threadIdx.x == 0) parts[c * chunks + k] = sh[0];
+}
+
+// inner == 1 (channels-last): block (32 x 8) covers 32 channels; threadIdx.y strides the rows
+// of chunk blockIdx.y, so a warp reads 32 consecutive channels of one row (coalesced).
+template <class R>
+__global__ void reduce_cols(pybn_view v, typename R::Inputs in, int64_t rows, int64_t chunks,
+                            typename R::Part* parts) {
+    PYBN_SHARED_PARTS(R, sh, 8 * 32);  // [threadIdx.y][threadIdx.x]
+    const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x, k = blockIdx.y;
+    const int64_t o0 = k * rows;
+    const int64_t o1 = o0 + rows < v.outer ? o0 + rows : v.outer;
+    typename R::Part mine{};
+    if (c < v.channels) {
+        typename R::Thread t(in, c);
+        for (int64_t o = o0 + threadIdx.y; o < o1; o += 8) t.add(o * v.channels + c);
+        mine = t.part();
+    }
+    sh[threadIdx.y * 32 + threadIdx.x] = mine;
+    __syncthreads();
+    for (unsigned stride = 4; stride > 0; stride >>= 1) {
+        if (threadIdx.y < stride)
+            R::merge(sh[threadIdx.y * 32 + threadIdx.x], sh[(threadIdx.y + stride) * 32 + threadIdx.x]);
+        __syncthreads();
+    }
+    if (threadIdx.y == 0 && c < v.channels) parts[c * chunks + k] = sh[threadIdx.x];
+}
+
+// One block per channel merges its `chunks` partials (thread t takes t, t+256, ... in order,
+// then a fixed tree) and calls epilogue(c, part) on thread 0.
+template <class R, class Epilogue>
+__global__ void reduce_finish(const typename R::Part* parts, int64_t chunks, Epilogue epilogue) {
+    PYBN_SHARED_PARTS(R, sh, kThreads);
+    const int64_t c = blockIdx.x;
+    typename R::Part mine{};
+    for (int64_t k = threadIdx.x; k < chunks; k += kThreads) R::merge(mine, parts[c * chunks + k]);
+    block_merge<R>(sh, mine, threadIdx.x, kThreads);
+    if (threadIdx.x == 0) epilogue(c, sh[0]);
+}
+
+// Shape of stage 1 for a view: rows per chunk and number of chunks (a function of the shape).
+struct ReducePlan {
+    bool cols;
+    int64_t rows, chunks;
+};
+
+inline ReducePlan plan_reduce(const pybn_view& v) {
+    if (v.inner == 1) {
+        // about kValuesPerBlock values per block of 32 channels x 8 row-threads, grid.y <= 65535
+        int64_t rows = kValuesPerBlock / 32 > 1 ? kValuesPerBlock / 32 : 1;
+        if (ceil_div(v.outer, rows) > 65535) rows = ceil_div(v.outer, 65535);
+        return {true, rows, v.outer > 0 ? ceil_div(v.outer, rows) : 0};
+    }
+    const int64_t rows = v.inner >= kValuesPerBlock ? 1 : ceil_div(kValuesPerBlock, v.inner);
+    return {false, rows, v.outer > 0 && v.inner > 0 ? ceil_div(v.outer, rows) : 0};
+}
+
+// Queues both stages on `stream`; `parts` holds channels * plan.chunks partials.
+template <class R, class Epilogue>
+pybn_status run_reduce(const char* fn, const pybn_view& v, const typename R::Inputs& in,
+                       const ReducePlan& plan, typename R::Part* parts, Epilogue epilogue,
+                       cudaStream_t stream) {
+    if (v.channels == 0) return PYBN_SUCCESS;
+    if (plan.chunks > 0) {
+        if (plan.cols) {
+            const dim3 grid(unsigned(ceil_div(v.channels, 32)), unsigned(plan.chunks));
+            reduce_cols<R><<<grid, dim3(32, 8), 0, stream>>>(v, in, plan.rows, plan.chunks, parts);
+        } else {
+            reduce_rows<R><<<unsigned(v.channels * plan.chunks), kThreads, 0, stream>>>(
+                v, in, plan.rows, plan.chunks, parts);
+        }
+    }
+    reduce_finish<R><<<unsigned(v.channels), kThreads, 0, stream>>>(parts, plan.chunks, epilogue);
+    return launched(fn);
+}
+
+// ---- elementwise -------------------------------------------------------------------------------
+// op(element_index, channel) for every element of the view, grid-stride.
+template <class Op>
+__global__ void elementwise_rows(pybn_view v, Op op) {
+    // inner >= kThreads: a block per (outer, channel) row, threads across the row
+    const int64_t nrows = v.outer * v.channels;
+    for (int64_t r = blockIdx.x; r < nrows; r += gridDim.x) {
+        const int64_t c = r % v.channels;
+        for (int64_t i = threadIdx.x; i < v.inner; i += blockDim.x) op(r * v.inner + i, c);
+    }
+}
+
+template <class Op>
+__global__ void elementwise_flat(pybn_view v, Op op) {
+    const int64_t total = v.outer * v.channels * v.inner;
+    for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+         e += int64_t(gridDim.x) * blockDim.x)
+        op(e, (e / v.inner) % v.channels);
+}
+
+template <class Op>
+pybn_status run_elementwise(const char* fn, const pybn_view& v, Op op, cudaStream_t stream) {
+    const int64_t total = v.outer * v.channels * v.inner;
+    if (total == 0) return PYBN_SUCCESS;
+    if (v.inner >= kThreads) {
+        const int64_t rows = v.outer * v.channels;
+        elementwise_rows<<<unsigned(rows < (1 << 20) ? rows : (1 << 20)), kThreads, 0, stream>>>(v, op);
+    } else {
+        const int64_t blocks = ceil_div(total, kThreads);
+        elementwise_flat<<<unsigned(blocks < (1 << 20) ? blocks : (1 << 20)), kThreads, 0, stream>>>(v, op);
+    }
+    return launched(fn);
+}
+
+// ---- reducers ---------------------------------------------------------------------------------
+// Batch statistics: shifted float32 runs of kDepth, blocks of kChunk values per thread with their
+// own shift, merged as pybn::Moments (as on the CPU).
+template <class T> struct StatsReducer {
+    using A = acc_t<T>;
+    using Part = Moments;
+    struct Inputs { const T* x; };
+    __device__ static void merge(Part& a, const Part& b) { a.merge(b); }
+    struct Thread {
+        const T* x;
+        Moments m{};
+        A shift = 0, s = 0, q = 0;
+        double ss = 0, qq = 0;
+        int cnt = 0, depth = 0;
+        __device__ Thread(const Inputs& in, int64_t) : x(in.x) {}
+        __device__ void flush_run() {
+            ss += double(s);
+            qq += double(q);
+            s = q = 0;
+            depth = 0;
+        }
+        __device__ void add(int64_t e) {
+            const A val = load(x[e]);
+            if (cnt == 0) shift = val;
+            const A d = val - shift;
+            s += d;
+            q += d * d;
+            if (++depth == kDepth) flush_run();
+            if (++cnt == kChunk) close_chunk();
+        }
+        __device__ void close_chunk() {
+            flush_run();
+            if (cnt > 0) m.merge_shifted(double(cnt), double(shift), ss, qq);
+            ss = qq = 0;
+            cnt = 0;
+        }
+        __device__ Part part() {
+            close_chunk();
+            return m;
+        }
+    };
+};
+
+// Backward sums: sum(dy), sum(dy * (x - mean)), sum(x - mean), float32 runs of kDepth then
+// float64.
+struct Sums {
+    double dy = 0, dy_xmu = 0, xmu = 0;
+};
+
+template <class T> struct SumsReducer {
+    using A = acc_t<T>;
+    using Part = Sums;
+    struct Inputs { const T* dy; const T* x; const A* mean; };
+    __device__ static void merge(Part& a, const Part& b) {
+        a.dy += b.dy;
+        a.dy_xmu += b.dy_xmu;
+        a.xmu += b.xmu;
+    }
+    struct Thread {
+        const T *dy, *x;
+        A m, s0 = 0, s1 = 0, s2 = 0;
+        Sums total{};
+        int depth = 0;
+        __device__ Thread(const Inputs& in, int64_t c) : dy(in.dy), x(in.x), m(in.mean[c]) {}
+        __device__ void flush() {
+            total.dy += double(s0);
+            total.dy_xmu += double(s1);
+            total.xmu += double(s2);
+            s0 = s1 = s2 = 0;
+            depth = 0;
+        }
+        __device__ void add(int64_t e) {
+            const A g = load(dy[e]), d = load(x[e]) - m;
+            s0 += g;
+            s1 += g * d;
+            s2 += d;
+            if (++depth == kDepth) flush();
+        }
+        __device__ Part part() {
+            flush();
+            return total;
+        }
+    };
+};
+
+}  // namespace pybn::cuda

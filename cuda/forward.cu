@@ -1,0 +1,201 @@
+// CUDA forward: normalise with given statistics, fused training forward, inference forward.
+#include "common.cuh"
+
+using namespace pybn;
+using namespace pybn::cuda;
+
+namespace {
+
+// y = ((x - hi) - lo) * scale + shift, coef = [hi | lo | scale | shift] (see formulas.hpp)
+template <class T> struct NormalizeOp {
+    const T* x;
+    T* y;
+    const acc_t<T>* coef;
+    int64_t C;
+    __device__ void operator()(int64_t e, int64_t c) const {
+        y[e] = store<T>(((load(x[e]) - coef[c]) - coef[C + c]) * coef[2 * C + c] + coef[3 * C + c]);
+    }
+};
+
+// Statistics merged by the reduction feed the per-channel coefficients and running statistics
+// in the same launch (thread 0 of each channel's finishing block).
+template <class P> struct TrainEpilogue {
+    NormalizeArgs<P> args;
+    __device__ void operator()(int64_t c, const Moments& m) const {
+        normalize_channel(args, c, m.n, m.mean(), m.m2);
+    }
+};
+
+template <class P>
+__global__ void normalize_prepare_kernel(NormalizeArgs<P> args) {
+    const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c < args.channels) normalize_channel(args, c, args.count[c], args.mean[c], args.m2[c]);
+}
+
+template <class P>
+__global__ void infer_prepare_kernel(int64_t C, const P* running_mean, const P* running_var,
+                                     const P* gamma, const P* beta, double eps, P* coef) {
+    const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c < C) infer_channel(C, c, running_mean, running_var, gamma, beta, eps, coef);
+}
+
+template <class P>
+NormalizeArgs<P> normalize_args(const pybn_view& v, const double* count, const double* mean,
+                                const double* m2, const void* gamma, const void* beta, double eps,
+                                void* running_mean, void* running_var, double momentum,
+                                void* save_mean, void* save_invstd, P* coef) {
+    return {v.channels, count, mean, m2, static_cast<const P*>(gamma), static_cast<const P*>(beta),
+            eps, static_cast<P*>(running_mean), static_cast<P*>(running_var), momentum,
+            static_cast<P*>(save_mean), static_cast<P*>(save_invstd), coef};
+}
+
+unsigned channel_blocks(int64_t C) { return unsigned(ceil_div(C, kThreads)); }
+
+pybn_status launch_forward_train(const char* fn, const pybn_view& v, const void* x,
+                                 const void* gamma, const void* beta, double eps,
+                                 void* running_mean, void* running_var, double momentum, void* y,
+                                 void* save_mean, void* save_invstd, cudaStream_t stream) {
+    pybn_status st = PYBN_SUCCESS;
+    with_dtype(v.dtype, [&](auto t) {
+        using T = decltype(t);
+        using P = acc_t<T>;
+        using R = StatsReducer<T>;
+        const ReducePlan plan = plan_reduce(v);
+        const size_t parts_bytes = align_up(sizeof(Moments) * size_t(v.channels * plan.chunks));
+        DeviceBuffer tmp;
+        st = tmp.allocate(fn, parts_bytes + sizeof(P) * 4 * size_t(v.channels), stream);
+        if (st != PYBN_SUCCESS) return;
+        P* coef = tmp.as<P>(parts_bytes);
+        const TrainEpilogue<P> epi{normalize_args<P>(v, nullptr, nullptr, nullptr, gamma, beta, eps,
+                                                     running_mean, running_var, momentum, save_mean,
+                                                     save_invstd, coef)};
+        st = run_reduce<R>(fn, v, typename R::Inputs{static_cast<const T*>(x)}, plan,
+                           tmp.as<Moments>(), epi, stream);
+        if (st != PYBN_SUCCESS) return;
+        st = run_elementwise(fn, v, NormalizeOp<T>{static_cast<const T*>(x), static_cast<T*>(y), coef, v.channels},
+                             stream);
+    });
+    return st;
+}
+
+pybn_status launch_normalize(const char* fn, const pybn_view& v, const void* x, const double* count,
+                             const double* mean, const double* m2, const void* gamma,
+                             const void* beta, double eps, void* y, void* running_mean,
+                             void* running_var, double momentum, void* save_mean,
+                             void* save_invstd, cudaStream_t stream) {
+    if (v.channels == 0) return PYBN_SUCCESS;
+    pybn_status st = PYBN_SUCCESS;
+    with_dtype(v.dtype, [&](auto t) {
+        using T = decltype(t);
+        using P = acc_t<T>;
+        DeviceBuffer tmp;
+        st = tmp.allocate(fn, sizeof(P) * 4 * size_t(v.channels), stream);
+        if (st != PYBN_SUCCESS) return;
+        P* coef = tmp.as<P>();
+        normalize_prepare_kernel<P><<<channel_blocks(v.channels), kThreads, 0, stream>>>(
+            normalize_args<P>(v, count, mean, m2, gamma, beta, eps, running_mean, running_var,
+                              momentum, save_mean, save_invstd, coef));
+        st = launched(fn);
+        if (st != PYBN_SUCCESS) return;
+        st = run_elementwise(fn, v, NormalizeOp<T>{static_cast<const T*>(x), static_cast<T*>(y), coef, v.channels},
+                             stream);
+    });
+    return st;
+}
+
+pybn_status launch_forward_infer(const char* fn, const pybn_view& v, const void* x,
+                                 const void* running_mean, const void* running_var,
+                                 const void* gamma, const void* beta, double eps, void* y,
+                                 cudaStream_t stream) {
+    if (v.channels == 0) return PYBN_SUCCESS;
+    pybn_status st = PYBN_SUCCESS;
+    with_dtype(v.dtype, [&](auto t) {
+        using T = decltype(t);
+        using P = acc_t<T>;
+        DeviceBuffer tmp;
+        st = tmp.allocate(fn, sizeof(P) * 4 * size_t(v.channels), stream);
+        if (st != PYBN_SUCCESS) return;
+        P* coef = tmp.as<P>();
+        infer_prepare_kernel<P><<<channel_blocks(v.channels), kThreads, 0, stream>>>(
+            v.channels, static_cast<const P*>(running_mean), static_cast<const P*>(running_var),
+            static_cast<const P*>(gamma), static_cast<const P*>(beta), eps, coef);
+        st = launched(fn);
+        if (st != PYBN_SUCCESS) return;
+        st = run_elementwise(fn, v, NormalizeOp<T>{static_cast<const T*>(x), static_cast<T*>(y), coef, v.channels},
+                             stream);
+    });
+    return st;
+}
+
+pybn_status check_params(const char* fn, const void* gamma, const void* beta, void* running_mean,
+                         void* running_var, void* save_mean, void* save_invstd) {
+    PYBN_CHECK(check_device_ptr(fn, "gamma", gamma));
+    PYBN_CHECK(check_device_ptr(fn, "beta", beta));
+    PYBN_CHECK(check_device_ptr(fn, "running_mean", running_mean));
+    PYBN_CHECK(check_device_ptr(fn, "running_var", running_var));
+    PYBN_CHECK(check_device_ptr(fn, "save_mean", save_mean));
+    return check_device_ptr(fn, "save_invstd", save_invstd);
+}
+
+}  // namespace
+
+extern "C" {
+
+pybn_status pybn_cuda_normalize(pybn_view v, const void* x, const double* count, const double* mean,
+                                const double* m2, const void* gamma, const void* beta, double eps,
+                                void* y, void* running_mean, void* running_var, double momentum,
+                                void* save_mean, void* save_invstd, void* stream) {
+    const char* fn = "pybn_cuda_normalize";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_device_arg(fn, "x", x));
+        PYBN_CHECK(check_device_arg(fn, "y", y));
+        PYBN_CHECK(check_device_arg(fn, "count", count));
+        PYBN_CHECK(check_device_arg(fn, "mean", mean));
+        PYBN_CHECK(check_device_arg(fn, "m2", m2));
+        PYBN_CHECK(check_params(fn, gamma, beta, running_mean, running_var, save_mean, save_invstd));
+        PYBN_CHECK(check_eps(fn, eps));
+        if (running_mean || running_var) PYBN_CHECK(check_momentum(fn, momentum));
+        return launch_normalize(fn, v, x, count, mean, m2, gamma, beta, eps, y, running_mean,
+                                running_var, momentum, save_mean, save_invstd,
+                                static_cast<cudaStream_t>(stream));
+    });
+}
+
+pybn_status pybn_cuda_forward_train(pybn_view v, const void* x, const void* gamma, const void* beta,
+                                    double eps, void* running_mean, void* running_var,
+                                    double momentum, void* y, void* save_mean, void* save_invstd,
+                                    void* stream) {
+    const char* fn = "pybn_cuda_forward_train";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_device_arg(fn, "x", x));
+        PYBN_CHECK(check_device_arg(fn, "y", y));
+        PYBN_CHECK(check_params(fn, gamma, beta, running_mean, running_var, save_mean, save_invstd));
+        PYBN_CHECK(check_eps(fn, eps));
+        if (running_mean || running_var) PYBN_CHECK(check_momentum(fn, momentum));
+        PYBN_CHECK(check_train_count(fn, v));
+        return launch_forward_train(fn, v, x, gamma, beta, eps, running_mean, running_var, momentum,
+                                    y, save_mean, save_invstd, static_cast<cudaStream_t>(stream));
+    });
+}
+
+pybn_status pybn_cuda_forward_infer(pybn_view v, const void* x, const void* running_mean,
+                                    const void* running_var, const void* gamma, const void* beta,
+                                    double eps, void* y, void* stream) {
+    const char* fn = "pybn_cuda_forward_infer";
+    return guarded(fn, [&] {
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_device_arg(fn, "x", x));
+        PYBN_CHECK(check_device_arg(fn, "y", y));
+        PYBN_CHECK(check_device_arg(fn, "running_mean", running_mean));
+        PYBN_CHECK(check_device_arg(fn, "running_var", running_var));
+        PYBN_CHECK(check_device_ptr(fn, "gamma", gamma));
+        PYBN_CHECK(check_device_ptr(fn, "beta", beta));
+        PYBN_CHECK(check_eps(fn, eps));
+        return launch_forward_infer(fn, v, x, running_mean, running_var, gamma, beta, eps, y,
+                                    static_cast<cudaStream_t>(stream));
+    });
+}
+
+}  // extern "C"

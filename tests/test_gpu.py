@@ -1,0 +1,164 @@
+"""GPU path: CUDA kernels through CuPy arrays, __cuda_array_interface__ and DLPack producers,
+against the float64 reference; determinism; streams. Skipped without a GPU, CuPy or CUDA build."""
+import numpy as np
+import pytest
+
+import pybn
+import reference as ref
+from conftest import FLOAT_DTYPES, assert_close
+from test_forward import LAYOUTS, ids
+
+cp = pytest.importorskip("cupy")
+pytestmark = pytest.mark.gpu
+try:
+    _have_gpu = cp.cuda.runtime.getDeviceCount() > 0
+except Exception:  # no driver
+    _have_gpu = False
+if not (_have_gpu and pybn.has_cuda()):
+    pytest.skip("needs a CUDA GPU and a pybn built with CUDA", allow_module_level=True)
+
+
+def host(a):
+    return cp.asnumpy(a)
+
+
+def randn_dev(rng, shape, dtype, loc=0.0, scale=1.0):
+    h = (rng.standard_normal(shape) * scale + loc).astype(dtype)
+    return h, cp.asarray(h)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=ids(LAYOUTS))
+def test_gpu_forward_and_backward_match_reference(rng, shape, axis, dtype):
+    xh, x = randn_dev(rng, shape, dtype, loc=0.5, scale=2.0)
+    dyh, dy = randn_dev(rng, shape, dtype)
+    c = shape[axis]
+    pd = np.float64 if dtype == np.float64 else np.float32
+    gh, g = randn_dev(rng, c, pd)
+    bh, b = randn_dev(rng, c, pd)
+    rm, rv = cp.zeros(c, pd), cp.ones(c, pd)
+    y, mean, invstd = pybn.batchnorm_forward(x, g, b, rm, rv, momentum=0.3, axis=axis)
+    assert isinstance(y, cp.ndarray) and y.dtype == x.dtype
+    ey, emean, einvstd, evar_u = ref.forward_train(xh, gh, bh, axis=axis)
+    assert_close(host(y), ey, dtype, what="y")
+    assert_close(host(mean), emean, pd, what="mean")
+    assert_close(host(invstd), einvstd, pd, what="invstd")
+    assert_close(host(rm), ref.ema(np.zeros(c), emean, 0.3), pd, what="running_mean")
+    assert_close(host(rv), ref.ema(np.ones(c), evar_u, 0.3), pd, what="running_var")
+    dx, dgamma, dbeta = pybn.batchnorm_backward(dy, x, mean, invstd, g, axis=axis)
+    edx, edg, edb = ref.backward_train(dyh, xh, gh, axis=axis)
+    assert_close(host(dx), edx, dtype, what="dx")
+    red = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+    scale = np.abs(dyh.astype(np.float64)).sum(axis=red) * (1 + np.abs(xh.astype(np.float64)).max())
+    sd = pd if dtype in (np.float32, np.float64) else dtype
+    assert_close(host(dgamma), edg, sd, scale=scale, what="dgamma")
+    assert_close(host(dbeta), edb, sd, scale=scale, what="dbeta")
+    # inference and frozen backward
+    y2 = pybn.batchnorm(x, g, b, rm, rv, training=False, axis=axis)
+    assert_close(host(y2), ref.forward_infer(xh, host(rm), host(rv), gh, bh, axis=axis), dtype, what="y infer")
+    _, m2, r2 = pybn.batchnorm_forward(x, g, b, rm, rv, training=False, axis=axis)
+    dx2 = pybn.batchnorm_backward(dy, x, m2, r2, g, training=False, axis=axis)[0]
+    assert_close(host(dx2), ref.backward_frozen(dyh, xh, host(m2), host(r2), gh, axis=axis)[0], dtype, what="dx frozen")
+
+
+def test_gpu_far_from_zero_is_exact_to_float32(rng):
+    xh, x = randn_dev(rng, (64, 2, 128, 128), np.float32, loc=1e4)
+    y = pybn.batchnorm(x)
+    ey = ref.forward_train(xh)[0]
+    assert np.abs(host(y) - ey).max() <= 2 * np.spacing(np.float32(np.abs(ey).max()))
+
+
+def test_gpu_results_are_bitwise_deterministic(rng):
+    _, x = randn_dev(rng, (32, 16, 33, 17), np.float32, loc=3)
+    _, dy = randn_dev(rng, (32, 16, 33, 17), np.float32)
+    first = pybn.batchnorm_forward(x)
+    back = pybn.batchnorm_backward(dy, x, first[1], first[2])
+    for _ in range(5):
+        again = pybn.batchnorm_forward(x)
+        for a, b in zip(first, again):
+            assert host(a).tobytes() == host(b).tobytes()
+        for a, b in zip(back, pybn.batchnorm_backward(dy, x, first[1], first[2])):
+            assert host(a).tobytes() == host(b).tobytes()
+
+
+def test_gpu_work_goes_on_the_given_stream(rng):
+    xh, x = randn_dev(rng, (64, 8, 64, 64), np.float32)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        y = pybn.batchnorm(x)
+    s.synchronize()
+    assert_close(host(y), ref.forward_train(xh)[0], np.float32)
+    s2 = cp.cuda.Stream(non_blocking=True)
+    y2 = pybn.batchnorm(x, stream=s2)
+    s2.synchronize()
+    assert host(y2).tobytes() == host(y).tobytes()
+    y3 = pybn.batchnorm(x, stream=s2.ptr)  # a raw cudaStream_t
+    s2.synchronize()
+    assert host(y3).tobytes() == host(y).tobytes()
+
+
+def test_gpu_cuda_array_interface_producer(rng):
+    class Producer:  # a foreign CUDA array exposing only __cuda_array_interface__
+        def __init__(self, a):
+            self._a = a
+            self.__cuda_array_interface__ = a.__cuda_array_interface__
+
+    xh, x = randn_dev(rng, (8, 3, 5, 5), np.float32)
+    rm = cp.zeros(3, np.float32)
+    y = pybn.batchnorm(Producer(x), None, None, Producer(rm), None, momentum=1.0)
+    assert_close(host(y), ref.forward_train(xh)[0], np.float32)
+    assert_close(host(rm), ref.stats(xh)[1], np.float32)  # updated in the producer's memory
+
+
+def test_gpu_dlpack_producer_torch(rng):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    xt = torch.randn(8, 4, 6, 6, device="cuda")
+    rm = torch.zeros(4, device="cuda")
+    y = pybn.batchnorm(xt, None, None, rm, None, momentum=1.0)
+    xh = xt.cpu().numpy()
+    assert_close(host(y), ref.forward_train(xh)[0], np.float32)
+    assert_close(rm.cpu().numpy(), ref.stats(xh)[1], np.float32)
+    # channels-last torch tensor: NHWC memory with NCHW shape, used without a copy
+    xcl = xt.contiguous(memory_format=torch.channels_last)
+    assert_close(host(pybn.batchnorm(xcl)), ref.forward_train(xh)[0], np.float32)
+
+
+def test_gpu_mixing_host_and_device_is_a_type_error(rng):
+    _, x = randn_dev(rng, (4, 3), np.float32)
+    with pytest.raises(TypeError, match="same device"):
+        pybn.batchnorm(x, np.ones(3, np.float32))
+
+
+def test_gpu_primitives_merge_like_cpu(rng):
+    xh, x = randn_dev(rng, (30, 4, 7), np.float64, loc=50)
+    parts = [x[:0], x[:13], x[13:]]
+    stats = [pybn.batch_stats(p) for p in parts]
+    count, mean, m2 = pybn.merge_stats(*(cp.stack([s[i] for s in stats]) for i in range(3)))
+    n, emean, evar = ref.stats(xh)
+    np.testing.assert_allclose(host(mean), emean, rtol=1e-12)
+    np.testing.assert_allclose(host(m2) / n, evar, rtol=1e-11)
+    y = pybn.normalize(x, count, mean, m2)[0]
+    assert_close(host(y), ref.forward_train(xh)[0], np.float64)
+
+
+def test_gpu_layer(rng):
+    bn = pybn.BatchNorm(5, device="cuda")
+    xh, x = randn_dev(rng, (16, 5, 8, 8), np.float32, loc=1)
+    y = bn(x)
+    dx = bn.backward(cp.ones_like(x))
+    assert_close(host(y), ref.forward_train(xh)[0], np.float32)
+    assert_close(host(dx), ref.backward_train(np.ones_like(xh), xh)[0], np.float32)
+    assert isinstance(bn.running_mean, cp.ndarray) and bn.num_batches_tracked == 1
+
+
+@pytest.mark.slow
+def test_gpu_more_than_2_31_elements():
+    free, _ = cp.cuda.runtime.memGetInfo()
+    if free < 24 * 2 ** 30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    x = cp.ones((2 ** 31 + 64,), cp.float16).reshape(-1, 2)
+    x[::2, 0] = 3  # channel 0 alternates 3, 1: mean 2, var 1
+    y = pybn.batchnorm(x, eps=0.0)
+    assert float(y[0, 0]) == 1.0 and float(y[1, 0]) == -1.0 and float(y[-1, 0]) == -1.0
