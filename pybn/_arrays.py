@@ -64,6 +64,16 @@ class HostBackend:
 HOST = HostBackend()
 
 
+_PLACEHOLDERS: dict = {}
+
+
+def _empty_placeholder(cp: Any, device: int) -> Any:
+    """A one-element device array per device, passed for empty arrays (never read or written)."""
+    if device not in _PLACEHOLDERS:
+        _PLACEHOLDERS[device] = cp.empty(1, cp.float64)
+    return _PLACEHOLDERS[device]
+
+
 def _cupy() -> Any:
     """CuPy, imported on first use of a CUDA array."""
     try:
@@ -92,15 +102,20 @@ class CudaBackend:
             return None
         if not isinstance(a, self.xp.ndarray):
             # CuPy honours the producer's stream: CAI v3 "stream", DLPack's stream argument
-            a = self.xp.asarray(a) if hasattr(a, "__cuda_array_interface__") else self.xp.from_dlpack(a)
+            try:
+                a = self.xp.asarray(a) if hasattr(a, "__cuda_array_interface__") else self.xp.from_dlpack(a)
+            except (TypeError, ValueError, NotImplementedError, BufferError) as e:
+                raise TypeError(f"cannot use {type(a).__name__} as a CUDA array through CuPy: {e}") from None
         if a.device.id != self.device:
             raise TypeError(f"all arrays of one call must live on the same device, got devices "
                             f"{self.device} and {a.device.id}")
         return a
 
-    @staticmethod
-    def address(a: Any) -> int:
-        return int(a.data.ptr)
+    def address(self, a: Any) -> int:
+        ptr = int(a.data.ptr)
+        if ptr == 0:  # an empty CuPy array has no memory; the C ABI wants a device pointer
+            ptr = int(_empty_placeholder(self.xp, self.device).data.ptr)
+        return ptr
 
     def stream(self) -> int:
         return int(self.xp.cuda.get_current_stream().ptr)

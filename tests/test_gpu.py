@@ -5,7 +5,7 @@ import pytest
 
 import pybn
 import reference as ref
-from conftest import FLOAT_DTYPES, assert_close
+from conftest import BFLOAT16, FLOAT_DTYPES, assert_close
 from test_forward import LAYOUTS, ids
 
 cp = pytest.importorskip("cupy")
@@ -18,6 +18,17 @@ if not (_have_gpu and pybn.has_cuda()):
     pytest.skip("needs a CUDA GPU and a pybn built with CUDA", allow_module_level=True)
 
 
+def _cupy_holds(dtype):
+    try:
+        cp.asarray(np.zeros(1, dtype))
+        return True
+    except Exception:  # CuPy versions without bfloat16
+        return False
+
+
+GPU_DTYPES = [d for d in FLOAT_DTYPES if _cupy_holds(d)]
+
+
 def host(a):
     return cp.asnumpy(a)
 
@@ -27,7 +38,7 @@ def randn_dev(rng, shape, dtype, loc=0.0, scale=1.0):
     return h, cp.asarray(h)
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("shape,axis", LAYOUTS, ids=ids(LAYOUTS))
 def test_gpu_forward_and_backward_match_reference(rng, shape, axis, dtype):
     xh, x = randn_dev(rng, shape, dtype, loc=0.5, scale=2.0)
@@ -123,6 +134,23 @@ def test_gpu_dlpack_producer_torch(rng):
     # channels-last torch tensor: NHWC memory with NCHW shape, used without a copy
     xcl = xt.contiguous(memory_format=torch.channels_last)
     assert_close(host(pybn.batchnorm(xcl)), ref.forward_train(xh)[0], np.float32)
+
+
+def test_gpu_empty_batch_inference(rng):
+    x = cp.empty((0, 3, 4), cp.float32)
+    y = pybn.batchnorm(x, None, None, cp.zeros(3, cp.float32), cp.ones(3, cp.float32), training=False)
+    assert y.shape == (0, 3, 4)
+
+
+def test_gpu_bfloat16_through_torch(rng):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or BFLOAT16 not in GPU_DTYPES:
+        pytest.skip("needs PyTorch with CUDA and a CuPy that holds bfloat16")
+    xt = torch.randn(16, 3, 9, 9, device="cuda").to(torch.bfloat16)
+    y = pybn.batchnorm(xt)  # a bfloat16 DLPack / CAI producer
+    yt = torch.from_dlpack(y) if not isinstance(y, torch.Tensor) else y
+    ref_y = ref.forward_train(xt.float().cpu().numpy())[0]
+    assert_close(yt.float().cpu().numpy(), ref_y, BFLOAT16)
 
 
 def test_gpu_mixing_host_and_device_is_a_type_error(rng):
