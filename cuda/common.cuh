@@ -295,21 +295,12 @@ template <class T> struct StatsReducer {
     };
 };
 
-// Backward sums: sum(dy), sum(dy * (x - mean)), sum(x - mean), float32 runs of kDepth then
-// float64.
-struct Sums {
-    double dy = 0, dy_xmu = 0, xmu = 0;
-};
-
+// Backward sums (pybn::Sums): float32 runs of kDepth, then float64.
 template <class T> struct SumsReducer {
     using A = acc_t<T>;
     using Part = Sums;
     struct Inputs { const T* dy; const T* x; const A* mean; };
-    __device__ static void merge(Part& a, const Part& b) {
-        a.dy += b.dy;
-        a.dy_xmu += b.dy_xmu;
-        a.xmu += b.xmu;
-    }
+    __device__ static void merge(Part& a, const Part& b) { a.merge(b); }
     struct Thread {
         const T *dy, *x;
         A m, s0 = 0, s1 = 0, s2 = 0;

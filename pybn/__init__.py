@@ -32,8 +32,36 @@ def has_cuda() -> bool:
 
 
 def cpu_isa() -> str:
-    """Name of the CPU kernel path in use."""
+    """Name of the CPU kernel path in use ("avx512", "avx2", "portable" or "neon")."""
     return _core.cpu_isa()
+
+
+def cpu_isas() -> list:
+    """The compiled CPU kernel paths this CPU supports, best first."""
+    return [s for s in _core.cpu_isas().split(",") if s]
+
+
+def set_cpu_isa(name: str = "") -> None:
+    """Use the CPU path `name` (one of cpu_isas()); "" picks the best. The environment variable
+    PYBN_CPU_ISA does the same at start-up."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    _core.set_cpu_isa(name)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads of the CPU kernels: n >= 1, or 0 for the default (OMP_NUM_THREADS, else the number
+    of cores). Results are bitwise identical for every thread count."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0 (0: the default), got {n}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use now."""
+    return _core.get_num_threads()
 
 
 __all__ = [
@@ -46,7 +74,11 @@ __all__ = [
     "batchnorm_backward",
     "batchnorm_forward",
     "cpu_isa",
+    "cpu_isas",
+    "get_num_threads",
     "has_cuda",
     "merge_stats",
     "normalize",
+    "set_cpu_isa",
+    "set_num_threads",
 ]

@@ -36,6 +36,10 @@ cdef extern from "pybn/pybn.h" nogil:
     int pybn_abi_version()
     int pybn_has_cuda()
     const char* pybn_cpu_isa()
+    const char* pybn_cpu_isas()
+    pybn_status pybn_set_cpu_isa(const char* name)
+    pybn_status pybn_set_num_threads(int n)
+    int pybn_get_num_threads()
 
     pybn_status pybn_batch_stats(pybn_view v, const void* x, double* count, double* mean, double* m2)
     pybn_status pybn_merge_stats(int64_t k, int64_t channels, const double* counts,
@@ -141,6 +145,19 @@ def has_cuda():
 
 def cpu_isa():
     return pybn_cpu_isa().decode()
+
+def cpu_isas():
+    return pybn_cpu_isas().decode()
+
+def set_cpu_isa(str name):
+    cdef bytes b = name.encode()
+    _check(pybn_set_cpu_isa(b))
+
+def set_num_threads(int n):
+    _check(pybn_set_num_threads(n))
+
+def get_num_threads():
+    return pybn_get_num_threads()
 
 
 def batch_stats(tuple view, uintptr_t x, uintptr_t count, uintptr_t mean, uintptr_t m2,

@@ -119,7 +119,6 @@ const char* pybn_status_string(pybn_status status) {
 const char* pybn_last_error(void) { return last_error(); }
 const char* pybn_version(void) { return PYBN_VERSION_STRING; }
 int pybn_abi_version(void) { return PYBN_ABI_VERSION; }
-const char* pybn_cpu_isa(void) { return cpu::kernels().isa; }
 
 int pybn_has_cuda(void) {
 #ifdef PYBN_WITH_CUDA

@@ -1,6 +1,9 @@
-// The CPU kernel table: one implementation per instruction-set path, chosen once at run time.
-// Kernels assume validated arguments; the checks live in api.cpp.
+// The CPU kernel table: one implementation (cpu_kernels.inl) compiled once per instruction-set
+// path (cpu_portable.cpp, cpu_avx2.cpp, cpu_avx512.cpp), chosen once at run time
+// (cpu_dispatch.cpp). Kernels assume validated arguments; the checks live in api.cpp.
 #pragma once
+
+#include <cstddef>
 
 #include "pybn/pybn.h"
 
@@ -24,10 +27,21 @@ struct KernelTable {
                                  const void* coef, void* dx);
 };
 
-// The plain C++ path every build has; the reference for the others.
-const KernelTable& portable_kernels();
-
-// The table in use.
+// The table in use (the best the CPU supports, or the one PYBN_CPU_ISA / pybn_set_cpu_isa chose).
 const KernelTable& kernels();
+
+// Heap memory for kernel temporaries, defined in a baseline unit so that the instruction-set
+// units share no std:: code with it. Throws std::bad_alloc (before any output is written).
+class Scratch {
+  public:
+    explicit Scratch(size_t bytes);
+    ~Scratch();
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    template <class U> U* as(size_t offset_elems = 0) const { return static_cast<U*>(ptr_) + offset_elems; }
+
+  private:
+    void* ptr_;
+};
 
 }  // namespace pybn::cpu

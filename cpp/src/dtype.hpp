@@ -7,7 +7,18 @@
 
 #include "pybn/pybn.h"
 
+#if defined(__F16C__)
+#include <immintrin.h>  // hardware float16 conversion
+#endif
+
+// Every inline function here is compiled once per CPU instruction-set unit; the inline
+// namespace gives each unit its own copies, so the linker cannot hand AVX2 code to the baseline.
+#ifndef PYBN_ISA_TAG
+#define PYBN_ISA_TAG common
+#endif
+
 namespace pybn {
+inline namespace PYBN_ISA_TAG {
 
 // 16-bit storage types: plain bit patterns, converted to float32 for arithmetic.
 struct half_t { uint16_t bits; };
@@ -16,6 +27,10 @@ struct bfloat16_t { uint16_t bits; };
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
+#if defined(__F16C__)
+inline float to_float(half_t h) { return _cvtsh_ss(h.bits); }
+inline half_t to_half(float f) { return {uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT))}; }
+#else
 inline float to_float(half_t h) {
     const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
     const uint32_t exp = (h.bits >> 10) & 0x1fu;
@@ -48,6 +63,7 @@ inline half_t to_half(float f) {
     const uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
     return {uint16_t(sign | ((rounded - 0x38000000u) >> 13))};
 }
+#endif
 
 inline float to_float(bfloat16_t b) { return bits_to_float(uint32_t(b.bits) << 16); }
 
@@ -98,4 +114,5 @@ template <class F> decltype(auto) with_dtype(int32_t dtype, F&& f) {
     }
 }
 
+}  // namespace PYBN_ISA_TAG
 }  // namespace pybn

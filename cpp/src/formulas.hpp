@@ -12,7 +12,14 @@
 #define PYBN_HD inline
 #endif
 
+// Every inline function here is compiled once per CPU instruction-set unit; the inline
+// namespace gives each unit its own copies, so the linker cannot hand AVX2 code to the baseline.
+#ifndef PYBN_ISA_TAG
+#define PYBN_ISA_TAG common
+#endif
+
 namespace pybn {
+inline namespace PYBN_ISA_TAG {
 
 // Running (count, mean, M2) in float64, merged with Chan, Golub & LeVeque's formula. The mean is
 // carried relative to `base` (the first shift seen), so merging rounds at the scale of the
@@ -45,6 +52,16 @@ struct Moments {
         merge(b);
     }
     PYBN_HD double mean() const { return base + rel_mean; }
+};
+
+// Per-channel backward sums: sum(dy), sum(dy * (x - mean)), sum(x - mean).
+struct Sums {
+    double dy = 0, dy_xmu = 0, xmu = 0;
+    PYBN_HD void merge(const Sums& o) {
+        dy += o.dy;
+        dy_xmu += o.dy_xmu;
+        xmu += o.xmu;
+    }
 };
 
 PYBN_HD double invstd_of(double count, double m2, double eps) {
@@ -162,4 +179,5 @@ PYBN_HD void merge_channel(int64_t k, int64_t C, int64_t c, const double* counts
     m2[c] = n > 0 ? q : 0.0;
 }
 
+}  // namespace PYBN_ISA_TAG
 }  // namespace pybn

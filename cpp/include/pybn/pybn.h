@@ -29,8 +29,8 @@
  *   other than PYBN_SUCCESS nothing that was passed in has been written: all arguments are
  *   checked before any output is touched. pybn_last_error() gives a message naming the argument,
  *   the expected and the received value.
- * Determinism. Results are bitwise identical from run to run for the same inputs, build and
- *   CPU instruction-set path.
+ * Determinism. Results are bitwise identical from run to run and for every thread count, for
+ *   the same inputs, build and CPU instruction-set path (pybn_cpu_isa()).
  * Threads. Every function may be called concurrently from several threads on distinct outputs.
  * CUDA. Every entry point named pybn_cuda_* takes device pointers and a `void* stream`
  *   (a cudaStream_t; NULL means the legacy default stream), queues its work on that stream and
@@ -110,8 +110,20 @@ PYBN_API const char* pybn_version(void);
 PYBN_API int pybn_abi_version(void);
 /** 1 if the CUDA entry points were compiled into this library, else 0. */
 PYBN_API int pybn_has_cuda(void);
-/** Name of the CPU kernel path in use, e.g. "portable". */
+/** Name of the CPU kernel path in use: "avx512", "avx2", "portable" (x86-64) or "neon". The
+ *  best path the CPU supports is chosen at first use; the environment variable PYBN_CPU_ISA=name
+ *  picks a lower one (e.g. to test it). */
 PYBN_API const char* pybn_cpu_isa(void);
+/** Comma-separated names of the compiled paths this CPU supports, best first. */
+PYBN_API const char* pybn_cpu_isas(void);
+/** Use the CPU path `name` (one of pybn_cpu_isas()) for later calls; NULL or "" picks the best.
+ *  Not meant to be called while other threads run pybn kernels. */
+PYBN_API pybn_status pybn_set_cpu_isa(const char* name);
+/** Threads the CPU kernels use: n >= 1, or 0 for the default (OMP_NUM_THREADS, else the number
+ *  of cores). Results are bitwise identical for every thread count. */
+PYBN_API pybn_status pybn_set_num_threads(int n);
+/** The thread count the CPU kernels use now. */
+PYBN_API int pybn_get_num_threads(void);
 
 /* ------------------------------- composable primitives (CPU) ------------------------------- */
 

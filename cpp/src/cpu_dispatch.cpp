@@ -1,0 +1,143 @@
+// Run-time choice of the CPU kernel table, thread count, and the kernels' scratch memory.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "cpu_kernels.hpp"
+#include "error.hpp"
+#include "pybn/pybn.h"
+#include "parallel.hpp"
+
+namespace pybn::cpu {
+
+namespace portable { const KernelTable& table(); }
+#if defined(PYBN_HAVE_AVX2)
+namespace avx2 { const KernelTable& table(); }
+#endif
+#if defined(PYBN_HAVE_AVX512)
+namespace avx512 { const KernelTable& table(); }
+#endif
+
+// (not in an anonymous namespace: the C entry points below use them)
+struct Isa {
+    const KernelTable& (*table)();
+    bool (*supported)();
+};
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+[[maybe_unused]] bool has_v3() { return __builtin_cpu_supports("x86-64-v3"); }
+[[maybe_unused]] bool has_v4() { return __builtin_cpu_supports("x86-64-v4"); }
+#endif
+bool always() { return true; }
+
+// Best first.
+const Isa kIsas[] = {
+#if defined(PYBN_HAVE_AVX512)
+    {avx512::table, has_v4},
+#endif
+#if defined(PYBN_HAVE_AVX2)
+    {avx2::table, has_v3},
+#endif
+    {portable::table, always},
+};
+
+const KernelTable* best() {
+    for (const Isa& isa : kIsas)
+        if (isa.supported()) return &isa.table();
+    return &portable::table();
+}
+
+// PYBN_CPU_ISA=name picks a supported path (to test a lower one); otherwise the best.
+const KernelTable* initial() {
+    const char* want = std::getenv("PYBN_CPU_ISA");
+    if (want && *want)
+        for (const Isa& isa : kIsas)
+            if (std::strcmp(isa.table().isa, want) == 0 && isa.supported()) return &isa.table();
+    return best();
+}
+
+std::atomic<const KernelTable*> g_table{nullptr};
+std::atomic<int> g_threads{0};
+
+const KernelTable& kernels() {
+    const KernelTable* t = g_table.load(std::memory_order_acquire);
+    if (t == nullptr) {
+        const KernelTable* expected = nullptr;
+        g_table.compare_exchange_strong(expected, initial(), std::memory_order_acq_rel);
+        t = g_table.load(std::memory_order_acquire);
+    }
+    return *t;
+}
+
+Scratch::Scratch(size_t bytes) : ptr_(bytes ? std::malloc(bytes) : nullptr) {
+    if (bytes && !ptr_) throw std::bad_alloc();
+}
+Scratch::~Scratch() { std::free(ptr_); }
+
+}  // namespace pybn::cpu
+
+namespace pybn {
+
+int num_threads() {
+    const int n = cpu::g_threads.load(std::memory_order_relaxed);
+    if (n > 0) return n;
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+void set_num_threads(int n) { cpu::g_threads.store(n, std::memory_order_relaxed); }
+
+}  // namespace pybn
+
+using namespace pybn;
+
+extern "C" {
+
+pybn_status pybn_set_num_threads(int n) {
+    if (n < 0)
+        return fail(PYBN_ERROR_INVALID_VALUE, "pybn_set_num_threads: n must be >= 0 (0: default), got %d", n);
+    set_num_threads(n);
+    return PYBN_SUCCESS;
+}
+
+int pybn_get_num_threads(void) { return num_threads(); }
+
+const char* pybn_cpu_isa(void) { return cpu::kernels().isa; }
+
+const char* pybn_cpu_isas(void) {
+    static const char* const names = [] {
+        static char buf[128] = "";
+        for (const cpu::Isa& isa : cpu::kIsas) {
+            if (!isa.supported()) continue;
+            if (buf[0]) std::strcat(buf, ",");
+            std::strcat(buf, isa.table().isa);
+        }
+        return buf;
+    }();
+    return names;
+}
+
+pybn_status pybn_set_cpu_isa(const char* name) {
+    if (name == nullptr || *name == 0) {
+        cpu::g_table.store(cpu::best(), std::memory_order_release);
+        return PYBN_SUCCESS;
+    }
+    for (const cpu::Isa& isa : cpu::kIsas) {
+        if (std::strcmp(isa.table().isa, name) != 0) continue;
+        if (!isa.supported())
+            return fail(PYBN_ERROR_INVALID_VALUE,
+                        "pybn_set_cpu_isa: this CPU does not support '%s' (supported: %s)", name,
+                        pybn_cpu_isas());
+        cpu::g_table.store(&isa.table(), std::memory_order_release);
+        return PYBN_SUCCESS;
+    }
+    return fail(PYBN_ERROR_INVALID_ARGUMENT,
+                "pybn_set_cpu_isa: name must be one of the compiled paths (%s) or empty, got '%s'",
+                pybn_cpu_isas(), name);
+}
+
+}  // extern "C"
