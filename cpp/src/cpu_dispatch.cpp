@@ -4,6 +4,8 @@
 #include <cstring>
 #include <new>
 
+#include <unistd.h>
+
 #include "cpu_kernels.hpp"
 #include "error.hpp"
 #include "pybn/pybn.h"
@@ -68,6 +70,17 @@ const KernelTable& kernels() {
         t = g_table.load(std::memory_order_acquire);
     }
     return *t;
+}
+
+bool stream_output(int64_t bytes) {
+    static const int64_t threshold = [] {
+        long llc = -1;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+        llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+        return int64_t(llc > 0 ? llc : 8L << 20);
+    }();
+    return bytes > threshold;
 }
 
 Scratch::Scratch(size_t bytes) : ptr_(bytes ? std::malloc(bytes) : nullptr) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "pybn/pybn.h"
 
@@ -29,6 +30,10 @@ struct KernelTable {
 
 // The table in use (the best the CPU supports, or the one PYBN_CPU_ISA / pybn_set_cpu_isa chose).
 const KernelTable& kernels();
+
+// True when an output of `bytes` should bypass the caches (it is larger than the last-level
+// cache, so it would only evict the inputs).
+bool stream_output(int64_t bytes);
 
 // Heap memory for kernel temporaries, defined in a baseline unit so that the instruction-set
 // units share no std:: code with it. Throws std::bad_alloc (before any output is written).

@@ -21,6 +21,11 @@
 #define PYBN_ISA_TAG PYBN_CPU_ISA
 
 #include <cstdint>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <immintrin.h>  // non-temporal stores
+#endif
 
 #include "cpu_kernels.hpp"
 #include "dtype.hpp"
@@ -31,43 +36,123 @@ namespace pybn::cpu {
 namespace PYBN_CPU_ISA {
 namespace {
 
-constexpr int kLanes = 16;              // independent accumulators of a row run
 constexpr int kDepth = 4;               // values per float32 accumulator before a float64 flush
 constexpr int64_t kRowMin = 32;         // inner >= kRowMin: row path; else column path
 constexpr int64_t kSegment = 16384;     // a long row is cut into runs of at most this many values
 constexpr int64_t kParts = 64;          // reductions are cut into about this many parts
-constexpr int64_t kTileRows = 64;       // column path: rows sharing one shift
-constexpr int64_t kChunkValues = 16384; // elementwise work unit
+constexpr int64_t kTileRows = 64;       // column path: rows sharing one shift per column
+constexpr int kU = 2;                   // vectors per column block / unrolled row step
+constexpr int64_t kPartMinRows = 64;    // column path: rows of a part, at least
+constexpr int64_t kChunkValues = 65536; // elementwise work unit
+
+// Vector width of this unit: the flags it was compiled with decide.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+// GCC / Clang vector extensions: the same source becomes SSE2, AVX2 or AVX-512 code.
+template <class A> struct VecOf { typedef A type __attribute__((vector_size(kVecBytes))); };
+template <class A> using vec = typename VecOf<A>::type;
+template <class A> constexpr int kLanesOf = kVecBytes / int(sizeof(A));
+
+template <class A> inline vec<A> vload(const A* p) {
+    vec<A> v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+template <class A> inline void vstore(A* p, const vec<A>& v) { __builtin_memcpy(p, &v, sizeof v); }
+template <class A> inline vec<A> vsplat(A a) { return vec<A>{} + a; }
+
+// Store bypassing the caches (no read of the destination line first); p aligned to kVecBytes.
+template <class A> inline void vstream(A* p, const vec<A>& v) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(A) == 4) _mm512_stream_ps(reinterpret_cast<float*>(p), (__m512)v);
+    else _mm512_stream_pd(reinterpret_cast<double*>(p), (__m512d)v);
+#elif defined(__AVX__)
+    if constexpr (sizeof(A) == 4) _mm256_stream_ps(reinterpret_cast<float*>(p), (__m256)v);
+    else _mm256_stream_pd(reinterpret_cast<double*>(p), (__m256d)v);
+#elif defined(__SSE2__)
+    if constexpr (sizeof(A) == 4) _mm_stream_ps(reinterpret_cast<float*>(p), (__m128)v);
+    else _mm_stream_pd(reinterpret_cast<double*>(p), (__m128d)v);
+#else
+    vstore(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
+// acc += v, widening float lanes into two float64 vectors (low half, high half); for double
+// vectors, a plain add into lo.
+template <class A> inline void widen_add(const vec<A>& v, vec<double>& lo, vec<double>& hi) {
+    if constexpr (sizeof(A) == 8) {
+        (void)hi;
+        lo += v;
+    } else {
+        typedef float half_vec __attribute__((vector_size(kVecBytes / 2)));
+        half_vec a, b;
+        __builtin_memcpy(&a, &v, sizeof a);
+        __builtin_memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+        lo += __builtin_convertvector(a, vec<double>);
+        hi += __builtin_convertvector(b, vec<double>);
+    }
+}
+
+// Lanes of float64 vectors added in a fixed order.
+template <int N> inline double hsum(const vec<double> (&v)[N]) {
+    double s = 0;
+    for (int k = 0; k < N; ++k)
+        for (int l = 0; l < kLanesOf<double>; ++l) s += v[k][l];
+    return s;
+}
+
+// Values of 16-bit types are converted to float in chunks of kConvChunk (a multiple of every
+// vector block) and the float kernels run on the chunk.
+constexpr int64_t kConvChunk = 1024;
+
+template <class T> constexpr bool kNative = std::is_same_v<T, acc_t<T>>;
+
+template <class T> inline void to_acc(const T* p, int64_t n, acc_t<T>* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = load(p[i]);
+}
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+
 // ---------------------------------------------------------------------------------------------
 // Reduction drivers: the row path (inner >= kRowMin) and the column path (inner < kRowMin).
 
-// Row path: channel c is the sequence of runs (o, segment); it is cut into `split` parts of
-// consecutive runs. unit(c, offset, len) returns the Part of one run.
+// Row path: the runs (o, c, segment) in memory order are cut into `nparts` consecutive ranges;
+// each part keeps one Part per channel, so a part streams through contiguous memory. A channel's
+// parts merge in order. unit(c, offset, len) returns the Part of one run.
 template <class Part, class Unit>
 void reduce_rows(const pybn_view& v, Part* out, Unit unit) {
     const int64_t C = v.channels, inner = v.inner;
     const int64_t nseg = ceil_div(inner, kSegment);
-    const int64_t runs = v.outer * nseg;
-    const int64_t split = min64(max64(1, ceil_div(kParts, C)), runs);
-    Scratch scratch(sizeof(Part) * size_t(C * split));
+    const int64_t runs = v.outer * C * nseg;
+    const int64_t nparts = min64(kParts, runs);
+    Scratch scratch(sizeof(Part) * size_t(nparts * C));
     Part* parts = scratch.as<Part>();
-    parallel_for(C * split, v.outer * C * inner, num_threads(), [&](int64_t p, int) {
-        const int64_t c = p / split, s = p % split;
-        Part acc{};
-        for (int64_t r = runs * s / split; r < runs * (s + 1) / split; ++r) {
-            const int64_t o = r / nseg, g = r % nseg;
-            acc.merge(unit(c, (o * C + c) * inner + g * kSegment, min64(kSegment, inner - g * kSegment)));
+    parallel_for(nparts, v.outer * C * inner, num_threads(), [&](int64_t p, int) {
+        Part* acc = parts + p * C;
+        for (int64_t c = 0; c < C; ++c) acc[c] = Part{};
+        for (int64_t r = runs * p / nparts; r < runs * (p + 1) / nparts; ++r) {
+            const int64_t row = r / nseg, g = r % nseg, c = row % C;
+            acc[c].merge(unit(c, row * inner + g * kSegment, min64(kSegment, inner - g * kSegment)));
         }
-        parts[p] = acc;
     });
     for (int64_t c = 0; c < C; ++c) {
         Part acc{};
-        for (int64_t s = 0; s < split; ++s) acc.merge(parts[c * split + s]);
+        for (int64_t p = 0; p < nparts; ++p) acc.merge(parts[p * C + c]);
         out[c] = acc;
     }
 }
@@ -77,8 +162,8 @@ void reduce_rows(const pybn_view& v, Part* out, Unit unit) {
 template <class Part, class PartFn>
 void reduce_cols(const pybn_view& v, int nt, Part* out, PartFn part) {
     const int64_t C = v.channels, inner = v.inner, W = C * inner;
-    // parts: at most kParts, at least kTileRows rows each, at most ~1M partials in all
-    const int64_t nparts = max64(1, min64(kParts, min64(v.outer / kTileRows, (int64_t(1) << 20) / W)));
+    // parts: at most kParts, at least kPartMinRows rows each, at most ~1M partials in all
+    const int64_t nparts = max64(1, min64(kParts, min64(v.outer / kPartMinRows, (int64_t(1) << 20) / W)));
     Scratch scratch(sizeof(Part) * size_t(nparts * W));
     Part* parts = scratch.as<Part>();
     parallel_for(nparts, v.outer * W, nt, [&](int64_t p, int t) {
@@ -95,38 +180,123 @@ void reduce_cols(const pybn_view& v, int nt, Part* out, PartFn part) {
 // ---------------------------------------------------------------------------------------------
 // Batch statistics.
 
+// sum(x - shift) and sum((x - shift)^2) over p[0, len), added into (S, Q): blocks of kDepth
+// x U vectors accumulate in A, then widen into float64 vectors; the tail goes straight to float64.
+template <class A>
+void shifted_sums(const A* p, int64_t len, A shift, double& S, double& Q) {
+    constexpr int L = kLanesOf<A>, U = 2, B = kDepth * U * L;
+    const vec<A> sh = vsplat(shift);
+    vec<double> s2[2 * U] = {}, q2[2 * U] = {};
+    int64_t i = 0;
+    for (; i + B <= len; i += B) {
+        vec<A> s[U] = {}, q[U] = {};
+        for (int k = 0; k < kDepth; ++k)
+            for (int u = 0; u < U; ++u) {
+                const vec<A> d = vload(p + i + (k * U + u) * L) - sh;
+                s[u] += d;
+                q[u] += d * d;
+            }
+        for (int u = 0; u < U; ++u) {
+            widen_add<A>(s[u], s2[2 * u], s2[2 * u + 1]);
+            widen_add<A>(q[u], q2[2 * u], q2[2 * u + 1]);
+        }
+    }
+    double ts = 0, tq = 0;
+    for (; i < len; ++i) {
+        const A d = p[i] - shift;
+        ts += double(d);
+        tq += double(d * d);
+    }
+    S += hsum(s2) + ts;
+    Q += hsum(q2) + tq;
+}
+
+// Moments of one run of a channel, relative to the run's first value.
 template <class T>
 Moments run_moments(const T* p, int64_t len) {
     using A = acc_t<T>;
     const A shift = load(p[0]);
-    double S[kLanes] = {}, Q[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kDepth * kLanes <= len; i += kDepth * kLanes) {
-        A s[kLanes] = {}, q[kLanes] = {};
-        for (int k = 0; k < kDepth; ++k)
-            for (int l = 0; l < kLanes; ++l) {
-                const A d = load(p[i + k * kLanes + l]) - shift;
-                s[l] += d;
-                q[l] += d * d;
-            }
-        for (int l = 0; l < kLanes; ++l) {
-            S[l] += double(s[l]);
-            Q[l] += double(q[l]);
+    double S = 0, Q = 0;
+    if constexpr (kNative<T>) {
+        shifted_sums(p, len, shift, S, Q);
+    } else {
+        A buf[kConvChunk];
+        for (int64_t i = 0; i < len; i += kConvChunk) {
+            const int64_t n = min64(kConvChunk, len - i);
+            to_acc(p + i, n, buf);
+            shifted_sums(buf, n, shift, S, Q);
         }
     }
-    double ss = 0, qq = 0;
-    for (; i < len; ++i) {
-        const A d = load(p[i]) - shift;
-        ss += double(d);
-        qq += double(d * d);
-    }
-    for (int l = 0; l < kLanes; ++l) {
-        ss += S[l];
-        qq += Q[l];
-    }
     Moments m;
-    m.merge_shifted(double(len), double(shift), ss, qq);
+    m.merge_shifted(double(len), double(shift), S, Q);
     return m;
+}
+
+// Lane l of a float64 accumulator pair that widened a vector of A (see widen_add).
+template <class A> inline double lane(const vec<double>* pair, int l) {
+    constexpr int Ld = kLanesOf<double>;
+    if constexpr (sizeof(A) == 8) return pair[0][l];
+    else return l < Ld ? pair[0][l] : pair[1][l - Ld];
+}
+
+// Column path, one tile: rows [0, rows) of a tile at `x` (row stride W). Rows are walked in
+// memory order, kDepth at a time; for each block of columns the kDepth rows accumulate in
+// registers (A) relative to the tile's first row, then widen into the float64 column sums
+// S, Q. At the end of the tile each column's moments merge into cols[j].
+template <class A>
+void tile_moments(const A* x, int64_t W, int64_t rows, double* S, double* Q, Moments* cols) {
+    constexpr int L = kLanesOf<A>, Ld = kLanesOf<double>, n = kU * L;
+    const A* sh = x;  // the tile's first row
+    for (int64_t j = 0; j < W; ++j) S[j] = Q[j] = 0;
+    for (int64_t r0 = 0; r0 < rows; r0 += kDepth) {
+        const int64_t r1 = min64(rows, r0 + kDepth);
+        int64_t j0 = 0;
+        for (; j0 + n <= W; j0 += n) {
+            vec<A> s[kU] = {}, q[kU] = {};
+            for (int64_t r = r0; r < r1; ++r)
+                for (int u = 0; u < kU; ++u) {
+                    const vec<A> d = vload(x + r * W + j0 + u * L) - vload(sh + j0 + u * L);
+                    s[u] += d;
+                    q[u] += d * d;
+                }
+            for (int u = 0; u < kU; ++u) {
+                vec<double> s2[2] = {vload(S + j0 + u * L), vload(S + j0 + u * L + Ld)};
+                vec<double> q2[2] = {vload(Q + j0 + u * L), vload(Q + j0 + u * L + Ld)};
+                widen_add<A>(s[u], s2[0], s2[1]);
+                widen_add<A>(q[u], q2[0], q2[1]);
+                vstore(S + j0 + u * L, s2[0]);
+                vstore(Q + j0 + u * L, q2[0]);
+                if constexpr (sizeof(A) == 4) {
+                    vstore(S + j0 + u * L + Ld, s2[1]);
+                    vstore(Q + j0 + u * L + Ld, q2[1]);
+                }
+            }
+        }
+        for (int64_t j = j0; j < W; ++j) {  // the same arithmetic, one column at a time
+            A s = 0, q = 0;
+            for (int64_t r = r0; r < r1; ++r) {
+                const A d = x[r * W + j] - sh[j];
+                s += d;
+                q += d * d;
+            }
+            S[j] += double(s);
+            Q[j] += double(q);
+        }
+    }
+    for (int64_t j = 0; j < W; ++j) cols[j].merge_shifted(double(rows), double(sh[j]), S[j], Q[j]);
+}
+
+// The tile of rows [r0, r0 + rows) as A values with row stride W: x itself, or a conversion of
+// 16-bit values into `buf`.
+template <class T>
+const acc_t<T>* tile_values(const T* x, int64_t W, int64_t r0, int64_t rows, acc_t<T>* buf) {
+    if constexpr (kNative<T>) {
+        (void)buf;
+        return x + r0 * W;
+    } else {
+        to_acc(x + r0 * W, rows * W, buf);
+        return buf;
+    }
 }
 
 template <class T>
@@ -139,37 +309,17 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
     if (v.inner >= kRowMin) {
         reduce_rows<Moments>(v, mom, [&](int64_t, int64_t off, int64_t len) { return run_moments(x + off, len); });
     } else {
-        // per thread: shift, float32 runs and float64 sums of every column
         const int nt = num_threads();
-        Scratch abuf(sizeof(A) * 3 * size_t(W) * size_t(nt)), dbuf(sizeof(double) * 2 * size_t(W) * size_t(nt));
+        const int64_t R = kTileRows;
+        Scratch conv(kNative<T> ? 0 : sizeof(A) * size_t(R * W) * size_t(nt));
+        Scratch sums(sizeof(double) * 2 * size_t(W) * size_t(nt));
         reduce_cols<Moments>(v, nt, mom, [&](int64_t o0, int64_t o1, Moments* cols, int t) {
-            A* shift = abuf.as<A>(size_t(3 * W * t));
-            A *s = shift + W, *q = shift + 2 * W;
-            double* S = dbuf.as<double>(size_t(2 * W * t));
-            double* Q = S + W;
+            double* S = sums.as<double>(size_t(2 * W * t));
             for (int64_t j = 0; j < W; ++j) cols[j] = Moments{};
-            for (int64_t t0 = o0; t0 < o1; t0 += kTileRows) {
-                const int64_t t1 = min64(o1, t0 + kTileRows);
-                for (int64_t j = 0; j < W; ++j) {
-                    shift[j] = load(x[t0 * W + j]);
-                    S[j] = Q[j] = 0;
-                }
-                for (int64_t r0 = t0; r0 < t1; r0 += kDepth) {
-                    for (int64_t j = 0; j < W; ++j) s[j] = q[j] = 0;
-                    for (int64_t r = r0; r < min64(t1, r0 + kDepth); ++r) {
-                        const T* row = x + r * W;
-                        for (int64_t j = 0; j < W; ++j) {
-                            const A d = load(row[j]) - shift[j];
-                            s[j] += d;
-                            q[j] += d * d;
-                        }
-                    }
-                    for (int64_t j = 0; j < W; ++j) {
-                        S[j] += double(s[j]);
-                        Q[j] += double(q[j]);
-                    }
-                }
-                for (int64_t j = 0; j < W; ++j) cols[j].merge_shifted(double(t1 - t0), double(shift[j]), S[j], Q[j]);
+            for (int64_t r0 = o0; r0 < o1; r0 += R) {
+                const int64_t rows = min64(R, o1 - r0);
+                const A* tile = tile_values(x, W, r0, rows, conv.as<A>(size_t(R * W * t)));
+                tile_moments(tile, W, rows, S, S + W, cols);
             }
         });
     }
@@ -182,39 +332,99 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
 // ---------------------------------------------------------------------------------------------
 // Backward reduction: sum(dy), sum(dy * (x - mean)), sum(x - mean) in one sweep.
 
+// (sum(dy), sum(dy * (x - m)), sum(x - m)) over [0, len), added into out; blocks of kDepth
+// vectors accumulate in A, then widen into float64 vectors.
+template <class A>
+void dy_sums(const A* dy, const A* x, int64_t len, A m, Sums& out) {
+    constexpr int L = kLanesOf<A>, B = kDepth * L;
+    const vec<A> mv = vsplat(m);
+    vec<double> d0[2] = {}, d1[2] = {}, d2[2] = {};
+    int64_t i = 0;
+    for (; i + B <= len; i += B) {
+        vec<A> a0 = {}, a1 = {}, a2 = {};
+        for (int k = 0; k < kDepth; ++k) {
+            const vec<A> g = vload(dy + i + k * L), d = vload(x + i + k * L) - mv;
+            a0 += g;
+            a1 += g * d;
+            a2 += d;
+        }
+        widen_add<A>(a0, d0[0], d0[1]);
+        widen_add<A>(a1, d1[0], d1[1]);
+        widen_add<A>(a2, d2[0], d2[1]);
+    }
+    Sums t;
+    for (; i < len; ++i) {
+        const A g = dy[i], d = x[i] - m;
+        t.dy += double(g);
+        t.dy_xmu += double(g * d);
+        t.xmu += double(d);
+    }
+    out.dy += hsum(d0) + t.dy;
+    out.dy_xmu += hsum(d1) + t.dy_xmu;
+    out.xmu += hsum(d2) + t.xmu;
+}
+
 template <class T>
 Sums run_sums(const T* dy, const T* x, int64_t len, acc_t<T> m) {
     using A = acc_t<T>;
-    double D0[kLanes] = {}, D1[kLanes] = {}, D2[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kDepth * kLanes <= len; i += kDepth * kLanes) {
-        A a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {};
-        for (int k = 0; k < kDepth; ++k)
-            for (int l = 0; l < kLanes; ++l) {
-                const A g = load(dy[i + k * kLanes + l]), d = load(x[i + k * kLanes + l]) - m;
-                a0[l] += g;
-                a1[l] += g * d;
-                a2[l] += d;
-            }
-        for (int l = 0; l < kLanes; ++l) {
-            D0[l] += double(a0[l]);
-            D1[l] += double(a1[l]);
-            D2[l] += double(a2[l]);
+    Sums s;
+    if constexpr (kNative<T>) {
+        dy_sums(dy, x, len, m, s);
+    } else {
+        A gb[kConvChunk], xb[kConvChunk];
+        for (int64_t i = 0; i < len; i += kConvChunk) {
+            const int64_t n = min64(kConvChunk, len - i);
+            to_acc(dy + i, n, gb);
+            to_acc(x + i, n, xb);
+            dy_sums(gb, xb, n, m, s);
         }
     }
-    Sums s;
-    for (; i < len; ++i) {
-        const A g = load(dy[i]), d = load(x[i]) - m;
-        s.dy += double(g);
-        s.dy_xmu += double(g * d);
-        s.xmu += double(d);
-    }
-    for (int l = 0; l < kLanes; ++l) {
-        s.dy += D0[l];
-        s.dy_xmu += D1[l];
-        s.xmu += D2[l];
-    }
     return s;
+}
+
+// Column path, one tile of dy and x (row stride W): rows in memory order, kDepth at a time,
+// register accumulators per block of columns widened into the float64 column sums D (3 x W).
+template <class A>
+void tile_sums(const A* dy, const A* x, const A* m, int64_t W, int64_t rows, double* D) {
+    constexpr int L = kLanesOf<A>, Ld = kLanesOf<double>, n = kU * L;
+    double *D0 = D, *D1 = D + W, *D2 = D + 2 * W;
+    for (int64_t r0 = 0; r0 < rows; r0 += kDepth) {
+        const int64_t r1 = min64(rows, r0 + kDepth);
+        int64_t j0 = 0;
+        for (; j0 + n <= W; j0 += n) {
+            vec<A> a0[kU] = {}, a1[kU] = {}, a2[kU] = {};
+            for (int64_t r = r0; r < r1; ++r)
+                for (int u = 0; u < kU; ++u) {
+                    const vec<A> g = vload(dy + r * W + j0 + u * L);
+                    const vec<A> d = vload(x + r * W + j0 + u * L) - vload(m + j0 + u * L);
+                    a0[u] += g;
+                    a1[u] += g * d;
+                    a2[u] += d;
+                }
+            for (int u = 0; u < kU; ++u) {
+                double* dst[3] = {D0 + j0 + u * L, D1 + j0 + u * L, D2 + j0 + u * L};
+                const vec<A>* src[3] = {&a0[u], &a1[u], &a2[u]};
+                for (int k = 0; k < 3; ++k) {
+                    vec<double> p[2] = {vload(dst[k]), vload(dst[k] + Ld)};
+                    widen_add<A>(*src[k], p[0], p[1]);
+                    vstore(dst[k], p[0]);
+                    if constexpr (sizeof(A) == 4) vstore(dst[k] + Ld, p[1]);
+                }
+            }
+        }
+        for (int64_t j = j0; j < W; ++j) {  // the same arithmetic, one column at a time
+            A a0 = 0, a1 = 0, a2 = 0;
+            for (int64_t r = r0; r < r1; ++r) {
+                const A g = dy[r * W + j], d = x[r * W + j] - m[j];
+                a0 += g;
+                a1 += g * d;
+                a2 += d;
+            }
+            D0[j] += double(a0);
+            D1[j] += double(a1);
+            D2[j] += double(a2);
+        }
+    }
 }
 
 template <class T>
@@ -233,38 +443,25 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
         });
     } else {
         const int nt = num_threads();
-        Scratch mcol(sizeof(A) * size_t(W)), abuf(sizeof(A) * 3 * size_t(W) * size_t(nt)),
-            dbuf(sizeof(double) * 3 * size_t(W) * size_t(nt));
+        const int64_t R = kTileRows;
+        Scratch mcol(sizeof(A) * size_t(W)), conv(kNative<T> ? 0 : 2 * sizeof(A) * size_t(R * W) * size_t(nt));
+        Scratch dsum(sizeof(double) * 3 * size_t(W) * size_t(nt));
         A* m = mcol.as<A>();
         for (int64_t j = 0; j < W; ++j) m[j] = mean[j / inner];
         reduce_cols<Sums>(v, nt, sums, [&](int64_t o0, int64_t o1, Sums* cols, int t) {
-            A* a0 = abuf.as<A>(size_t(3 * W * t));
-            A *a1 = a0 + W, *a2 = a0 + 2 * W;
-            double* D0 = dbuf.as<double>(size_t(3 * W * t));
-            double *D1 = D0 + W, *D2 = D0 + 2 * W;
-            for (int64_t j = 0; j < W; ++j) D0[j] = D1[j] = D2[j] = 0;
-            for (int64_t r0 = o0; r0 < o1; r0 += kDepth) {
-                for (int64_t j = 0; j < W; ++j) a0[j] = a1[j] = a2[j] = 0;
-                for (int64_t r = r0; r < min64(o1, r0 + kDepth); ++r) {
-                    const T* gr = dy + r * W;
-                    const T* xr = x + r * W;
-                    for (int64_t j = 0; j < W; ++j) {
-                        const A g = load(gr[j]), d = load(xr[j]) - m[j];
-                        a0[j] += g;
-                        a1[j] += g * d;
-                        a2[j] += d;
-                    }
-                }
-                for (int64_t j = 0; j < W; ++j) {
-                    D0[j] += double(a0[j]);
-                    D1[j] += double(a1[j]);
-                    D2[j] += double(a2[j]);
-                }
+            double* D = dsum.as<double>(size_t(3 * W * t));
+            for (int64_t j = 0; j < 3 * W; ++j) D[j] = 0;
+            for (int64_t r0 = o0; r0 < o1; r0 += R) {
+                const int64_t rows = min64(R, o1 - r0);
+                A* buf = conv.as<A>(size_t(2 * R * W * t));
+                const A* gt = tile_values(dy, W, r0, rows, buf);
+                const A* xt = tile_values(x, W, r0, rows, buf + R * W);
+                tile_sums(gt, xt, m, W, rows, D);
             }
             for (int64_t j = 0; j < W; ++j) {
-                cols[j].dy = D0[j];
-                cols[j].dy_xmu = D1[j];
-                cols[j].xmu = D2[j];
+                cols[j].dy = D[j];
+                cols[j].dy_xmu = D[W + j];
+                cols[j].xmu = D[2 * W + j];
             }
         });
     }
@@ -286,11 +483,13 @@ void elementwise(const pybn_view& v, RowOp row_op, ColsOp cols_op) {
         const int64_t rows = v.outer * C, per = max64(1, kChunkValues / inner);
         parallel_for(ceil_div(rows, per), total, num_threads(), [&](int64_t b, int) {
             for (int64_t r = b * per; r < min64(rows, (b + 1) * per); ++r) row_op(r * inner, inner, r % C);
+            stream_fence();
         });
     } else {
         const int64_t W = C * inner, per = max64(1, kChunkValues / W);
         parallel_for(ceil_div(v.outer, per), total, num_threads(), [&](int64_t b, int) {
             for (int64_t o = b * per; o < min64(v.outer, (b + 1) * per); ++o) cols_op(o * W, W);
+            stream_fence();
         });
     }
 }
@@ -303,6 +502,96 @@ void expand_columns(const A* coef, int64_t C, int64_t inner, A* out) {
         for (int64_t j = 0; j < W; ++j) out[k * W + j] = coef[k * C + j / inner];
 }
 
+// out[i] = f(i) for i in [0, n), f returning A vectors (vector index) and scalars (tail):
+// vector stores, or non-temporal stores when `stream` (outputs larger than the caches).
+template <class A, class VecF, class ScalarF>
+inline void write_run(A* out, int64_t n, bool stream, VecF vf, ScalarF sf) {
+    constexpr int L = kLanesOf<A>;
+    int64_t i = 0;
+    if (stream) {
+        for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kVecBytes) != 0; ++i) out[i] = sf(i);
+        for (; i + L <= n; i += L) vstream(out + i, vf(i));
+    } else {
+        for (; i + L <= n; i += L) vstore(out + i, vf(i));
+    }
+    for (; i < n; ++i) out[i] = sf(i);
+}
+
+// Runs op(in..., out, n) over [0, len) of 16-bit data through float buffers (kConvChunk), or
+// directly for float / double.
+template <class T>
+void normalize_values(const T* x, T* y, int64_t n, bool stream, const acc_t<T>* h, const acc_t<T>* l,
+                      const acc_t<T>* a, const acc_t<T>* b, bool per_column) {
+    using A = acc_t<T>;
+    // per_column: coefficients vary along the run (column path); else they are h[0] ... b[0]
+    auto run = [&](const A* xp, A* yp, int64_t len, int64_t j0, bool st) {
+        if (per_column) {
+            write_run<A>(yp, len, st,
+                [&](int64_t i) {
+                    return ((vload(xp + i) - vload(h + j0 + i)) - vload(l + j0 + i)) * vload(a + j0 + i) + vload(b + j0 + i);
+                },
+                [&](int64_t i) { return ((xp[i] - h[j0 + i]) - l[j0 + i]) * a[j0 + i] + b[j0 + i]; });
+        } else {
+            const vec<A> H = vsplat(h[0]), Lo = vsplat(l[0]), S = vsplat(a[0]), B = vsplat(b[0]);
+            write_run<A>(yp, len, st, [&](int64_t i) { return ((vload(xp + i) - H) - Lo) * S + B; },
+                         [&](int64_t i) { return ((xp[i] - h[0]) - l[0]) * a[0] + b[0]; });
+        }
+    };
+    if constexpr (kNative<T>) {
+        run(x, y, n, 0, stream);
+    } else {
+        A xb[kConvChunk], yb[kConvChunk];
+        for (int64_t i = 0; i < n; i += kConvChunk) {
+            const int64_t len = min64(kConvChunk, n - i);
+            to_acc(x + i, len, xb);
+            run(xb, yb, len, i, false);
+            for (int64_t k = 0; k < len; ++k) y[i + k] = store<T>(yb[k]);
+        }
+    }
+}
+
+template <class T>
+void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool stream, const acc_t<T>* m,
+                     const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* c, bool per_column) {
+    using A = acc_t<T>;
+    auto run = [&](const A* gp, const A* xp, A* dp, int64_t len, int64_t j0, bool st) {
+        const int64_t o = per_column ? j0 : 0;
+        const int64_t s = per_column ? 1 : 0;  // coefficient stride along the run
+        if (xp == nullptr) {
+            if (per_column)
+                write_run<A>(dp, len, st, [&](int64_t i) { return vload(a + o + i) * vload(gp + i); },
+                             [&](int64_t i) { return a[o + s * i] * gp[i]; });
+            else {
+                const vec<A> Av = vsplat(a[0]);
+                write_run<A>(dp, len, st, [&](int64_t i) { return Av * vload(gp + i); },
+                             [&](int64_t i) { return a[0] * gp[i]; });
+            }
+        } else if (per_column) {
+            write_run<A>(dp, len, st,
+                [&](int64_t i) {
+                    return vload(a + o + i) * vload(gp + i) + vload(b + o + i) * (vload(xp + i) - vload(m + o + i)) + vload(c + o + i);
+                },
+                [&](int64_t i) { return a[o + i] * gp[i] + b[o + i] * (xp[i] - m[o + i]) + c[o + i]; });
+        } else {
+            const vec<A> Av = vsplat(a[0]), Bv = vsplat(b[0]), Mv = vsplat(m[0]), Cv = vsplat(c[0]);
+            write_run<A>(dp, len, st, [&](int64_t i) { return Av * vload(gp + i) + Bv * (vload(xp + i) - Mv) + Cv; },
+                         [&](int64_t i) { return a[0] * gp[i] + b[0] * (xp[i] - m[0]) + c[0]; });
+        }
+    };
+    if constexpr (kNative<T>) {
+        run(dy, x, dx, n, 0, stream);
+    } else {
+        A gb[kConvChunk], xb[kConvChunk], db[kConvChunk];
+        for (int64_t i = 0; i < n; i += kConvChunk) {
+            const int64_t len = min64(kConvChunk, n - i);
+            to_acc(dy + i, len, gb);
+            if (x) to_acc(x + i, len, xb);
+            run(gb, x ? xb : nullptr, db, len, i, false);
+            for (int64_t k = 0; k < len; ++k) dx[i + k] = store<T>(db[k]);
+        }
+    }
+}
+
 template <class T>
 void normalize_t(const pybn_view& v, const void* xv, const void* coefv, void* yv) {
     using A = acc_t<T>;
@@ -310,23 +599,16 @@ void normalize_t(const pybn_view& v, const void* xv, const void* coefv, void* yv
     T* y = static_cast<T*>(yv);
     const A* k = static_cast<const A*>(coefv);
     const int64_t C = v.channels, W = C * v.inner;
+    const bool stream = stream_output(v.outer * W * int64_t(sizeof(T)));
     Scratch cols(v.inner < kRowMin ? sizeof(A) * 4 * size_t(W) : 0);
     if (v.inner < kRowMin) expand_columns(k, C, v.inner, cols.as<A>());
     const A* e = cols.as<A>();
     elementwise(
         v,
         [&](int64_t off, int64_t len, int64_t c) {
-            const A h = k[c], l = k[C + c], a = k[2 * C + c], b = k[3 * C + c];
-            const T* xp = x + off;
-            T* yp = y + off;
-            for (int64_t i = 0; i < len; ++i) yp[i] = store<T>(((load(xp[i]) - h) - l) * a + b);
+            normalize_values(x + off, y + off, len, stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c, false);
         },
-        [&](int64_t off, int64_t len) {
-            const T* xp = x + off;
-            T* yp = y + off;
-            for (int64_t j = 0; j < len; ++j)
-                yp[j] = store<T>(((load(xp[j]) - e[j]) - e[W + j]) * e[2 * W + j] + e[3 * W + j]);
-        });
+        [&](int64_t off, int64_t len) { normalize_values(x + off, y + off, len, stream, e, e + W, e + 2 * W, e + 3 * W, true); });
 }
 
 template <class T>
@@ -338,33 +620,18 @@ void backward_elementwise_t(const pybn_view& v, const void* dyv, const void* xv,
     T* dx = static_cast<T*>(dxv);
     const A* k = static_cast<const A*>(coefv);
     const int64_t C = v.channels, W = C * v.inner;
+    const bool stream = stream_output(v.outer * W * int64_t(sizeof(T)));
     Scratch cols(v.inner < kRowMin ? sizeof(A) * 4 * size_t(W) : 0);
     if (v.inner < kRowMin) expand_columns(k, C, v.inner, cols.as<A>());
     const A* e = cols.as<A>();
     elementwise(
         v,
         [&](int64_t off, int64_t len, int64_t c) {
-            const A m = k[c], a = k[C + c], b = k[2 * C + c], c0 = k[3 * C + c];
-            const T* gp = dy + off;
-            T* dp = dx + off;
-            if (x == nullptr) {
-                for (int64_t i = 0; i < len; ++i) dp[i] = store<T>(a * load(gp[i]));
-            } else {
-                const T* xp = x + off;
-                for (int64_t i = 0; i < len; ++i)
-                    dp[i] = store<T>(a * load(gp[i]) + b * (load(xp[i]) - m) + c0);
-            }
+            backward_values(dy + off, x ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c, k + 2 * C + c,
+                            k + 3 * C + c, false);
         },
         [&](int64_t off, int64_t len) {
-            const T* gp = dy + off;
-            T* dp = dx + off;
-            if (x == nullptr) {
-                for (int64_t j = 0; j < len; ++j) dp[j] = store<T>(e[W + j] * load(gp[j]));
-            } else {
-                const T* xp = x + off;
-                for (int64_t j = 0; j < len; ++j)
-                    dp[j] = store<T>(e[W + j] * load(gp[j]) + e[2 * W + j] * (load(xp[j]) - e[j]) + e[3 * W + j]);
-            }
+            backward_values(dy + off, x ? x + off : nullptr, dx + off, len, stream, e, e + W, e + 2 * W, e + 3 * W, true);
         });
 }
 
