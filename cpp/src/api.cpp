@@ -74,6 +74,69 @@ void backward_elementwise_impl(const pybn_view& v, const void* dy, const void* x
     copy_out(db, dbeta);
 }
 
+// Fused training forward: the kernel reduces a channel group, this hook turns its statistics
+// into coefficients (and running statistics / saved values, into copies), the kernel normalises.
+template <class P>
+void forward_train_impl(const pybn_view& v, const void* x, const void* gamma, const void* beta,
+                        double eps, void* running_mean, void* running_var, double momentum, void* y,
+                        void* save_mean, void* save_invstd) {
+    const int64_t C = v.channels;
+    std::vector<P> rm, rv, sm(static_cast<size_t>(C)), si(static_cast<size_t>(C));
+    if (running_mean) rm.assign(static_cast<const P*>(running_mean), static_cast<const P*>(running_mean) + C);
+    if (running_var) rv.assign(static_cast<const P*>(running_var), static_cast<const P*>(running_var) + C);
+    struct Ctx {
+        NormalizeArgs<P> args;
+        double count;
+    } ctx{{C, nullptr, nullptr, nullptr, static_cast<const P*>(gamma), static_cast<const P*>(beta), eps,
+           running_mean ? rm.data() : nullptr, running_var ? rv.data() : nullptr, momentum, sm.data(),
+           si.data(), nullptr},
+          double(per_channel(v))};
+    const cpu::ChannelHook hook{&ctx, [](void* p, int64_t c0, int64_t c1, const double* mean,
+                                         const double* m2, const double*, void* coef) {
+        Ctx& k = *static_cast<Ctx*>(p);
+        NormalizeArgs<P> args = k.args;
+        args.coef = static_cast<P*>(coef);
+        for (int64_t c = c0; c < c1; ++c) normalize_channel(args, c, k.count, mean[c - c0], m2[c - c0]);
+    }};
+    if (C > 0) cpu::kernels().forward_train(v, x, y, hook);
+    copy_out(rm, running_mean);
+    copy_out(rv, running_var);
+    copy_out(sm, save_mean);
+    copy_out(si, save_invstd);
+}
+
+// Fused backward: the kernel reduces a channel group, this hook computes the coefficients and
+// parameter gradients, the kernel writes dx.
+template <class P>
+void backward_impl(const pybn_view& v, const void* dy, const void* x, const void* mean,
+                   const void* invstd, const void* gamma, int training, void* dx, void* dgamma,
+                   void* dbeta) {
+    const int64_t C = v.channels;
+    std::vector<P> dg(static_cast<size_t>(C)), db(static_cast<size_t>(C));
+    const BackwardArgs<P> args{C, static_cast<const P*>(mean), static_cast<const P*>(invstd),
+                               static_cast<const P*>(gamma), training != 0, nullptr,
+                               double(per_channel(v)), nullptr, nullptr, nullptr, dg.data(), db.data(),
+                               nullptr};
+    const cpu::ChannelHook hook{const_cast<BackwardArgs<P>*>(&args),
+                                [](void* p, int64_t c0, int64_t c1, const double* s0, const double* s1,
+                                   const double* s2, void* coef) {
+        BackwardArgs<P> a = *static_cast<const BackwardArgs<P>*>(p);
+        a.coef = static_cast<P*>(coef);
+        for (int64_t c = c0; c < c1; ++c) backward_channel(a, c, s0[c - c0], s1[c - c0], s2[c - c0]);
+    }};
+    if (C > 0) {
+        if (per_channel(v) > 0) {
+            cpu::kernels().backward(v, dy, x, mean, training != 0, dx, hook);
+        } else {  // nothing to reduce: zero sums give the parameter gradients (frozen statistics)
+            std::vector<double> zero(static_cast<size_t>(C), 0.0);
+            std::vector<P> coef(static_cast<size_t>(4 * C));
+            hook.fn(hook.ctx, 0, C, zero.data(), zero.data(), zero.data(), coef.data());
+        }
+    }
+    copy_out(dg, dgamma);
+    copy_out(db, dbeta);
+}
+
 // Calls f(P{}) with P the parameter type of the view's dtype.
 template <class F> void with_param(const pybn_view& v, F&& f) {
     if (v.dtype == PYBN_FLOAT64) f(double{});
@@ -253,13 +316,9 @@ pybn_status pybn_forward_train(pybn_view v, const void* x, const void* gamma, co
         PYBN_CHECK(check_eps(fn, eps));
         if (running_mean || running_var) PYBN_CHECK(check_momentum(fn, momentum));
         PYBN_CHECK(check_train_count(fn, v));
-        const size_t C = size_t(v.channels);
-        std::vector<double> count(C, double(per_channel(v))), mean(C), m2(C);
-        if (C > 0) cpu::kernels().batch_stats(v, x, mean.data(), m2.data());
         with_param(v, [&](auto p) {
-            normalize_impl<decltype(p)>(v, x, count.data(), mean.data(), m2.data(), gamma, beta, eps,
-                                        y, running_mean, running_var, momentum, save_mean,
-                                        save_invstd);
+            forward_train_impl<decltype(p)>(v, x, gamma, beta, eps, running_mean, running_var,
+                                            momentum, y, save_mean, save_invstd);
         });
         return PYBN_SUCCESS;
     });
@@ -300,15 +359,8 @@ pybn_status pybn_backward(pybn_view v, const void* dy, const void* x, const void
         PYBN_CHECK(check_ptr(fn, "mean", mean));
         PYBN_CHECK(check_ptr(fn, "invstd", invstd));
         if (training) PYBN_CHECK(check_train_count(fn, v));
-        const size_t C = size_t(v.channels);
-        std::vector<double> s0(C, 0.0), s1(C, 0.0), s2(C, 0.0);
-        if (per_channel(v) > 0)
-            cpu::kernels().backward_reduce(v, dy, x, mean, s0.data(), s1.data(),
-                                           training ? s2.data() : nullptr);
         with_param(v, [&](auto p) {
-            backward_elementwise_impl<decltype(p)>(v, dy, x, mean, invstd, gamma, training,
-                                                   nullptr, double(per_channel(v)), s0.data(), s1.data(),
-                                                   training ? s2.data() : nullptr, dx, dgamma, dbeta);
+            backward_impl<decltype(p)>(v, dy, x, mean, invstd, gamma, training, dx, dgamma, dbeta);
         });
         return PYBN_SUCCESS;
     });

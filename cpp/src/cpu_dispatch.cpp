@@ -72,15 +72,27 @@ const KernelTable& kernels() {
     return *t;
 }
 
-bool stream_output(int64_t bytes) {
-    static const int64_t threshold = [] {
-        long llc = -1;
+namespace {
+int64_t llc_bytes() {
+    static const int64_t llc = [] {
+        long b = -1;
 #if defined(_SC_LEVEL3_CACHE_SIZE)
-        llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+        b = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
-        return int64_t(llc > 0 ? llc : 8L << 20);
+        return int64_t(b > 0 ? b : 8L << 20);
     }();
-    return bytes > threshold;
+    return llc;
+}
+}  // namespace
+
+bool stream_output(int64_t bytes) { return bytes > llc_bytes(); }
+
+int64_t cache_budget() {
+    static const int64_t b = [] {
+        const char* e = std::getenv("PYBN_CACHE_BUDGET");
+        return e && *e ? int64_t(std::atoll(e)) : llc_bytes() / 2;
+    }();
+    return b;
 }
 
 Scratch::Scratch(size_t bytes) : ptr_(bytes ? std::malloc(bytes) : nullptr) {

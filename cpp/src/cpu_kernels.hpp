@@ -10,6 +10,15 @@
 
 namespace pybn::cpu {
 
+// Called by the fused kernels between their reduction and their elementwise step, for channels
+// [c0, c1): r0, r1, r2 hold that range's reductions (mean and M2, or sum_dy, sum_dy_xmu and
+// sum_xmu; r2 is nullptr for statistics), indexed from c0; fn fills coef[4 * C] for the range.
+struct ChannelHook {
+    void* ctx;
+    void (*fn)(void* ctx, int64_t c0, int64_t c1, const double* r0, const double* r1,
+               const double* r2, void* coef);
+};
+
 // Per-channel coefficient arrays are struct-of-arrays, 4 x C values of the accumulation type of
 // the view's dtype (double for float64 data, float otherwise).
 struct KernelTable {
@@ -26,6 +35,13 @@ struct KernelTable {
     // dx may be dy or x.
     void (*backward_elementwise)(const pybn_view& v, const void* dy, const void* x,
                                  const void* coef, void* dx);
+    // Fused training forward: statistics, hook, normalisation, channel group by channel group
+    // so that a group's data is still in the cache when it is normalised.
+    void (*forward_train)(const pybn_view& v, const void* x, void* y, const ChannelHook& hook);
+    // Fused backward: reduction, hook, elementwise (dx may be nullptr: reduction and hook only),
+    // by channel groups as above; x_in_dx: the elementwise step reads x (training).
+    void (*backward)(const pybn_view& v, const void* dy, const void* x, const void* mean,
+                     bool x_in_dx, void* dx, const ChannelHook& hook);
 };
 
 // The table in use (the best the CPU supports, or the one PYBN_CPU_ISA / pybn_set_cpu_isa chose).
@@ -34,6 +50,8 @@ const KernelTable& kernels();
 // True when an output of `bytes` should bypass the caches (it is larger than the last-level
 // cache, so it would only evict the inputs).
 bool stream_output(int64_t bytes);
+// Bytes of data the fused kernels keep in the cache between their two sweeps.
+int64_t cache_budget();
 
 // Heap memory for kernel temporaries, defined in a baseline unit so that the instruction-set
 // units share no std:: code with it. Throws std::bad_alloc (before any output is written).
