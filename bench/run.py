@@ -25,6 +25,20 @@ def median_s(fn, repeat):
     return float(np.median(times))
 
 
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median_vs_copy(fn, copy, repeat):
+    """Median time of fn and median of (time of copy / time of fn), each sample timing a copy right
+    before fn, so that drifts of this machine's memory bandwidth cancel in the ratio."""
+    fn()
+    pairs = [(timed(copy), timed(fn)) for _ in range(repeat)]
+    return float(np.median([p[1] for p in pairs])), float(np.median([p[0] / p[1] for p in pairs]))
+
+
 def copy_bandwidth(nbytes, repeat):
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
@@ -94,6 +108,9 @@ def main():
     except ImportError:
         threads = None
     bw = copy_bandwidth(x.nbytes, args.repeat)
+    src = np.ones(x.size, np.float32)
+    dst = np.empty_like(src)
+    copy = lambda: np.copyto(dst, src)  # noqa: E731
     print(f"pybn {pybn.__version__} ({pybn.cpu_isa()}), x {x.shape} float32 = {x.nbytes / 1e6:.0f} MB, "
           f"torch threads {threads}, copy bandwidth {bw / 1e9:.1f} GB/s")
     print(f"{'layout':7} {'op':10} {'pybn ms':>8} {'%roof':>6} {'numpy ms':>9} {'torch ms':>9} {'vs numpy':>9} {'vs torch':>9}")
@@ -105,10 +122,10 @@ def main():
         peers_np = numpy_ops(x, g, b, dy) if not cl else {}
         peers_t = torch_ops(x, g, b, dy, cl) or {}
         for op, passes in PASSES.items():
-            t = median_s(ours[op], args.repeat)
+            t, copy_ratio = median_vs_copy(ours[op], copy, args.repeat)
             tn = median_s(peers_np[op], args.repeat) if op in peers_np else float("nan")
             tt = median_s(peers_t[op], args.repeat) if op in peers_t else float("nan")
-            roof = passes * x.nbytes / t / bw
+            roof = copy_ratio * passes / 2  # (passes * bytes / t) / (2 * bytes / t_copy)
             print(f"{layout:7} {op:10} {t * 1e3:8.1f} {roof * 100:5.0f}% {tn * 1e3:9.1f} {tt * 1e3:9.1f} "
                   f"{tn / t:8.2f}x {tt / t:8.2f}x")
 

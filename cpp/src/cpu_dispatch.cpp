@@ -85,12 +85,14 @@ int64_t llc_bytes() {
 }
 }  // namespace
 
-bool stream_output(int64_t bytes) { return bytes > llc_bytes(); }
+bool stream_output(int64_t bytes) { return bytes > 2 * cache_budget(); }
 
+// A quarter of the last-level cache (measured best: bench/NOTES.md), or PYBN_CACHE_BUDGET bytes (a tuning and testing knob: a small value
+// forces channel groups and non-temporal stores on small tensors).
 int64_t cache_budget() {
     static const int64_t b = [] {
         const char* e = std::getenv("PYBN_CACHE_BUDGET");
-        return e && *e ? int64_t(std::atoll(e)) : llc_bytes() / 2;
+        return e && *e ? int64_t(std::atoll(e)) : llc_bytes() / 4;
     }();
     return b;
 }

@@ -47,11 +47,12 @@ struct KernelTable {
 // The table in use (the best the CPU supports, or the one PYBN_CPU_ISA / pybn_set_cpu_isa chose).
 const KernelTable& kernels();
 
-// True when an output of `bytes` should bypass the caches (it is larger than the last-level
-// cache, so it would only evict the inputs).
-bool stream_output(int64_t bytes);
-// Bytes of data the fused kernels keep in the cache between their two sweeps.
+// Bytes of data the fused kernels keep in the cache between their two sweeps: a quarter of the
+// last-level cache, or the environment variable PYBN_CACHE_BUDGET.
 int64_t cache_budget();
+// True when an output of `bytes` should bypass the caches (larger than 2 * cache_budget(), so it
+// would only evict the inputs).
+bool stream_output(int64_t bytes);
 
 // Heap memory for kernel temporaries, defined in a baseline unit so that the instruction-set
 // units share no std:: code with it. Throws std::bad_alloc (before any output is written).

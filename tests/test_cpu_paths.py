@@ -1,0 +1,128 @@
+"""CPU paths: every compiled instruction-set path against the reference, bitwise determinism
+across thread counts and repeated runs, the channel-group and streaming-store paths, and the
+thread / ISA controls."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pybn
+import reference as ref
+from conftest import FLOAT_DTYPES, assert_close, randn
+
+ISAS = pybn.cpu_isas()
+
+# NCHW rows (row path), channels-last (column path), small C, inner below/above the row threshold;
+# big enough to run on several threads.
+SHAPES = [((16, 8, 33, 35), 1), ((64, 15, 15, 12), -1), ((2000, 3, 20), 1), ((300, 5, 31), 1), ((40, 2, 65, 17), 1)]
+
+
+@pytest.fixture
+def isa(request):
+    pybn.set_cpu_isa(request.param)
+    assert pybn.cpu_isa() == request.param
+    yield request.param
+    pybn.set_cpu_isa("")
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=[f"{s}-ax{a}" for s, a in SHAPES])
+def test_every_isa_path_matches_reference(isa, rng, shape, axis, dtype):
+    x = randn(rng, shape, dtype, loc=3.0, scale=2.0)
+    dy = randn(rng, shape, dtype)
+    c = shape[axis]
+    pd = np.float64 if dtype == np.float64 else np.float32
+    gamma, beta = randn(rng, c, pd), randn(rng, c, pd)
+    rm, rv = np.zeros(c, pd), np.ones(c, pd)
+    y, mean, invstd = pybn.batchnorm_forward(x, gamma, beta, rm, rv, axis=axis)
+    assert_close(y, ref.forward_train(x, gamma, beta, axis=axis)[0], dtype, what=f"{isa} y")
+    yi = pybn.batchnorm(x, gamma, beta, rm, rv, training=False, axis=axis)
+    assert_close(yi, ref.forward_infer(x, rm, rv, gamma, beta, axis=axis), dtype, what=f"{isa} y infer")
+    dx, dgamma, dbeta = pybn.batchnorm_backward(dy, x, mean, invstd, gamma, axis=axis)
+    edx, edg, edb = ref.backward_train(dy, x, gamma, axis=axis)
+    assert_close(dx, edx, dtype, what=f"{isa} dx")
+    scale = np.abs(dy.astype(np.float64)).sum() / c * (1 + np.abs(x.astype(np.float64)).max())
+    sd = pd if dtype in (np.float32, np.float64) else dtype
+    assert_close(dgamma, edg, sd, scale=scale, what=f"{isa} dgamma")
+    assert_close(dbeta, edb, sd, scale=scale, what=f"{isa} dbeta")
+
+
+def _all_outputs(x, dy, axis):
+    y, mean, invstd = pybn.batchnorm_forward(x, axis=axis)
+    cnt, m, m2 = pybn.batch_stats(x, axis=axis)
+    back = pybn.batchnorm_backward(dy, x, mean, invstd, axis=axis)
+    frozen = pybn.batchnorm_backward(dy, x, mean, invstd, axis=axis, training=False)
+    sums = pybn.backward_reduce(dy, x, mean, axis=axis)
+    return [a.tobytes() for a in (y, mean, invstd, m, m2, *back, *frozen, *sums)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=[f"{s}-ax{a}" for s, a in SHAPES])
+def test_bitwise_identical_for_every_thread_count(rng, shape, axis, dtype):
+    x = randn(rng, shape, dtype, loc=1e3)
+    dy = randn(rng, shape, dtype)
+    try:
+        pybn.set_num_threads(1)
+        expected = _all_outputs(x, dy, axis)
+        for n in range(1, 9):
+            pybn.set_num_threads(n)
+            assert pybn.get_num_threads() == n
+            for _ in range(2):
+                assert _all_outputs(x, dy, axis) == expected, f"{n} threads differ"
+    finally:
+        pybn.set_num_threads(0)  # back to the default
+
+
+_CHILD = r"""
+import json, sys, numpy as np, pybn
+sys.path.insert(0, {tests!r})
+from test_cpu_paths import SHAPES, _all_outputs
+rng = np.random.default_rng(7)
+out = {{}}
+for i, (shape, axis) in enumerate(SHAPES):
+    x = (rng.standard_normal(shape) * 2 + 5).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    out[i] = [b.hex() for b in _all_outputs(x, dy, axis)]
+print(json.dumps({{"isa": pybn.cpu_isa(), "threads": pybn.get_num_threads(), "out": out}}))
+"""
+
+
+def _child(env_extra):
+    env = dict(os.environ, **env_extra)
+    code = _CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout)
+
+
+def test_channel_groups_and_streaming_stores_change_no_bit():
+    # a tiny cache budget makes the fused kernels work one channel group at a time and write
+    # with non-temporal stores: the results must be bitwise those of the default run
+    default = _child({})
+    blocked = _child({"PYBN_CACHE_BUDGET": "4096"})
+    assert blocked["out"] == default["out"]
+
+
+def test_environment_controls_isa_and_threads():
+    lowest = ISAS[-1]
+    child = _child({"PYBN_CPU_ISA": lowest, "OMP_NUM_THREADS": "3"})
+    assert child["isa"] == lowest and child["threads"] == 3
+    ignored = _child({"PYBN_CPU_ISA": "no-such-isa"})  # unknown: the best path
+    assert ignored["isa"] == ISAS[0]
+
+
+def test_thread_and_isa_argument_errors():
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        pybn.set_num_threads(-1)
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        pybn.set_num_threads(2.0)
+    with pytest.raises(ValueError, match=r"name must be one of the compiled paths .* got 'sse9'"):
+        pybn.set_cpu_isa("sse9")
+    if "avx512" not in ISAS and pybn.cpu_isa() != "neon":
+        with pytest.raises(ValueError, match="does not support 'avx512'|got 'avx512'"):
+            pybn.set_cpu_isa("avx512")
+    assert pybn.cpu_isa() == ISAS[0]
