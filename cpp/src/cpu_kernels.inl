@@ -504,7 +504,8 @@ void elementwise(const pybn_view& v, RowOp row_op, ColsOp cols_op) {
     } else {
         const int64_t W = C * inner, per = max64(1, kChunkValues / W);
         parallel_for(ceil_div(v.outer, per), total, num_threads(), [&](int64_t b, int) {
-            for (int64_t o = b * per; o < min64(v.outer, (b + 1) * per); ++o) cols_op(o * W, W);
+            const int64_t o0 = b * per, o1 = min64(v.outer, (b + 1) * per);
+            cols_op(o0 * W, o1 - o0);
             stream_fence();
         });
     }
@@ -520,8 +521,10 @@ void expand_columns(const A* coef, int64_t C, int64_t inner, A* out) {
 
 // out[i] = f(i) for i in [0, n), f returning A vectors (vector index) and scalars (tail):
 // vector stores, or non-temporal stores when `stream` (outputs larger than the caches).
+#define PYBN_INLINE inline __attribute__((always_inline))
+
 template <class A, class VecF, class ScalarF>
-inline void write_run(A* out, int64_t n, bool stream, VecF vf, ScalarF sf) {
+PYBN_INLINE void write_run(A* out, int64_t n, bool stream, VecF vf, ScalarF sf) {
     constexpr int L = kLanesOf<A>;
     int64_t i = 0;
     if (stream) {
@@ -536,7 +539,7 @@ inline void write_run(A* out, int64_t n, bool stream, VecF vf, ScalarF sf) {
 // Runs op(in..., out, n) over [0, len) of 16-bit data through float buffers (kConvChunk), or
 // directly for float / double.
 template <class T>
-void normalize_values(const T* x, T* y, int64_t n, bool stream, const acc_t<T>* h, const acc_t<T>* l,
+PYBN_INLINE void normalize_values(const T* x, T* y, int64_t n, bool stream, const acc_t<T>* h, const acc_t<T>* l,
                       const acc_t<T>* a, const acc_t<T>* b, bool per_column) {
     using A = acc_t<T>;
     // per_column: coefficients vary along the run (column path); else they are h[0] ... b[0]
@@ -567,7 +570,7 @@ void normalize_values(const T* x, T* y, int64_t n, bool stream, const acc_t<T>* 
 }
 
 template <class T>
-void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool stream, const acc_t<T>* m,
+PYBN_INLINE void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool stream, const acc_t<T>* m,
                      const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* c, bool per_column) {
     using A = acc_t<T>;
     auto run = [&](const A* gp, const A* xp, A* dp, int64_t len, int64_t j0, bool st) {
@@ -608,6 +611,46 @@ void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool stream, con
     }
 }
 
+// Column path, float / double: rows of W values with per-column coefficients (L1-resident),
+// one loop over the rows of a chunk. Streaming stores when every row start is aligned.
+template <class A>
+void normalize_cols(const A* x, A* y, int64_t rows, int64_t W, const A* h, const A* l, const A* a,
+                    const A* b, bool stream) {
+    constexpr int L = kLanesOf<A>;
+    const bool nt = stream && reinterpret_cast<uintptr_t>(y) % kVecBytes == 0 && (W * int64_t(sizeof(A))) % kVecBytes == 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const A* xr = x + r * W;
+        A* yr = y + r * W;
+        int64_t j = 0;
+        for (; j + L <= W; j += L) {
+            const vec<A> v = ((vload(xr + j) - vload(h + j)) - vload(l + j)) * vload(a + j) + vload(b + j);
+            if (nt) vstream(yr + j, v);
+            else vstore(yr + j, v);
+        }
+        for (; j < W; ++j) yr[j] = ((xr[j] - h[j]) - l[j]) * a[j] + b[j];
+    }
+}
+
+template <class A>
+void backward_cols(const A* dy, const A* x, A* dx, int64_t rows, int64_t W, const A* m, const A* a,
+                   const A* b, const A* c, bool stream) {
+    constexpr int L = kLanesOf<A>;
+    const bool nt = stream && reinterpret_cast<uintptr_t>(dx) % kVecBytes == 0 && (W * int64_t(sizeof(A))) % kVecBytes == 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const A* gr = dy + r * W;
+        const A* xr = x ? x + r * W : nullptr;
+        A* dr = dx + r * W;
+        int64_t j = 0;
+        for (; j + L <= W; j += L) {
+            vec<A> v = vload(a + j) * vload(gr + j);
+            if (xr) v += vload(b + j) * (vload(xr + j) - vload(m + j)) + vload(c + j);
+            if (nt) vstream(dr + j, v);
+            else vstore(dr + j, v);
+        }
+        for (; j < W; ++j) dr[j] = xr ? a[j] * gr[j] + b[j] * (xr[j] - m[j]) + c[j] : a[j] * gr[j];
+    }
+}
+
 template <class T>
 void normalize_t(const pybn_view& v, const void* xv, const void* coefv, void* yv) {
     using A = acc_t<T>;
@@ -624,7 +667,14 @@ void normalize_t(const pybn_view& v, const void* xv, const void* coefv, void* yv
         [&](int64_t off, int64_t len, int64_t c) {
             normalize_values(x + off, y + off, len, stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c, false);
         },
-        [&](int64_t off, int64_t len) { normalize_values(x + off, y + off, len, stream, e, e + W, e + 2 * W, e + 3 * W, true); });
+        [&](int64_t off, int64_t rows) {
+            if constexpr (kNative<T>) {
+                normalize_cols(x + off, y + off, rows, W, e, e + W, e + 2 * W, e + 3 * W, stream);
+            } else {
+                for (int64_t r = 0; r < rows; ++r)
+                    normalize_values(x + off + r * W, y + off + r * W, W, false, e, e + W, e + 2 * W, e + 3 * W, true);
+            }
+        });
 }
 
 template <class T>
@@ -646,8 +696,15 @@ void backward_elementwise_t(const pybn_view& v, const void* dyv, const void* xv,
             backward_values(dy + off, x ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c, k + 2 * C + c,
                             k + 3 * C + c, false);
         },
-        [&](int64_t off, int64_t len) {
-            backward_values(dy + off, x ? x + off : nullptr, dx + off, len, stream, e, e + W, e + 2 * W, e + 3 * W, true);
+        [&](int64_t off, int64_t rows) {
+            if constexpr (kNative<T>) {
+                backward_cols(dy + off, x ? x + off : nullptr, dx + off, rows, W, e, e + W, e + 2 * W, e + 3 * W, stream);
+            } else {
+                for (int64_t r = 0; r < rows; ++r) {
+                    const int64_t o = off + r * W;
+                    backward_values(dy + o, x ? x + o : nullptr, dx + o, W, false, e, e + W, e + 2 * W, e + 3 * W, true);
+                }
+            }
         });
 }
 
