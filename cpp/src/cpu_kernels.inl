@@ -242,51 +242,40 @@ template <class A> inline double lane(const vec<double>* pair, int l) {
     else return l < Ld ? pair[0][l] : pair[1][l - Ld];
 }
 
-// Column path, one tile: rows [0, rows) of a tile at `x` (row stride W). Rows are walked in
-// memory order, kDepth at a time; for each block of columns the kDepth rows accumulate in
-// registers (A) relative to the tile's first row, then widen into the float64 column sums
-// S, Q. At the end of the tile each column's moments merge into cols[j].
+// Column path, one tile: rows [0, rows) of a tile at `x` (row stride W, rows <= kTileRows), in
+// memory order. Each group of kDepth rows is added pairwise in A relative to the tile's first
+// row; the groups' sums accumulate in A per column (at most kTileRows / kDepth = 16 of them: as
+// accurate as the row path, measured in bench/NOTES.md), widened to float64 once per tile, and
+// each column's moments merge into cols[j]. s2, q2: W values of scratch.
 template <class A>
-void tile_moments(const A* x, int64_t W, int64_t rows, double* S, double* Q, Moments* cols) {
-    constexpr int L = kLanesOf<A>, Ld = kLanesOf<double>, n = kU * L;
-    const A* sh = x;  // the tile's first row
-    for (int64_t j = 0; j < W; ++j) S[j] = Q[j] = 0;
-    for (int64_t r0 = 0; r0 < rows; r0 += kDepth) {
-        const int64_t r1 = min64(rows, r0 + kDepth);
-        int64_t j0 = 0;
-        for (; j0 + n <= W; j0 += n) {
-            vec<A> s[kU] = {}, q[kU] = {};
-            for (int64_t r = r0; r < r1; ++r)
-                for (int u = 0; u < kU; ++u) {
-                    const vec<A> d = vload(x + r * W + j0 + u * L) - vload(sh + j0 + u * L);
-                    s[u] += d;
-                    q[u] += d * d;
-                }
-            for (int u = 0; u < kU; ++u) {
-                vec<double> s2[2] = {vload(S + j0 + u * L), vload(S + j0 + u * L + Ld)};
-                vec<double> q2[2] = {vload(Q + j0 + u * L), vload(Q + j0 + u * L + Ld)};
-                widen_add<A>(s[u], s2[0], s2[1]);
-                widen_add<A>(q[u], q2[0], q2[1]);
-                vstore(S + j0 + u * L, s2[0]);
-                vstore(Q + j0 + u * L, q2[0]);
-                if constexpr (sizeof(A) == 4) {
-                    vstore(S + j0 + u * L + Ld, s2[1]);
-                    vstore(Q + j0 + u * L + Ld, q2[1]);
-                }
-            }
+void tile_moments(const A* x, int64_t W, int64_t rows, A* s2, A* q2, Moments* cols) {
+    constexpr int L = kLanesOf<A>;
+    const A* sh = x;
+    for (int64_t j = 0; j < W; ++j) s2[j] = q2[j] = 0;
+    int64_t r = 0;
+    for (; r + kDepth <= rows; r += kDepth) {
+        const A *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;
+        int64_t j = 0;
+        for (; j + L <= W; j += L) {
+            const vec<A> shv = vload(sh + j);
+            const vec<A> d0 = vload(x0 + j) - shv, d1 = vload(x1 + j) - shv;
+            const vec<A> d2 = vload(x2 + j) - shv, d3 = vload(x3 + j) - shv;
+            vstore(s2 + j, vload(s2 + j) + ((d0 + d1) + (d2 + d3)));
+            vstore(q2 + j, vload(q2 + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
         }
-        for (int64_t j = j0; j < W; ++j) {  // the same arithmetic, one column at a time
-            A s = 0, q = 0;
-            for (int64_t r = r0; r < r1; ++r) {
-                const A d = x[r * W + j] - sh[j];
-                s += d;
-                q += d * d;
-            }
-            S[j] += double(s);
-            Q[j] += double(q);
+        for (; j < W; ++j) {  // the same arithmetic, one column at a time
+            const A d0 = x0[j] - sh[j], d1 = x1[j] - sh[j], d2 = x2[j] - sh[j], d3 = x3[j] - sh[j];
+            s2[j] += (d0 + d1) + (d2 + d3);
+            q2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
         }
     }
-    for (int64_t j = 0; j < W; ++j) cols[j].merge_shifted(double(rows), double(sh[j]), S[j], Q[j]);
+    for (; r < rows; ++r)  // a last, partial group
+        for (int64_t j = 0; j < W; ++j) {
+            const A d = x[r * W + j] - sh[j];
+            s2[j] += d;
+            q2[j] += d * d;
+        }
+    for (int64_t j = 0; j < W; ++j) cols[j].merge_shifted(double(rows), double(sh[j]), double(s2[j]), double(q2[j]));
 }
 
 // The tile of rows [r0, r0 + rows) as A values with row stride W: x itself, or a conversion of
@@ -317,14 +306,14 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
         const int nt = num_threads();
         const int64_t R = kTileRows;
         Scratch conv(kNative<T> ? 0 : sizeof(A) * size_t(R * W) * size_t(nt));
-        Scratch sums(sizeof(double) * 2 * size_t(W) * size_t(nt));
+        Scratch sums(sizeof(A) * 2 * size_t(W) * size_t(nt));
         reduce_cols<Moments>(v, nt, mom, [&](int64_t o0, int64_t o1, Moments* cols, int t) {
-            double* S = sums.as<double>(size_t(2 * W * t));
+            A* s2 = sums.as<A>(size_t(2 * W * t));
             for (int64_t j = 0; j < W; ++j) cols[j] = Moments{};
             for (int64_t r0 = o0; r0 < o1; r0 += R) {
                 const int64_t rows = min64(R, o1 - r0);
                 const A* tile = tile_values(x, W, r0, rows, conv.as<A>(size_t(R * W * t)));
-                tile_moments(tile, W, rows, S, S + W, cols);
+                tile_moments(tile, W, rows, s2, s2 + W, cols);
             }
         });
     }
@@ -387,49 +376,43 @@ Sums run_sums(const T* dy, const T* x, int64_t len, acc_t<T> m) {
     return s;
 }
 
-// Column path, one tile of dy and x (row stride W): rows in memory order, kDepth at a time,
-// register accumulators per block of columns widened into the float64 column sums D (3 x W).
+// Column path, one tile of dy and x (row stride W, rows <= kTileRows), in memory order: groups
+// of kDepth rows added pairwise in A, the groups' sums accumulated in A per column (a2: 3 x W
+// scratch), widened into the float64 column sums D (3 x W) once per tile.
 template <class A>
-void tile_sums(const A* dy, const A* x, const A* m, int64_t W, int64_t rows, double* D) {
-    constexpr int L = kLanesOf<A>, Ld = kLanesOf<double>, n = kU * L;
-    double *D0 = D, *D1 = D + W, *D2 = D + 2 * W;
-    for (int64_t r0 = 0; r0 < rows; r0 += kDepth) {
-        const int64_t r1 = min64(rows, r0 + kDepth);
-        int64_t j0 = 0;
-        for (; j0 + n <= W; j0 += n) {
-            vec<A> a0[kU] = {}, a1[kU] = {}, a2[kU] = {};
-            for (int64_t r = r0; r < r1; ++r)
-                for (int u = 0; u < kU; ++u) {
-                    const vec<A> g = vload(dy + r * W + j0 + u * L);
-                    const vec<A> d = vload(x + r * W + j0 + u * L) - vload(m + j0 + u * L);
-                    a0[u] += g;
-                    a1[u] += g * d;
-                    a2[u] += d;
-                }
-            for (int u = 0; u < kU; ++u) {
-                double* dst[3] = {D0 + j0 + u * L, D1 + j0 + u * L, D2 + j0 + u * L};
-                const vec<A>* src[3] = {&a0[u], &a1[u], &a2[u]};
-                for (int k = 0; k < 3; ++k) {
-                    vec<double> p[2] = {vload(dst[k]), vload(dst[k] + Ld)};
-                    widen_add<A>(*src[k], p[0], p[1]);
-                    vstore(dst[k], p[0]);
-                    if constexpr (sizeof(A) == 4) vstore(dst[k] + Ld, p[1]);
-                }
-            }
+void tile_sums(const A* dy, const A* x, const A* m, int64_t W, int64_t rows, A* a2, double* D) {
+    constexpr int L = kLanesOf<A>;
+    A *a0 = a2, *a1 = a2 + W, *ax = a2 + 2 * W;
+    for (int64_t j = 0; j < 3 * W; ++j) a2[j] = 0;
+    int64_t r = 0;
+    for (; r + kDepth <= rows; r += kDepth) {
+        const A *g0 = dy + r * W, *g1 = g0 + W, *g2 = g1 + W, *g3 = g2 + W;
+        const A *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;
+        int64_t j = 0;
+        for (; j + L <= W; j += L) {
+            const vec<A> mv = vload(m + j);
+            const vec<A> e0 = vload(g0 + j), e1 = vload(g1 + j), e2 = vload(g2 + j), e3 = vload(g3 + j);
+            const vec<A> d0 = vload(x0 + j) - mv, d1 = vload(x1 + j) - mv, d2 = vload(x2 + j) - mv, d3 = vload(x3 + j) - mv;
+            vstore(a0 + j, vload(a0 + j) + ((e0 + e1) + (e2 + e3)));
+            vstore(a1 + j, vload(a1 + j) + ((e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3)));
+            vstore(ax + j, vload(ax + j) + ((d0 + d1) + (d2 + d3)));
         }
-        for (int64_t j = j0; j < W; ++j) {  // the same arithmetic, one column at a time
-            A a0 = 0, a1 = 0, a2 = 0;
-            for (int64_t r = r0; r < r1; ++r) {
-                const A g = dy[r * W + j], d = x[r * W + j] - m[j];
-                a0 += g;
-                a1 += g * d;
-                a2 += d;
-            }
-            D0[j] += double(a0);
-            D1[j] += double(a1);
-            D2[j] += double(a2);
+        for (; j < W; ++j) {  // the same arithmetic, one column at a time
+            const A e0 = g0[j], e1 = g1[j], e2 = g2[j], e3 = g3[j];
+            const A d0 = x0[j] - m[j], d1 = x1[j] - m[j], d2 = x2[j] - m[j], d3 = x3[j] - m[j];
+            a0[j] += (e0 + e1) + (e2 + e3);
+            a1[j] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3);
+            ax[j] += (d0 + d1) + (d2 + d3);
         }
     }
+    for (; r < rows; ++r)  // a last, partial group
+        for (int64_t j = 0; j < W; ++j) {
+            const A g = dy[r * W + j], d = x[r * W + j] - m[j];
+            a0[j] += g;
+            a1[j] += g * d;
+            ax[j] += d;
+        }
+    for (int64_t j = 0; j < 3 * W; ++j) D[j] += double(a2[j]);
 }
 
 template <class T>
@@ -451,7 +434,7 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
         const int nt = num_threads();
         const int64_t R = kTileRows;
         Scratch mcol(sizeof(A) * size_t(W)), conv(kNative<T> ? 0 : 2 * sizeof(A) * size_t(R * W) * size_t(nt));
-        Scratch dsum(sizeof(double) * 3 * size_t(W) * size_t(nt));
+        Scratch dsum(sizeof(double) * 3 * size_t(W) * size_t(nt)), asum(sizeof(A) * 3 * size_t(W) * size_t(nt));
         A* m = mcol.as<A>();
         for (int64_t j = 0; j < W; ++j) m[j] = mean[j / inner];
         reduce_cols<Sums>(v, nt, sums, [&](int64_t o0, int64_t o1, Sums* cols, int t) {
@@ -462,7 +445,7 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
                 A* buf = conv.as<A>(size_t(2 * R * W * t));
                 const A* gt = tile_values(dy, W, r0, rows, buf);
                 const A* xt = tile_values(x, W, r0, rows, buf + R * W);
-                tile_sums(gt, xt, m, W, rows, D);
+                tile_sums(gt, xt, m, W, rows, asum.as<A>(size_t(3 * W * t)), D);
             }
             for (int64_t j = 0; j < W; ++j) {
                 cols[j].dy = D[j];
