@@ -109,16 +109,15 @@ pybn_status launch_backward(const char* fn, const pybn_view& v, const void* dy, 
         using P = acc_t<T>;
         using R = SumsReducer<T>;
         const ReducePlan plan = plan_reduce(v);
-        const size_t parts_bytes = align_up(sizeof(Sums) * size_t(v.channels * plan.chunks));
-        DeviceBuffer tmp;
-        st = tmp.allocate(fn, parts_bytes + sizeof(P) * 4 * size_t(v.channels), stream);
+        FusedScratch<Sums, P> tmp;
+        st = tmp.allocate(fn, v.channels * plan.chunks, v.channels, stream);
         if (st != PYBN_SUCCESS) return;
-        P* coef = tmp.as<P>(parts_bytes);
+        P* coef = tmp.coef;
         const typename R::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
                                     static_cast<const P*>(mean)};
         BackwardArgs<P> args = backward_args<P>(v, mean, invstd, gamma, training, nullptr, nullptr,
                                                 nullptr, nullptr, dgamma, dbeta, coef);
-        st = run_reduce<R>(fn, v, in, plan, tmp.as<Sums>(), BackwardEpilogue<P>{args}, stream);
+        st = run_reduce<R>(fn, v, in, plan, tmp.parts, BackwardEpilogue<P>{args}, stream);
         if (st != PYBN_SUCCESS || dx == nullptr) return;
         st = run_elementwise(fn, v,
                              BackwardOp<T>{static_cast<const T*>(dy),
@@ -138,13 +137,7 @@ pybn_status pybn_cuda_backward_reduce(pybn_view v, const void* dy, const void* x
                                       void* stream) {
     const char* fn = "pybn_cuda_backward_reduce";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_device_arg(fn, "dy", dy));
-        PYBN_CHECK(check_device_arg(fn, "x", x));
-        PYBN_CHECK(check_device_arg(fn, "mean", mean));
-        PYBN_CHECK(check_device_arg(fn, "sum_dy", sum_dy));
-        PYBN_CHECK(check_device_arg(fn, "sum_dy_xmu", sum_dy_xmu));
-        PYBN_CHECK(check_device_ptr(fn, "sum_xmu", sum_xmu));
+        PYBN_CHECK(validate_backward_reduce(fn, kDevicePointers, v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu));
         return launch_backward_reduce(fn, v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu,
                                       static_cast<cudaStream_t>(stream));
     });
@@ -157,21 +150,8 @@ pybn_status pybn_cuda_backward_elementwise(pybn_view v, const void* dy, const vo
                                            void* dx, void* dgamma, void* dbeta, void* stream) {
     const char* fn = "pybn_cuda_backward_elementwise";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        if (dx) PYBN_CHECK(check_device_arg(fn, "dy", dy));
-        PYBN_CHECK(check_device_arg(fn, "invstd", invstd));
-        PYBN_CHECK(check_device_arg(fn, "sum_dy", sum_dy));
-        PYBN_CHECK(check_device_arg(fn, "sum_dy_xmu", sum_dy_xmu));
-        if (training) {
-            if (dx) PYBN_CHECK(check_device_arg(fn, "x", x));
-            PYBN_CHECK(check_device_arg(fn, "mean", mean));
-            PYBN_CHECK(check_device_arg(fn, "count", count));
-        }
-        PYBN_CHECK(check_device_ptr(fn, "gamma", gamma));
-        PYBN_CHECK(check_device_ptr(fn, "sum_xmu", sum_xmu));
-        PYBN_CHECK(check_device_ptr(fn, "dx", dx));
-        PYBN_CHECK(check_device_ptr(fn, "dgamma", dgamma));
-        PYBN_CHECK(check_device_ptr(fn, "dbeta", dbeta));
+        PYBN_CHECK(validate_backward_elementwise(fn, kDevicePointers, v, dy, x, mean, invstd, gamma, training, count,
+                                                 sum_dy, sum_dy_xmu, sum_xmu, dx, dgamma, dbeta));
         return launch_backward_elementwise(fn, v, dy, x, mean, invstd, gamma, training, count,
                                            sum_dy, sum_dy_xmu, sum_xmu, dx, dgamma, dbeta,
                                            static_cast<cudaStream_t>(stream));
@@ -183,16 +163,7 @@ pybn_status pybn_cuda_backward(pybn_view v, const void* dy, const void* x, const
                                void* dgamma, void* dbeta, void* stream) {
     const char* fn = "pybn_cuda_backward";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_device_arg(fn, "dy", dy));
-        PYBN_CHECK(check_device_arg(fn, "x", x));
-        PYBN_CHECK(check_device_arg(fn, "mean", mean));
-        PYBN_CHECK(check_device_arg(fn, "invstd", invstd));
-        PYBN_CHECK(check_device_ptr(fn, "gamma", gamma));
-        PYBN_CHECK(check_device_ptr(fn, "dx", dx));
-        PYBN_CHECK(check_device_ptr(fn, "dgamma", dgamma));
-        PYBN_CHECK(check_device_ptr(fn, "dbeta", dbeta));
-        if (training) PYBN_CHECK(check_train_count(fn, v));
+        PYBN_CHECK(validate_backward(fn, kDevicePointers, v, dy, x, mean, invstd, gamma, training, dx, dgamma, dbeta));
         return launch_backward(fn, v, dy, x, mean, invstd, gamma, training, dx, dgamma, dbeta,
                                static_cast<cudaStream_t>(stream));
     });

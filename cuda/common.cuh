@@ -64,11 +64,9 @@ inline pybn_status cuda_fail(const char* fn, const char* what, cudaError_t e) {
         if (pybn_err_ != cudaSuccess) return ::pybn::cuda::cuda_fail(fn, what, pybn_err_); \
     } while (0)
 
-// A non-NULL pointer must be device-accessible: a host pointer would fault inside a kernel and
-// poison the CUDA context, so it is refused here instead.
-pybn_status check_device_ptr(const char* fn, const char* name, const void* p);
-// check_ptr (non-NULL) and check_device_ptr.
-pybn_status check_device_arg(const char* fn, const char* name, const void* p);
+// Pointer rules of the CUDA entry points: a non-NULL pointer must be device-accessible (a host
+// pointer would fault inside a kernel and poison the CUDA context, so it is refused instead).
+extern const PointerRules kDevicePointers;
 
 // The status of the launches just queued (configuration errors; faults surface later).
 inline pybn_status launched(const char* fn) {
@@ -101,6 +99,21 @@ class DeviceBuffer {
 };
 
 inline size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
+
+// One stream-ordered temporary holding `parts` reduction partials, then 4 * channels
+// coefficients of type P (the fused kernels' scratch).
+template <class Part, class P> struct FusedScratch {
+    DeviceBuffer buf;
+    Part* parts = nullptr;
+    P* coef = nullptr;
+    pybn_status allocate(const char* fn, int64_t nparts, int64_t channels, cudaStream_t stream) {
+        const size_t parts_bytes = align_up(sizeof(Part) * size_t(nparts));
+        PYBN_CHECK(buf.allocate(fn, parts_bytes + sizeof(P) * 4 * size_t(channels), stream));
+        parts = buf.as<Part>();
+        coef = buf.as<P>(parts_bytes);
+        return PYBN_SUCCESS;
+    }
+};
 
 // ---- per-channel reduction skeleton ---------------------------------------------------------
 // Stage 1 (reduce_rows / reduce_cols) writes one partial per (channel, chunk of rows); stage 2

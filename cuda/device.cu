@@ -1,7 +1,9 @@
-// Checks of device pointers for the CUDA entry points.
+// Pointer rules of the CUDA entry points (pointers must be device-accessible).
 #include "common.cuh"
 
 namespace pybn::cuda {
+
+namespace {
 
 pybn_status check_device_ptr(const char* fn, const char* name, const void* p) {
     if (p == nullptr) return PYBN_SUCCESS;
@@ -22,5 +24,9 @@ pybn_status check_device_arg(const char* fn, const char* name, const void* p) {
     PYBN_CHECK(check_ptr(fn, name, p));
     return check_device_ptr(fn, name, p);
 }
+
+}  // namespace
+
+const PointerRules kDevicePointers{check_device_arg, check_device_ptr};
 
 }  // namespace pybn::cuda

@@ -61,16 +61,15 @@ pybn_status launch_forward_train(const char* fn, const pybn_view& v, const void*
         using P = acc_t<T>;
         using R = StatsReducer<T>;
         const ReducePlan plan = plan_reduce(v);
-        const size_t parts_bytes = align_up(sizeof(Moments) * size_t(v.channels * plan.chunks));
-        DeviceBuffer tmp;
-        st = tmp.allocate(fn, parts_bytes + sizeof(P) * 4 * size_t(v.channels), stream);
+        FusedScratch<Moments, P> tmp;
+        st = tmp.allocate(fn, v.channels * plan.chunks, v.channels, stream);
         if (st != PYBN_SUCCESS) return;
-        P* coef = tmp.as<P>(parts_bytes);
+        P* coef = tmp.coef;
         const TrainEpilogue<P> epi{normalize_args<P>(v, nullptr, nullptr, nullptr, gamma, beta, eps,
                                                      running_mean, running_var, momentum, save_mean,
                                                      save_invstd, coef)};
-        st = run_reduce<R>(fn, v, typename R::Inputs{static_cast<const T*>(x)}, plan,
-                           tmp.as<Moments>(), epi, stream);
+        st = run_reduce<R>(fn, v, typename R::Inputs{static_cast<const T*>(x)}, plan, tmp.parts, epi,
+                           stream);
         if (st != PYBN_SUCCESS) return;
         st = run_elementwise(fn, v, NormalizeOp<T>{static_cast<const T*>(x), static_cast<T*>(y), coef, v.channels},
                              stream);
@@ -127,16 +126,6 @@ pybn_status launch_forward_infer(const char* fn, const pybn_view& v, const void*
     return st;
 }
 
-pybn_status check_params(const char* fn, const void* gamma, const void* beta, void* running_mean,
-                         void* running_var, void* save_mean, void* save_invstd) {
-    PYBN_CHECK(check_device_ptr(fn, "gamma", gamma));
-    PYBN_CHECK(check_device_ptr(fn, "beta", beta));
-    PYBN_CHECK(check_device_ptr(fn, "running_mean", running_mean));
-    PYBN_CHECK(check_device_ptr(fn, "running_var", running_var));
-    PYBN_CHECK(check_device_ptr(fn, "save_mean", save_mean));
-    return check_device_ptr(fn, "save_invstd", save_invstd);
-}
-
 }  // namespace
 
 extern "C" {
@@ -147,15 +136,8 @@ pybn_status pybn_cuda_normalize(pybn_view v, const void* x, const double* count,
                                 void* save_mean, void* save_invstd, void* stream) {
     const char* fn = "pybn_cuda_normalize";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_device_arg(fn, "x", x));
-        PYBN_CHECK(check_device_arg(fn, "y", y));
-        PYBN_CHECK(check_device_arg(fn, "count", count));
-        PYBN_CHECK(check_device_arg(fn, "mean", mean));
-        PYBN_CHECK(check_device_arg(fn, "m2", m2));
-        PYBN_CHECK(check_params(fn, gamma, beta, running_mean, running_var, save_mean, save_invstd));
-        PYBN_CHECK(check_eps(fn, eps));
-        if (running_mean || running_var) PYBN_CHECK(check_momentum(fn, momentum));
+        PYBN_CHECK(validate_normalize(fn, kDevicePointers, v, x, count, mean, m2, gamma, beta, eps, y, running_mean,
+                                      running_var, momentum, save_mean, save_invstd));
         return launch_normalize(fn, v, x, count, mean, m2, gamma, beta, eps, y, running_mean,
                                 running_var, momentum, save_mean, save_invstd,
                                 static_cast<cudaStream_t>(stream));
@@ -168,13 +150,8 @@ pybn_status pybn_cuda_forward_train(pybn_view v, const void* x, const void* gamm
                                     void* stream) {
     const char* fn = "pybn_cuda_forward_train";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_device_arg(fn, "x", x));
-        PYBN_CHECK(check_device_arg(fn, "y", y));
-        PYBN_CHECK(check_params(fn, gamma, beta, running_mean, running_var, save_mean, save_invstd));
-        PYBN_CHECK(check_eps(fn, eps));
-        if (running_mean || running_var) PYBN_CHECK(check_momentum(fn, momentum));
-        PYBN_CHECK(check_train_count(fn, v));
+        PYBN_CHECK(validate_forward_train(fn, kDevicePointers, v, x, gamma, beta, eps, running_mean, running_var,
+                                          momentum, y, save_mean, save_invstd));
         return launch_forward_train(fn, v, x, gamma, beta, eps, running_mean, running_var, momentum,
                                     y, save_mean, save_invstd, static_cast<cudaStream_t>(stream));
     });
@@ -185,14 +162,7 @@ pybn_status pybn_cuda_forward_infer(pybn_view v, const void* x, const void* runn
                                     double eps, void* y, void* stream) {
     const char* fn = "pybn_cuda_forward_infer";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_device_arg(fn, "x", x));
-        PYBN_CHECK(check_device_arg(fn, "y", y));
-        PYBN_CHECK(check_device_arg(fn, "running_mean", running_mean));
-        PYBN_CHECK(check_device_arg(fn, "running_var", running_var));
-        PYBN_CHECK(check_device_ptr(fn, "gamma", gamma));
-        PYBN_CHECK(check_device_ptr(fn, "beta", beta));
-        PYBN_CHECK(check_eps(fn, eps));
+        PYBN_CHECK(validate_forward_infer(fn, kDevicePointers, v, x, running_mean, running_var, gamma, beta, eps, y));
         return launch_forward_infer(fn, v, x, running_mean, running_var, gamma, beta, eps, y,
                                     static_cast<cudaStream_t>(stream));
     });

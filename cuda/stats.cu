@@ -55,11 +55,7 @@ pybn_status pybn_cuda_batch_stats(pybn_view v, const void* x, double* count, dou
                                   double* m2, void* stream) {
     const char* fn = "pybn_cuda_batch_stats";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_device_arg(fn, "x", x));
-        PYBN_CHECK(check_device_arg(fn, "count", count));
-        PYBN_CHECK(check_device_arg(fn, "mean", mean));
-        PYBN_CHECK(check_device_arg(fn, "m2", m2));
+        PYBN_CHECK(validate_batch_stats(fn, kDevicePointers, v, x, count, mean, m2));
         return launch_batch_stats(fn, v, x, count, mean, m2, static_cast<cudaStream_t>(stream));
     });
 }
@@ -69,20 +65,7 @@ pybn_status pybn_cuda_merge_stats(int64_t k, int64_t channels, const double* cou
                                   double* mean, double* m2, void* stream) {
     const char* fn = "pybn_cuda_merge_stats";
     return guarded(fn, [&] {
-        if (k < 1) return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: k must be >= 1, got %lld", fn, (long long)k);
-        if (channels < 0)
-            return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: channels must be >= 0, got %lld", fn,
-                        (long long)channels);
-        int64_t kc = 0, bytes = 0;
-        if (__builtin_mul_overflow(k, channels, &kc) || __builtin_mul_overflow(kc, int64_t(8), &bytes))
-            return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: k=%lld x channels=%lld overflows", fn,
-                        (long long)k, (long long)channels);
-        PYBN_CHECK(check_device_arg(fn, "counts", counts));
-        PYBN_CHECK(check_device_arg(fn, "means", means));
-        PYBN_CHECK(check_device_arg(fn, "m2s", m2s));
-        PYBN_CHECK(check_device_arg(fn, "count", count));
-        PYBN_CHECK(check_device_arg(fn, "mean", mean));
-        PYBN_CHECK(check_device_arg(fn, "m2", m2));
+        PYBN_CHECK(validate_merge_stats(fn, kDevicePointers, k, channels, counts, means, m2s, count, mean, m2));
         return launch_merge_stats(fn, k, channels, counts, means, m2s, count, mean, m2,
                                   static_cast<cudaStream_t>(stream));
     });

@@ -143,23 +143,6 @@ template <class F> void with_param(const pybn_view& v, F&& f) {
     else f(float{});
 }
 
-pybn_status check_backward_elementwise(const char* fn, const pybn_view& v, const void* dy,
-                                       const void* x, const void* mean, const void* invstd,
-                                       int training, const double* count, const double* sum_dy,
-                                       const double* sum_dy_xmu, void* dx) {
-    PYBN_CHECK(check_view(fn, v));
-    if (dx) PYBN_CHECK(check_ptr(fn, "dy", dy));
-    PYBN_CHECK(check_ptr(fn, "invstd", invstd));
-    PYBN_CHECK(check_ptr(fn, "sum_dy", sum_dy));
-    PYBN_CHECK(check_ptr(fn, "sum_dy_xmu", sum_dy_xmu));
-    if (training) {
-        if (dx) PYBN_CHECK(check_ptr(fn, "x", x));
-        PYBN_CHECK(check_ptr(fn, "mean", mean));
-        PYBN_CHECK(check_ptr(fn, "count", count));
-    }
-    return PYBN_SUCCESS;
-}
-
 }  // namespace
 
 extern "C" {
@@ -194,11 +177,7 @@ int pybn_has_cuda(void) {
 pybn_status pybn_batch_stats(pybn_view v, const void* x, double* count, double* mean, double* m2) {
     const char* fn = "pybn_batch_stats";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_ptr(fn, "x", x));
-        PYBN_CHECK(check_ptr(fn, "count", count));
-        PYBN_CHECK(check_ptr(fn, "mean", mean));
-        PYBN_CHECK(check_ptr(fn, "m2", m2));
+        PYBN_CHECK(validate_batch_stats(fn, kHostPointers, v, x, count, mean, m2));
         const int64_t C = v.channels, n = per_channel(v);
         if (n > 0) {
             std::vector<double> mu(static_cast<size_t>(C)), sq(static_cast<size_t>(C));  // no output written on failure
@@ -219,20 +198,8 @@ pybn_status pybn_merge_stats(int64_t k, int64_t channels, const double* counts, 
                              const double* m2s, double* count, double* mean, double* m2) {
     const char* fn = "pybn_merge_stats";
     return guarded(fn, [&] {
-        if (k < 1) return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: k must be >= 1, got %lld", fn, (long long)k);
-        if (channels < 0)
-            return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: channels must be >= 0, got %lld", fn,
-                        (long long)channels);
-        int64_t kc = 0, bytes = 0;
-        if (__builtin_mul_overflow(k, channels, &kc) || __builtin_mul_overflow(kc, int64_t(8), &bytes))
-            return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: k=%lld x channels=%lld overflows", fn,
-                        (long long)k, (long long)channels);
-        PYBN_CHECK(check_ptr(fn, "counts", counts));
-        PYBN_CHECK(check_ptr(fn, "means", means));
-        PYBN_CHECK(check_ptr(fn, "m2s", m2s));
-        PYBN_CHECK(check_ptr(fn, "count", count));
-        PYBN_CHECK(check_ptr(fn, "mean", mean));
-        PYBN_CHECK(check_ptr(fn, "m2", m2));
+        PYBN_CHECK(validate_merge_stats(fn, kHostPointers, k, channels, counts, means, m2s, count, mean, m2));
+        const int64_t kc = k * channels;
         for (int64_t i = 0; i < kc; ++i)
             if (!(counts[i] >= 0))
                 return fail(PYBN_ERROR_INVALID_VALUE, "%s: counts[%lld][%lld] must be >= 0, got %g", fn,
@@ -248,14 +215,8 @@ pybn_status pybn_normalize(pybn_view v, const void* x, const double* count, cons
                            void* save_invstd) {
     const char* fn = "pybn_normalize";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_ptr(fn, "x", x));
-        PYBN_CHECK(check_ptr(fn, "y", y));
-        PYBN_CHECK(check_ptr(fn, "count", count));
-        PYBN_CHECK(check_ptr(fn, "mean", mean));
-        PYBN_CHECK(check_ptr(fn, "m2", m2));
-        PYBN_CHECK(check_eps(fn, eps));
-        if (running_mean || running_var) PYBN_CHECK(check_momentum(fn, momentum));
+        PYBN_CHECK(validate_normalize(fn, kHostPointers, v, x, count, mean, m2, gamma, beta, eps, y, running_mean,
+                                      running_var, momentum, save_mean, save_invstd));
         PYBN_CHECK(check_counts(fn, v.channels, count, running_var ? 2.0 : 1.0));
         with_param(v, [&](auto p) {
             normalize_impl<decltype(p)>(v, x, count, mean, m2, gamma, beta, eps, y, running_mean,
@@ -269,12 +230,7 @@ pybn_status pybn_backward_reduce(pybn_view v, const void* dy, const void* x, con
                                  double* sum_dy, double* sum_dy_xmu, double* sum_xmu) {
     const char* fn = "pybn_backward_reduce";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_ptr(fn, "dy", dy));
-        PYBN_CHECK(check_ptr(fn, "x", x));
-        PYBN_CHECK(check_ptr(fn, "mean", mean));
-        PYBN_CHECK(check_ptr(fn, "sum_dy", sum_dy));
-        PYBN_CHECK(check_ptr(fn, "sum_dy_xmu", sum_dy_xmu));
+        PYBN_CHECK(validate_backward_reduce(fn, kHostPointers, v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu));
         if (per_channel(v) > 0) {
             cpu::kernels().backward_reduce(v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu);
         } else {
@@ -294,8 +250,8 @@ pybn_status pybn_backward_elementwise(pybn_view v, const void* dy, const void* x
                                       void* dgamma, void* dbeta) {
     const char* fn = "pybn_backward_elementwise";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_backward_elementwise(fn, v, dy, x, mean, invstd, training, count, sum_dy,
-                                              sum_dy_xmu, dx));
+        PYBN_CHECK(validate_backward_elementwise(fn, kHostPointers, v, dy, x, mean, invstd, gamma, training, count,
+                                                 sum_dy, sum_dy_xmu, sum_xmu, dx, dgamma, dbeta));
         if (training) PYBN_CHECK(check_counts(fn, v.channels, count, 1.0));
         with_param(v, [&](auto p) {
             backward_elementwise_impl<decltype(p)>(v, dy, x, mean, invstd, gamma, training, count,
@@ -310,12 +266,8 @@ pybn_status pybn_forward_train(pybn_view v, const void* x, const void* gamma, co
                                void* y, void* save_mean, void* save_invstd) {
     const char* fn = "pybn_forward_train";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_ptr(fn, "x", x));
-        PYBN_CHECK(check_ptr(fn, "y", y));
-        PYBN_CHECK(check_eps(fn, eps));
-        if (running_mean || running_var) PYBN_CHECK(check_momentum(fn, momentum));
-        PYBN_CHECK(check_train_count(fn, v));
+        PYBN_CHECK(validate_forward_train(fn, kHostPointers, v, x, gamma, beta, eps, running_mean, running_var,
+                                          momentum, y, save_mean, save_invstd));
         with_param(v, [&](auto p) {
             forward_train_impl<decltype(p)>(v, x, gamma, beta, eps, running_mean, running_var,
                                             momentum, y, save_mean, save_invstd);
@@ -329,12 +281,7 @@ pybn_status pybn_forward_infer(pybn_view v, const void* x, const void* running_m
                                double eps, void* y) {
     const char* fn = "pybn_forward_infer";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_ptr(fn, "x", x));
-        PYBN_CHECK(check_ptr(fn, "y", y));
-        PYBN_CHECK(check_ptr(fn, "running_mean", running_mean));
-        PYBN_CHECK(check_ptr(fn, "running_var", running_var));
-        PYBN_CHECK(check_eps(fn, eps));
+        PYBN_CHECK(validate_forward_infer(fn, kHostPointers, v, x, running_mean, running_var, gamma, beta, eps, y));
         const int64_t C = v.channels;
         with_param(v, [&](auto p) {
             using P = decltype(p);
@@ -353,12 +300,7 @@ pybn_status pybn_backward(pybn_view v, const void* dy, const void* x, const void
                           void* dgamma, void* dbeta) {
     const char* fn = "pybn_backward";
     return guarded(fn, [&] {
-        PYBN_CHECK(check_view(fn, v));
-        PYBN_CHECK(check_ptr(fn, "dy", dy));
-        PYBN_CHECK(check_ptr(fn, "x", x));
-        PYBN_CHECK(check_ptr(fn, "mean", mean));
-        PYBN_CHECK(check_ptr(fn, "invstd", invstd));
-        if (training) PYBN_CHECK(check_train_count(fn, v));
+        PYBN_CHECK(validate_backward(fn, kHostPointers, v, dy, x, mean, invstd, gamma, training, dx, dgamma, dbeta));
         with_param(v, [&](auto p) {
             backward_impl<decltype(p)>(v, dy, x, mean, invstd, gamma, training, dx, dgamma, dbeta);
         });

@@ -14,8 +14,52 @@ pybn_status check_view(const char* fn, const pybn_view& v);
 pybn_status check_ptr(const char* fn, const char* name, const void* p);
 pybn_status check_eps(const char* fn, double eps);
 pybn_status check_momentum(const char* fn, double momentum);
+// k >= 1 partials of channels >= 0, k * channels doubles addressable.
+pybn_status check_merge_sizes(const char* fn, int64_t k, int64_t channels);
 // Training needs at least 2 values per channel (n = outer * inner), unless there are no channels.
 pybn_status check_train_count(const char* fn, const pybn_view& v);
+
+// How an entry point checks its pointers: `required` ones (non-NULL; for CUDA also device-
+// accessible) and `optional` ones (may be NULL; for CUDA device-accessible when not).
+struct PointerRules {
+    pybn_status (*required)(const char* fn, const char* name, const void* p);
+    pybn_status (*optional)(const char* fn, const char* name, const void* p);
+};
+extern const PointerRules kHostPointers;
+
+// Argument checks of each operation, shared by its CPU and CUDA entry points (which pass their
+// PointerRules). Value checks that need to read arrays (counts) are the CPU entry points' own.
+pybn_status validate_batch_stats(const char* fn, const PointerRules& p, const pybn_view& v,
+                                 const void* x, const void* count, const void* mean, const void* m2);
+pybn_status validate_merge_stats(const char* fn, const PointerRules& p, int64_t k, int64_t channels,
+                                 const void* counts, const void* means, const void* m2s,
+                                 const void* count, const void* mean, const void* m2);
+pybn_status validate_normalize(const char* fn, const PointerRules& p, const pybn_view& v,
+                               const void* x, const void* count, const void* mean, const void* m2,
+                               const void* gamma, const void* beta, double eps, const void* y,
+                               const void* running_mean, const void* running_var, double momentum,
+                               const void* save_mean, const void* save_invstd);
+pybn_status validate_backward_reduce(const char* fn, const PointerRules& p, const pybn_view& v,
+                                     const void* dy, const void* x, const void* mean,
+                                     const void* sum_dy, const void* sum_dy_xmu, const void* sum_xmu);
+pybn_status validate_backward_elementwise(const char* fn, const PointerRules& p, const pybn_view& v,
+                                          const void* dy, const void* x, const void* mean,
+                                          const void* invstd, const void* gamma, int training,
+                                          const void* count, const void* sum_dy,
+                                          const void* sum_dy_xmu, const void* sum_xmu,
+                                          const void* dx, const void* dgamma, const void* dbeta);
+pybn_status validate_forward_train(const char* fn, const PointerRules& p, const pybn_view& v,
+                                   const void* x, const void* gamma, const void* beta, double eps,
+                                   const void* running_mean, const void* running_var,
+                                   double momentum, const void* y, const void* save_mean,
+                                   const void* save_invstd);
+pybn_status validate_forward_infer(const char* fn, const PointerRules& p, const pybn_view& v,
+                                   const void* x, const void* running_mean, const void* running_var,
+                                   const void* gamma, const void* beta, double eps, const void* y);
+pybn_status validate_backward(const char* fn, const PointerRules& p, const pybn_view& v,
+                              const void* dy, const void* x, const void* mean, const void* invstd,
+                              const void* gamma, int training, const void* dx, const void* dgamma,
+                              const void* dbeta);
 
 // Runs body() (returning pybn_status) so that no C++ exception crosses the C ABI.
 template <class F> pybn_status guarded(const char* fn, F&& body) noexcept {
