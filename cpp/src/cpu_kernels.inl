@@ -40,7 +40,7 @@ constexpr int kDepth = 4;               // values per float32 accumulator before
 constexpr int64_t kRowMin = 32;         // inner >= kRowMin: row path; else column path
 constexpr int64_t kSegment = 16384;     // a long row is cut into runs of at most this many values
 constexpr int64_t kParts = 64;          // reductions are cut into about this many parts
-constexpr int64_t kTileRows = 64;       // column path: rows sharing one shift per column
+constexpr int64_t kTileRows = 64;       // column path: rows of one float level-2 sum
 constexpr int kU = 2;                   // vectors per column block / unrolled row step
 constexpr int64_t kPartMinRows = 64;    // column path: rows of a part, at least
 constexpr int64_t kChunkValues = 65536; // elementwise work unit
@@ -243,14 +243,13 @@ template <class A> inline double lane(const vec<double>* pair, int l) {
 }
 
 // Column path, one tile: rows [0, rows) of a tile at `x` (row stride W, rows <= kTileRows), in
-// memory order. Each group of kDepth rows is added pairwise in A relative to the tile's first
-// row; the groups' sums accumulate in A per column (at most kTileRows / kDepth = 16 of them: as
-// accurate as the row path, measured in bench/NOTES.md), widened to float64 once per tile, and
-// each column's moments merge into cols[j]. s2, q2: W values of scratch.
+// memory order, relative to `sh` (the first row of the part, a shift inside the data as on the
+// row path). Each group of kDepth rows is added pairwise in A; the groups' sums accumulate in A
+// per column (s2, q2: at most kTileRows / kDepth = 16 of them, as accurate as the row path:
+// bench/NOTES.md) and are widened into the float64 column sums S, Q once per tile.
 template <class A>
-void tile_moments(const A* x, int64_t W, int64_t rows, A* s2, A* q2, Moments* cols) {
+void tile_moments(const A* x, int64_t W, int64_t rows, const A* sh, A* s2, A* q2, double* S, double* Q) {
     constexpr int L = kLanesOf<A>;
-    const A* sh = x;
     for (int64_t j = 0; j < W; ++j) s2[j] = q2[j] = 0;
     int64_t r = 0;
     for (; r + kDepth <= rows; r += kDepth) {
@@ -275,7 +274,10 @@ void tile_moments(const A* x, int64_t W, int64_t rows, A* s2, A* q2, Moments* co
             s2[j] += d;
             q2[j] += d * d;
         }
-    for (int64_t j = 0; j < W; ++j) cols[j].merge_shifted(double(rows), double(sh[j]), double(s2[j]), double(q2[j]));
+    for (int64_t j = 0; j < W; ++j) {
+        S[j] += double(s2[j]);
+        Q[j] += double(q2[j]);
+    }
 }
 
 // The tile of rows [r0, r0 + rows) as A values with row stride W: x itself, or a conversion of
@@ -306,14 +308,20 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
         const int nt = num_threads();
         const int64_t R = kTileRows;
         Scratch conv(kNative<T> ? 0 : sizeof(A) * size_t(R * W) * size_t(nt));
-        Scratch sums(sizeof(A) * 2 * size_t(W) * size_t(nt));
+        Scratch abuf(sizeof(A) * 3 * size_t(W) * size_t(nt)), dbuf(sizeof(double) * 2 * size_t(W) * size_t(nt));
         reduce_cols<Moments>(v, nt, mom, [&](int64_t o0, int64_t o1, Moments* cols, int t) {
-            A* s2 = sums.as<A>(size_t(2 * W * t));
-            for (int64_t j = 0; j < W; ++j) cols[j] = Moments{};
+            A* sh = abuf.as<A>(size_t(3 * W * t));  // the part's first row, then s2, q2
+            double* S = dbuf.as<double>(size_t(2 * W * t));
+            to_acc(x + o0 * W, W, sh);
+            for (int64_t j = 0; j < 2 * W; ++j) S[j] = 0;
             for (int64_t r0 = o0; r0 < o1; r0 += R) {
                 const int64_t rows = min64(R, o1 - r0);
                 const A* tile = tile_values(x, W, r0, rows, conv.as<A>(size_t(R * W * t)));
-                tile_moments(tile, W, rows, s2, s2 + W, cols);
+                tile_moments(tile, W, rows, sh, sh + W, sh + 2 * W, S, S + W);
+            }
+            for (int64_t j = 0; j < W; ++j) {
+                cols[j] = Moments{};
+                cols[j].merge_shifted(double(o1 - o0), double(sh[j]), S[j], S[W + j]);
             }
         });
     }
