@@ -41,6 +41,7 @@ constexpr int64_t kRowMin = 32;         // inner >= kRowMin: row path; else colu
 constexpr int64_t kSegment = 16384;     // a long row is cut into runs of at most this many values
 constexpr int64_t kParts = 64;          // reductions are cut into about this many parts
 constexpr int64_t kTileRows = 64;       // column path: rows of one float level-2 sum
+constexpr int64_t kPrefetchBytes = 2048; // head of the next row run fetched ahead
 constexpr int kU = 2;                   // vectors per column block / unrolled row step
 constexpr int64_t kPartMinRows = 64;    // column path: rows of a part, at least
 constexpr int64_t kChunkValues = 65536; // elementwise work unit
@@ -140,15 +141,28 @@ inline int64_t row_split(const pybn_view& v) {
     return min64(max64(8, ceil_div(kParts, v.channels)), runs);  // >= 8: balanced channel groups
 }
 
+// Software prefetch of `bytes` from p.
+inline void prefetch_bytes(const char* p, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+}
+
+// `first` / elem_bytes: the data the runs read (for prefetching the next run's head).
 template <class Part, class Unit>
-void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, Part* parts, Part* out, Unit unit) {
+void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, const void* data, int64_t elem_bytes,
+                 Part* parts, Part* out, Unit unit) {
+    const char* first = static_cast<const char*>(data);
     const int64_t C = v.channels, inner = v.inner, nc = c1 - c0;
     const int64_t nseg = ceil_div(inner, kSegment), runs = v.outer * nseg, split = row_split(v);
     parallel_for(nc * split, v.outer * nc * inner, num_threads(), [&](int64_t p, int) {
         const int64_t c = c0 + p / split, s = p % split;
         Part acc{};
-        for (int64_t r = runs * s / split; r < runs * (s + 1) / split; ++r) {
+        const int64_t r1 = runs * (s + 1) / split;
+        for (int64_t r = runs * s / split; r < r1; ++r) {
             const int64_t o = r / nseg, g = r % nseg;
+            if (r + 1 < r1) {  // the next run starts far away: fetch its head while this one runs
+                const int64_t on = (r + 1) / nseg, gn = (r + 1) % nseg;
+                prefetch_bytes(first + ((on * C + c) * inner + gn * kSegment) * elem_bytes, kPrefetchBytes);
+            }
             acc.merge(unit(c, (o * C + c) * inner + g * kSegment, min64(kSegment, inner - g * kSegment)));
         }
         parts[p] = acc;
@@ -302,7 +316,7 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
     Moments* mom = result.as<Moments>();
     if (v.inner >= kRowMin) {
         Scratch parts(sizeof(Moments) * size_t(C * row_split(v)));
-        reduce_rows<Moments>(v, 0, C, parts.as<Moments>(), mom,
+        reduce_rows<Moments>(v, 0, C, x, sizeof(T), parts.as<Moments>(), mom,
                              [&](int64_t, int64_t off, int64_t len) { return run_moments(x + off, len); });
     } else {
         const int nt = num_threads();
@@ -435,7 +449,7 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
     Sums* sums = result.as<Sums>();
     if (inner >= kRowMin) {
         Scratch parts(sizeof(Sums) * size_t(C * row_split(v)));
-        reduce_rows<Sums>(v, 0, C, parts.as<Sums>(), sums, [&](int64_t c, int64_t off, int64_t len) {
+        reduce_rows<Sums>(v, 0, C, x, sizeof(T), parts.as<Sums>(), sums, [&](int64_t c, int64_t off, int64_t len) {
             return run_sums(dy + off, x + off, len, mean[c]);
         });
     } else {
@@ -730,7 +744,7 @@ void forward_train_t(const pybn_view& v, const void* xv, void* yv, const Channel
     const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows<Moments>(v, c0, c1, parts.as<Moments>(), mom.as<Moments>(),
+        reduce_rows<Moments>(v, c0, c1, x, sizeof(T), parts.as<Moments>(), mom.as<Moments>(),
                              [&](int64_t, int64_t off, int64_t len) { return run_moments(x + off, len); });
         for (int64_t c = 0; c < c1 - c0; ++c) {
             mean.as<double>()[c] = mom.as<Moments>()[c].mean();
@@ -766,7 +780,7 @@ void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void*
     const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows<Sums>(v, c0, c1, parts.as<Sums>(), red.as<Sums>(), [&](int64_t c, int64_t off, int64_t len) {
+        reduce_rows<Sums>(v, c0, c1, x, sizeof(T), parts.as<Sums>(), red.as<Sums>(), [&](int64_t c, int64_t off, int64_t len) {
             return run_sums(dy + off, x + off, len, mean[c]);
         });
         for (int64_t c = 0; c < c1 - c0; ++c) {
