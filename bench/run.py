@@ -1,134 +1,461 @@
-"""CPU benchmark of pybn against NumPy and PyTorch CPU (when installed) and the copy-bandwidth
-roofline, measured side by side in one run. Medians of repeated runs.
+"""pybn benchmark: CPU and GPU against peers and the memory-bandwidth limit.
 
-Bytes counted per op (the fewest passes over memory, b = bytes of x):
-  training forward 3b (read x for the statistics, read x + write y), inference 2b,
-  backward 5b (read dy + x for the sums, read dy + x + write dx).
+    python bench/run.py --quick --out DIR     # a small subset, < 2 minutes on 2 CPU cores
+    python bench/run.py --out DIR             # every shape, dtype, layout and op
+    python bench/run.py --op train --dtype float32 --layout nhwc --shape 256x14 --device cpu
+
+Napkin math: BN is memory-bound, so each op is charged the fewest passes over memory it needs,
+b = bytes of x: training forward 3b (read x for the statistics, read x and write y), inference
+2b, backward 5b (read dy and x for the sums, read them again and write dx). The ceiling is a copy
+of the same bytes measured in the same run (np.copyto on the CPU, a device-to-device copy on a
+GPU), timed right before every sample so that drifts of the machine's bandwidth cancel:
+% of roofline = (passes * b / t) / (2 * b / t_copy).
+
+Peers, measured side by side: a NumPy float32 implementation and PyTorch CPU at the same thread
+count; on a GPU PyTorch CUDA with cuDNN and with its native kernels, and a plain CuPy
+implementation. A peer that is not installed or does not support a case is reported as missing,
+with the reason.
 """
+from __future__ import annotations
+
 import argparse
+import json
+import os
+import platform
+import sys
 import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 import pybn
 
-PASSES = {"train_fwd": 3, "infer_fwd": 2, "backward": 5}
+PASSES = {"train": 3, "infer": 2, "backward": 5}
+# ResNet-50's BN layers (C, H, W)
+RESNET = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28), (512, 28, 28),
+          (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7)]
+BN1D = [(256, 1024), (4096, 1024), (65536, 256), (126000, 16)]
+STRESS = [(20, 6, 65536)]
 
 
-def median_s(fn, repeat):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+@dataclass
+class Case:
+    name: str
+    shape: Tuple[int, ...]  # logical NC... shape
+    layout: str             # "nchw" (channel axis 1) or "nhwc" (channels last, 4-D only)
+    dtype: str
 
 
-def timed(fn):
+def all_cases(quick: bool) -> List[Case]:
+    if quick:
+        shapes = [(32,) + RESNET[1], (32,) + RESNET[7], (32,) + RESNET[11], BN1D[1], STRESS[0]]
+        dtypes = {"float32"}
+        extra = [Case("32x64x56x56", (32, 64, 56, 56), "nchw", "bfloat16"),
+                 Case("32x64x56x56", (32, 64, 56, 56), "nhwc", "float16")]
+    else:
+        shapes = [(n,) + chw for chw in RESNET for n in (1, 32, 256)] + BN1D + STRESS
+        dtypes = {"float32", "float16", "bfloat16"}
+        extra = []
+    cases = []
+    for shape in shapes:
+        name = "x".join(str(s) for s in shape)
+        for layout in ("nchw", "nhwc") if len(shape) == 4 else ("nchw",):
+            for dtype in sorted(dtypes):
+                cases.append(Case(name, shape, layout, dtype))
+    return cases + extra
+
+
+# ------------------------------------------------------------------------------------------------
+# Arrays and implementations
+
+def np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def make_inputs(case: Case, xp, rng) -> Dict[str, Any]:
+    """x, dy (in the case's layout), gamma, beta, running stats; axis for pybn."""
+    shape = case.shape
+    if case.layout == "nhwc":
+        shape = (shape[0],) + shape[2:] + (shape[1],)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(np_dtype(case.dtype))
+    dy = rng.standard_normal(shape, dtype=np.float32).astype(np_dtype(case.dtype))
+    c = case.shape[1]
+    pd = np.float64 if case.dtype == "float64" else np.float32
+    host = dict(x=x, dy=dy, gamma=rng.standard_normal(c).astype(pd), beta=rng.standard_normal(c).astype(pd),
+                rm=np.zeros(c, pd), rv=np.ones(c, pd))
+    out = {k: xp.asarray(v) for k, v in host.items()}
+    out["axis"] = -1 if case.layout == "nhwc" else 1
+    return out
+
+
+def pybn_ops(a) -> Dict[str, Callable[[], Any]]:
+    ax = a["axis"]
+    _, mean, invstd = pybn.batchnorm_forward(a["x"], a["gamma"], a["beta"], axis=ax)
+    y = a["x"].copy()
+    return {
+        "train": lambda: pybn.batchnorm(a["x"], a["gamma"], a["beta"], a["rm"], a["rv"], axis=ax, out=y),
+        "infer": lambda: pybn.batchnorm(a["x"], a["gamma"], a["beta"], a["rm"], a["rv"], training=False,
+                                        axis=ax, out=y),
+        "backward": lambda: pybn.batchnorm_backward(a["dy"], a["x"], mean, invstd, a["gamma"], axis=ax, out=y),
+    }
+
+
+def array_ops(a, xp) -> Dict[str, Callable[[], Any]]:
+    """A plain float32 implementation with NumPy or CuPy (two-pass statistics)."""
+    x, dy, g, b = a["x"], a["dy"], a["gamma"], a["beta"]
+    ax = a["axis"] % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != ax)
+    sh = [1] * x.ndim
+    sh[ax] = -1
+    n = x.size // x.shape[ax]
+
+    def train():
+        m = x.mean(axis=red, keepdims=True)
+        v = x.var(axis=red, keepdims=True)
+        return (x - m) / xp.sqrt(v + 1e-5) * g.reshape(sh) + b.reshape(sh)
+
+    def infer():
+        return (x - a["rm"].reshape(sh)) * (g / xp.sqrt(a["rv"] + 1e-5)).reshape(sh) + b.reshape(sh)
+
+    def backward():
+        m = x.mean(axis=red, keepdims=True)
+        r = 1 / xp.sqrt(x.var(axis=red, keepdims=True) + 1e-5)
+        xh = (x - m) * r
+        sdy = dy.sum(axis=red, keepdims=True)
+        sdyx = (dy * xh).sum(axis=red, keepdims=True)
+        return g.reshape(sh) * r * (dy - sdy / n - xh * sdyx / n)
+
+    return {"train": train, "infer": infer, "backward": backward}
+
+
+def torch_ops(a, device: str, cudnn: bool) -> Dict[str, Callable[[], Any]]:
+    import torch
+    x = torch.from_dlpack(a["x"]) if device == "cuda" else torch.from_numpy(_torchable(a["x"]))
+    dy = torch.from_dlpack(a["dy"]) if device == "cuda" else torch.from_numpy(_torchable(a["dy"]))
+    if a["x"].dtype.name == "bfloat16" and device == "cpu":
+        x, dy = x.view(torch.bfloat16), dy.view(torch.bfloat16)
+    if a["axis"] == -1:  # NHWC memory as a channels_last NCHW tensor
+        x, dy = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)
+    conv = (lambda t: torch.from_dlpack(t)) if device == "cuda" else torch.from_numpy
+    g, b, rm, rv = (conv(a[k]) for k in ("gamma", "beta", "rm", "rv"))
+    _, sm, sr = torch.ops.aten.native_batch_norm(x, g, b, rm.clone(), rv.clone(), True, 0.1, 1e-5)
+
+    def run(fn):
+        def call():
+            with torch.backends.cudnn.flags(enabled=cudnn):
+                return fn()
+        return call
+
+    if cudnn:  # torch's public entry point picks cuDNN where it applies
+        import torch.nn.functional as F
+        xg = x.detach().requires_grad_(False)
+        return {
+            "train": run(lambda: F.batch_norm(xg, rm, rv, g, b, True, 0.1, 1e-5)),
+            "infer": run(lambda: F.batch_norm(xg, rm, rv, g, b, False, 0.1, 1e-5)),
+            "backward": run(lambda: torch.ops.aten.native_batch_norm_backward(
+                dy, x, g, rm, rv, sm, sr, True, 1e-5, [True, True, True])),
+        }
+    return {
+        "train": run(lambda: torch.ops.aten.native_batch_norm(x, g, b, rm, rv, True, 0.1, 1e-5)),
+        "infer": run(lambda: torch.ops.aten.native_batch_norm(x, g, b, rm, rv, False, 0.1, 1e-5)),
+        "backward": run(lambda: torch.ops.aten.native_batch_norm_backward(
+            dy, x, g, rm, rv, sm, sr, True, 1e-5, [True, True, True])),
+    }
+
+
+def _torchable(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
+
+
+def peers_for(case: Case, device: str, a, xp) -> Dict[str, Any]:
+    """name -> ops dict, or a string saying why the peer is missing."""
+    peers: Dict[str, Any] = {}
+    if device == "cpu":
+        peers["numpy"] = array_ops(a, np) if case.dtype == "float32" else "float32 only"
+        peers["torch"] = _try_torch(a, "cpu", cudnn=False)
+    else:
+        peers["torch_cudnn"] = _try_torch(a, "cuda", cudnn=True)
+        peers["torch_native"] = _try_torch(a, "cuda", cudnn=False)
+        peers["cupy"] = array_ops(a, xp) if case.dtype == "float32" else "float32 only"
+    return peers
+
+
+def _try_torch(a, device, cudnn):
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch not installed"
+    if device == "cuda" and not torch.cuda.is_available():
+        return "PyTorch without CUDA"
+    try:
+        ops = torch_ops(a, device, cudnn)
+        for f in ops.values():
+            f()
+        return ops
+    except Exception as e:  # a dtype / layout this build of PyTorch does not run
+        return f"PyTorch error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+
+def _t(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
 
 
-def median_vs_copy(fn, copy, repeat):
-    """Median time of fn and median of (time of copy / time of fn), each sample timing a copy right
-    before fn, so that drifts of this machine's memory bandwidth cancel in the ratio."""
-    fn()
-    pairs = [(timed(copy), timed(fn)) for _ in range(repeat)]
-    return float(np.median([p[1] for p in pairs])), float(np.median([p[0] / p[1] for p in pairs]))
+class CpuTimer:
+    name = "cpu"
+
+    def __init__(self, repeat: int):
+        self.repeat = repeat
+
+    def copy_fn(self, nbytes: int):
+        src = np.ones(nbytes // 4, np.float32)
+        dst = np.empty_like(src)
+        return lambda: np.copyto(dst, src)
+
+    def median(self, fn) -> float:
+        fn()
+        return float(np.median([_t(fn) for _ in range(self.repeat)]))
+
+    def median_vs_copy(self, fn, copy) -> Tuple[float, float]:
+        fn()
+        pairs = [(_t(copy), _t(fn)) for _ in range(self.repeat)]
+        return float(np.median([p[1] for p in pairs])), float(np.median([p[0] / p[1] for p in pairs]))
 
 
-def copy_bandwidth(nbytes, repeat):
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    return 2 * src.nbytes / median_s(lambda: np.copyto(dst, src), repeat)  # read + write
+class GpuTimer:
+    """CUDA-event timing through cupyx.profiler.benchmark (warm-up included)."""
+
+    name = "cuda"
+
+    def __init__(self, repeat: int):
+        import cupy
+        from cupyx.profiler import benchmark
+        self.cp, self.benchmark, self.repeat = cupy, benchmark, max(repeat, 20)
+
+    def copy_fn(self, nbytes: int):
+        src = self.cp.ones(nbytes // 4, self.cp.float32)
+        dst = self.cp.empty_like(src)
+        return lambda: self.cp.copyto(dst, src)
+
+    def median(self, fn) -> float:
+        r = self.benchmark(fn, n_repeat=self.repeat, n_warmup=5)
+        return float(np.median(r.gpu_times[0]))
+
+    def median_vs_copy(self, fn, copy) -> Tuple[float, float]:
+        t = self.median(fn)
+        return t, self.median(copy) / t
 
 
-def numpy_ops(x, g, b, dy):
-    red = (0, 2, 3)
-    sh = (1, -1, 1, 1)
+# ------------------------------------------------------------------------------------------------
 
-    def train():
-        m = x.mean(axis=red, keepdims=True)
-        v = x.var(axis=red, keepdims=True)
-        return (x - m) / np.sqrt(v + 1e-5) * g.reshape(sh) + b.reshape(sh)
-
-    rm, rv = np.zeros_like(g), np.ones_like(g)
-
-    def infer():
-        return (x - rm.reshape(sh)) * (g / np.sqrt(rv + 1e-5)).reshape(sh) + b.reshape(sh)
-
-    return {"train_fwd": train, "infer_fwd": infer}
-
-
-def torch_ops(x, g, b, dy, channels_last):
+def environment(devices: List[str]) -> Dict[str, Any]:
+    env: Dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(), "numpy": np.__version__, "pybn": pybn.__version__,
+        "cpu": _cpu_name(), "cpu_isa": pybn.cpu_isa(), "threads": pybn.get_num_threads(),
+        "pybn_has_cuda": pybn.has_cuda(),
+    }
     try:
         import torch
+        env["torch"] = torch.__version__
+        env["torch_threads"] = torch.get_num_threads()
     except ImportError:
-        return None
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    tx = torch.from_numpy(x).contiguous(memory_format=fmt)
-    tdy = torch.from_numpy(dy).contiguous(memory_format=fmt)
-    tg, tb = torch.from_numpy(g), torch.from_numpy(b)
-    rm, rv = torch.zeros_like(tg), torch.ones_like(tg)
-    _, save_m, save_r, _ = torch.ops.aten.native_batch_norm.default(tx, tg, tb, rm.clone(), rv.clone(), True, 0.1, 1e-5) + (None,)
-    return {
-        "train_fwd": lambda: torch.ops.aten.native_batch_norm(tx, tg, tb, rm, rv, True, 0.1, 1e-5),
-        "infer_fwd": lambda: torch.ops.aten.native_batch_norm(tx, tg, tb, rm, rv, False, 0.1, 1e-5),
-        "backward": lambda: torch.ops.aten.native_batch_norm_backward(
-            tdy, tx, tg, rm, rv, save_m, save_r, True, 1e-5, [True, True, True]),
-    }
+        env["torch"] = None
+    if "cuda" in devices:
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        env.update(cupy=cupy.__version__, gpu=props["name"].decode(),
+                   driver=cupy.cuda.runtime.driverGetVersion(), runtime=cupy.cuda.runtime.runtimeGetVersion())
+    return env
 
 
-def pybn_ops(x, g, b, dy, axis):
-    rm, rv = np.zeros_like(g), np.ones_like(g)
-    _, mean, invstd = pybn.batchnorm_forward(x, g, b, axis=axis)
-    y = np.empty_like(x)
-    return {
-        "train_fwd": lambda: pybn.batchnorm(x, g, b, rm, rv, axis=axis, out=y),
-        "infer_fwd": lambda: pybn.batchnorm(x, g, b, rm, rv, training=False, axis=axis, out=y),
-        "backward": lambda: pybn.batchnorm_backward(dy, x, mean, invstd, g, axis=axis, out=y),
-    }
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="256,64,56,56", help="N,C,H,W (default: %(default)s)")
-    ap.add_argument("--repeat", type=int, default=7)
-    args = ap.parse_args()
-    n, c, h, w = (int(s) for s in args.shape.split(","))
+def gpu_available() -> bool:
+    if not pybn.has_cuda():
+        return False
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def progress(i: int, n: int, what: str) -> None:
+    if sys.stderr.isatty() or os.environ.get("PYBN_BENCH_PROGRESS"):
+        bar = "#" * (30 * i // n)
+        sys.stderr.write(f"\r[{bar:<30}] {i}/{n} {what:<48}")
+        sys.stderr.flush()
+
+
+def run(args) -> Dict[str, Any]:
+    devices = ["cpu"] + (["cuda"] if gpu_available() else [])
+    devices = [d for d in devices if not args.device or d in args.device]
+    cases = [c for c in all_cases(args.quick)
+             if (not args.dtype or c.dtype in args.dtype) and (not args.layout or c.layout in args.layout)
+             and (not args.shape or any(s in c.name for s in args.shape))]
+    ops = [o for o in PASSES if not args.op or o in args.op]
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, c, h, w), dtype=np.float32)
-    dy = rng.standard_normal((n, c, h, w), dtype=np.float32)
-    g, b = rng.standard_normal(c, dtype=np.float32), rng.standard_normal(c, dtype=np.float32)
-    try:
-        import torch
-        threads = torch.get_num_threads()
-    except ImportError:
-        threads = None
-    bw = copy_bandwidth(x.nbytes, args.repeat)
-    src = np.ones(x.size, np.float32)
-    dst = np.empty_like(src)
-    copy = lambda: np.copyto(dst, src)  # noqa: E731
-    print(f"pybn {pybn.__version__} ({pybn.cpu_isa()}), x {x.shape} float32 = {x.nbytes / 1e6:.0f} MB, "
-          f"torch threads {threads}, copy bandwidth {bw / 1e9:.1f} GB/s")
-    print(f"{'layout':7} {'op':10} {'pybn ms':>8} {'%roof':>6} {'numpy ms':>9} {'torch ms':>9} {'vs numpy':>9} {'vs torch':>9}")
-    for layout in ("NCHW", "NHWC"):
-        cl = layout == "NHWC"
-        xs = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if cl else x
-        dys = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)) if cl else dy
-        ours = pybn_ops(xs, g, b, dys, -1 if cl else 1)
-        peers_np = numpy_ops(x, g, b, dy) if not cl else {}
-        peers_t = torch_ops(x, g, b, dy, cl) or {}
-        for op, passes in PASSES.items():
-            t, copy_ratio = median_vs_copy(ours[op], copy, args.repeat)
-            tn = median_s(peers_np[op], args.repeat) if op in peers_np else float("nan")
-            tt = median_s(peers_t[op], args.repeat) if op in peers_t else float("nan")
-            roof = copy_ratio * passes / 2  # (passes * bytes / t) / (2 * bytes / t_copy)
-            print(f"{layout:7} {op:10} {t * 1e3:8.1f} {roof * 100:5.0f}% {tn * 1e3:9.1f} {tt * 1e3:9.1f} "
-                  f"{tn / t:8.2f}x {tt / t:8.2f}x")
+    rows, total, done = [], len(cases) * len(devices), 0
+    ceilings: Dict[str, List[float]] = {}
+    for device in devices:
+        timer = CpuTimer(args.repeat) if device == "cpu" else GpuTimer(args.repeat)
+        xp = np if device == "cpu" else timer.cp
+        for case in cases:
+            done += 1
+            progress(done, total, f"{device} {case.name} {case.layout} {case.dtype}")
+            try:
+                a = make_inputs(case, xp, rng)
+            except (ImportError, TypeError) as e:
+                rows.append(dict(device=device, case=case.name, layout=case.layout, dtype=case.dtype,
+                                 op=None, error=f"inputs: {e}"))
+                continue
+            nbytes = a["x"].nbytes
+            copy = timer.copy_fn(nbytes)
+            ceilings.setdefault(device, []).append(2 * nbytes / timer.median(copy))
+            ours = pybn_ops(a)
+            peers = peers_for(case, device, a, xp)
+            for op in ops:
+                t, copy_ratio = timer.median_vs_copy(ours[op], copy)
+                row = dict(device=device, case=case.name, shape=list(case.shape), layout=case.layout,
+                           dtype=case.dtype, op=op, bytes=nbytes, pybn_s=t,
+                           roofline=copy_ratio * PASSES[op] / 2, peers={})
+                for name, p in peers.items():
+                    row["peers"][name] = ({"s": timer.median(p[op])} if isinstance(p, dict)
+                                          else {"missing": p})
+                rows.append(row)
+            del a, ours, peers
+    if total:
+        progress(total, total, "done")
+        sys.stderr.write("\n")
+    return {"environment": environment(devices),
+            "copy_bandwidth_GBps": {d: float(np.median(v)) / 1e9 for d, v in ceilings.items()},
+            "rows": rows}
+
+
+def print_table(result: Dict[str, Any]) -> None:
+    env = result["environment"]
+    print(f"pybn {env['pybn']} ({env['cpu_isa']}, {env['threads']} threads) on {env['cpu']}"
+          + (f"; GPU {env['gpu']}" if "gpu" in env else "; no GPU")
+          + f"; PyTorch {env['torch'] or 'missing'}")
+    print("copy bandwidth (same run): " + ", ".join(f"{d} {v:.1f} GB/s" for d, v in result["copy_bandwidth_GBps"].items()))
+    peer_names = sorted({n for r in result["rows"] if r.get("op") for n in r["peers"]})
+    head = f"{'device':6} {'case':16} {'layout':6} {'dtype':8} {'op':8} {'pybn ms':>9} {'%roof':>6}"
+    print(head + "".join(f" {'vs ' + n:>14}" for n in peer_names))
+    missing = {}
+    for r in result["rows"]:
+        if not r.get("op"):
+            print(f"{r['device']:6} {r['case']:16} {r['layout']:6} {r['dtype']:8} skipped: {r['error']}")
+            continue
+        line = (f"{r['device']:6} {r['case']:16} {r['layout']:6} {r['dtype']:8} {r['op']:8} "
+                f"{r['pybn_s'] * 1e3:9.3f} {r['roofline'] * 100:5.0f}%")
+        for n in peer_names:
+            p = r["peers"].get(n)
+            if p is None or "missing" in p:
+                line += f" {'missing':>14}"
+                if p is not None:
+                    missing[n] = missing.get(n, set()) | {p["missing"]}
+            else:
+                line += f" {p['s'] / r['pybn_s']:13.2f}x"
+        print(line)
+    for n, why in missing.items():
+        print(f"missing {n}: " + "; ".join(sorted(why)))
+
+
+def plot(result: Dict[str, Any], out: str) -> List[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    rows = [r for r in result["rows"] if r.get("op")]
+    # 1. speed-up over each peer, per case (training forward)
+    for device in sorted({r["device"] for r in rows}):
+        sel = [r for r in rows if r["device"] == device and r["op"] == "train"]
+        if not sel:
+            continue
+        labels = [f"{r['case']} {r['layout']} {r['dtype']}" for r in sel]
+        peers = sorted({n for r in sel for n, p in r["peers"].items() if "s" in p})
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(sel)), 4.5))
+        width = 0.8 / max(1, len(peers))
+        for k, n in enumerate(peers):
+            sp = [r["peers"][n]["s"] / r["pybn_s"] if "s" in r["peers"].get(n, {}) else 0 for r in sel]
+            ax.bar(np.arange(len(sel)) + k * width, sp, width, label=f"pybn vs {n}")
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set_xticks(np.arange(len(sel)) + 0.4 - width / 2)
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("speed-up (peer time / pybn time)")
+        ax.set_title(f"training forward on {device}: pybn against peers")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        files.append(os.path.join(out, f"speedup_{device}.png"))
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    # 2. % of the copy roofline against tensor size
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for device in sorted({r["device"] for r in rows}):
+        for op, marker in zip(PASSES, "o^s"):
+            sel = [r for r in rows if r["device"] == device and r["op"] == op]
+            if sel:
+                ax.scatter([r["bytes"] / 1e6 for r in sel], [100 * r["roofline"] for r in sel],
+                           marker=marker, label=f"{device} {op}", alpha=0.75)
+    ax.axhline(100, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("size of x (MB)")
+    ax.set_ylabel("% of copy roofline (minimum passes)")
+    ax.set_title("pybn against the memory-bandwidth limit")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(os.path.join(out, "roofline.png"))
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a small subset (< 2 minutes on 2 CPU cores)")
+    ap.add_argument("--out", help="folder for results.json and the PNG plots")
+    ap.add_argument("--repeat", type=int, default=None, help="samples per measurement (default 5 quick, 9 full)")
+    ap.add_argument("--op", nargs="*", choices=list(PASSES), help="ops to run")
+    ap.add_argument("--dtype", nargs="*", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--layout", nargs="*", choices=["nchw", "nhwc"])
+    ap.add_argument("--shape", nargs="*", help="keep cases whose name contains one of these, e.g. 64x56")
+    ap.add_argument("--device", nargs="*", choices=["cpu", "cuda"])
+    args = ap.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 5 if args.quick else 9
+    result = run(args)
+    print_table(result)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        try:
+            files = plot(result, args.out)
+        except ImportError:
+            files = []
+            print("plots skipped: matplotlib is not installed (pip install 'pybn[bench]')")
+        print("wrote " + ", ".join([os.path.join(args.out, "results.json")] + files))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
