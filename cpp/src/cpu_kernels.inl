@@ -120,8 +120,52 @@ constexpr int64_t kConvChunk = 1024;
 
 template <class T> constexpr bool kNative = std::is_same_v<T, acc_t<T>>;
 
+// 16-bit values to float and back, a vector at a time: bfloat16 by shifts, float16 with the
+// F16C instructions where this unit has them; the rest (and the tails) one value at a time.
+typedef uint16_t u16vec __attribute__((vector_size(kVecBytes / 2)));
+typedef uint32_t u32vec __attribute__((vector_size(kVecBytes)));
+typedef int32_t i32vec __attribute__((vector_size(kVecBytes)));
+constexpr int kLanes32 = kVecBytes / 4;
+
 template <class T> inline void to_acc(const T* p, int64_t n, acc_t<T>* out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = load(p[i]);
+    int64_t i = 0;
+    if constexpr (std::is_same_v<T, bfloat16_t>) {
+        for (; i + kLanes32 <= n; i += kLanes32) {
+            u16vec h;
+            __builtin_memcpy(&h, p + i, sizeof h);
+            const u32vec w = __builtin_convertvector(h, u32vec) << 16;
+            __builtin_memcpy(out + i, &w, sizeof w);
+        }
+    }
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<T, half_t>) {
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+    }
+#endif
+    for (; i < n; ++i) out[i] = load(p[i]);
+}
+
+template <class T> inline void from_acc(const acc_t<T>* in, int64_t n, T* out) {
+    int64_t i = 0;
+    if constexpr (std::is_same_v<T, bfloat16_t>) {
+        for (; i + kLanes32 <= n; i += kLanes32) {  // round to nearest even; NaN stays a quiet NaN
+            u32vec u;
+            __builtin_memcpy(&u, in + i, sizeof u);
+            const i32vec nan = (u & 0x7fffffffu) > 0x7f800000u;
+            const u32vec r = nan ? ((u >> 16) | 0x40u) : ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+            const u16vec h = __builtin_convertvector(r, u16vec);
+            __builtin_memcpy(out + i, &h, sizeof h);
+        }
+    }
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<T, half_t>) {
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+#endif
+    for (; i < n; ++i) out[i] = store<T>(in[i]);
 }
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -132,38 +176,49 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------------------------
 // Reduction drivers: the row path (inner >= kRowMin) and the column path (inner < kRowMin).
 
-// Row path: channel c is the sequence of runs (o, segment); it is cut into `split` parts of
-// consecutive runs (split depends on the shape only), and the parts merge in order, so a
-// channel's result is the same whichever channels are reduced with it. Channels [c0, c1) are
-// reduced into out[0, c1 - c0). unit(c, offset, len) returns the Part of one run.
-inline int64_t row_split(const pybn_view& v) {
-    const int64_t runs = v.outer * ceil_div(v.inner, kSegment);
-    return min64(max64(8, ceil_div(kParts, v.channels)), runs);  // >= 8: balanced channel groups
-}
-
 // Software prefetch of `bytes` from p.
 inline void prefetch_bytes(const char* p, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
 }
 
-// `first` / elem_bytes: the data the runs read (for prefetching the next run's head).
+// Row path: channel c is cut into runs sharing one shift: segments of kSegment values of a long
+// row, or groups of whole short rows (about kSegment values). The runs are cut into `split`
+// parts (depending on the shape only) that merge in order, so a channel's result is the same
+// whichever channels are reduced with it.
+struct RowRuns {
+    int64_t nseg;          // segments per row (1 for short rows)
+    int64_t rows_per_run;  // whole rows per run (1 for long rows)
+    int64_t runs;          // runs per channel
+};
+
+inline RowRuns row_runs(const pybn_view& v) {
+    if (v.inner >= kSegment) {
+        const int64_t nseg = ceil_div(v.inner, kSegment);
+        return {nseg, 1, v.outer * nseg};
+    }
+    const int64_t rpr = max64(1, kSegment / v.inner);
+    return {1, rpr, ceil_div(v.outer, rpr)};
+}
+
+inline int64_t row_split(const pybn_view& v) {
+    return min64(max64(8, ceil_div(kParts, v.channels)), row_runs(v).runs);  // >= 8: balanced groups
+}
+
+// Channels [c0, c1) are reduced into out[0, c1 - c0); parts: (c1 - c0) * row_split(v) scratch.
+// unit(c, offset, rows, stride, len) returns the Part of one run.
 template <class Part, class Unit>
-void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, const void* data, int64_t elem_bytes,
-                 Part* parts, Part* out, Unit unit) {
-    const char* first = static_cast<const char*>(data);
+void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, Part* parts, Part* out, Unit unit) {
     const int64_t C = v.channels, inner = v.inner, nc = c1 - c0;
-    const int64_t nseg = ceil_div(inner, kSegment), runs = v.outer * nseg, split = row_split(v);
+    const RowRuns rr = row_runs(v);
+    const int64_t split = row_split(v);
     parallel_for(nc * split, v.outer * nc * inner, num_threads(), [&](int64_t p, int) {
         const int64_t c = c0 + p / split, s = p % split;
         Part acc{};
-        const int64_t r1 = runs * (s + 1) / split;
-        for (int64_t r = runs * s / split; r < r1; ++r) {
-            const int64_t o = r / nseg, g = r % nseg;
-            if (r + 1 < r1) {  // the next run starts far away: fetch its head while this one runs
-                const int64_t on = (r + 1) / nseg, gn = (r + 1) % nseg;
-                prefetch_bytes(first + ((on * C + c) * inner + gn * kSegment) * elem_bytes, kPrefetchBytes);
-            }
-            acc.merge(unit(c, (o * C + c) * inner + g * kSegment, min64(kSegment, inner - g * kSegment)));
+        for (int64_t r = rr.runs * s / split; r < rr.runs * (s + 1) / split; ++r) {
+            const int64_t o0 = (r / rr.nseg) * rr.rows_per_run, g = r % rr.nseg;
+            const int64_t rows = min64(rr.rows_per_run, v.outer - o0);
+            acc.merge(unit(c, (o0 * C + c) * inner + g * kSegment, rows, C * inner,
+                           min64(kSegment, inner - g * kSegment)));
         }
         parts[p] = acc;
     });
@@ -218,6 +273,20 @@ void shifted_sums(const A* p, int64_t len, A shift, double& S, double& Q) {
             widen_add<A>(q[u], q2[2 * u], q2[2 * u + 1]);
         }
     }
+    {  // whole vectors left: flushed every kDepth
+        vec<A> s = {}, q = {};
+        for (int k = 0; i + L <= len; i += L) {
+            const vec<A> d = vload(p + i) - sh;
+            s += d;
+            q += d * d;
+            if (++k == kDepth || i + 2 * L > len) {
+                widen_add<A>(s, s2[0], s2[1]);
+                widen_add<A>(q, q2[0], q2[1]);
+                s = q = vec<A>{};
+                k = 0;
+            }
+        }
+    }
     double ts = 0, tq = 0;
     for (; i < len; ++i) {
         const A d = p[i] - shift;
@@ -228,32 +297,30 @@ void shifted_sums(const A* p, int64_t len, A shift, double& S, double& Q) {
     Q += hsum(q2) + tq;
 }
 
-// Moments of one run of a channel, relative to the run's first value.
+// Moments of one run of a channel: `rows` segments of `len` values, `stride` apart (several
+// short rows of one channel, or one segment of a long row), relative to the run's first value.
 template <class T>
-Moments run_moments(const T* p, int64_t len) {
+Moments run_moments(const T* p, int64_t rows, int64_t stride, int64_t len) {
     using A = acc_t<T>;
     const A shift = load(p[0]);
     double S = 0, Q = 0;
-    if constexpr (kNative<T>) {
-        shifted_sums(p, len, shift, S, Q);
-    } else {
-        A buf[kConvChunk];
-        for (int64_t i = 0; i < len; i += kConvChunk) {
-            const int64_t n = min64(kConvChunk, len - i);
-            to_acc(p + i, n, buf);
-            shifted_sums(buf, n, shift, S, Q);
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* q = p + r * stride;
+        if (r + 1 < rows) prefetch_bytes(reinterpret_cast<const char*>(q + stride), kPrefetchBytes);
+        if constexpr (kNative<T>) {
+            shifted_sums(q, len, shift, S, Q);
+        } else {
+            A buf[kConvChunk];
+            for (int64_t i = 0; i < len; i += kConvChunk) {
+                const int64_t n = min64(kConvChunk, len - i);
+                to_acc(q + i, n, buf);
+                shifted_sums(buf, n, shift, S, Q);
+            }
         }
     }
     Moments m;
-    m.merge_shifted(double(len), double(shift), S, Q);
+    m.merge_shifted(double(rows * len), double(shift), S, Q);
     return m;
-}
-
-// Lane l of a float64 accumulator pair that widened a vector of A (see widen_add).
-template <class A> inline double lane(const vec<double>* pair, int l) {
-    constexpr int Ld = kLanesOf<double>;
-    if constexpr (sizeof(A) == 8) return pair[0][l];
-    else return l < Ld ? pair[0][l] : pair[1][l - Ld];
 }
 
 // Column path, one tile: rows [0, rows) of a tile at `x` (row stride W, rows <= kTileRows), in
@@ -316,8 +383,10 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
     Moments* mom = result.as<Moments>();
     if (v.inner >= kRowMin) {
         Scratch parts(sizeof(Moments) * size_t(C * row_split(v)));
-        reduce_rows<Moments>(v, 0, C, x, sizeof(T), parts.as<Moments>(), mom,
-                             [&](int64_t, int64_t off, int64_t len) { return run_moments(x + off, len); });
+        reduce_rows<Moments>(v, 0, C, parts.as<Moments>(), mom,
+                             [&](int64_t, int64_t off, int64_t rows, int64_t stride, int64_t len) {
+                                 return run_moments(x + off, rows, stride, len);
+                             });
     } else {
         const int nt = num_threads();
         const int64_t R = kTileRows;
@@ -368,6 +437,22 @@ void dy_sums(const A* dy, const A* x, int64_t len, A m, Sums& out) {
         widen_add<A>(a1, d1[0], d1[1]);
         widen_add<A>(a2, d2[0], d2[1]);
     }
+    {  // whole vectors left: flushed every kDepth
+        vec<A> a0 = {}, a1 = {}, a2 = {};
+        for (int k = 0; i + L <= len; i += L) {
+            const vec<A> g = vload(dy + i), d = vload(x + i) - mv;
+            a0 += g;
+            a1 += g * d;
+            a2 += d;
+            if (++k == kDepth || i + 2 * L > len) {
+                widen_add<A>(a0, d0[0], d0[1]);
+                widen_add<A>(a1, d1[0], d1[1]);
+                widen_add<A>(a2, d2[0], d2[1]);
+                a0 = a1 = a2 = vec<A>{};
+                k = 0;
+            }
+        }
+    }
     Sums t;
     for (; i < len; ++i) {
         const A g = dy[i], d = x[i] - m;
@@ -381,18 +466,25 @@ void dy_sums(const A* dy, const A* x, int64_t len, A m, Sums& out) {
 }
 
 template <class T>
-Sums run_sums(const T* dy, const T* x, int64_t len, acc_t<T> m) {
+Sums run_sums(const T* dy, const T* x, int64_t rows, int64_t stride, int64_t len, acc_t<T> m) {
     using A = acc_t<T>;
     Sums s;
-    if constexpr (kNative<T>) {
-        dy_sums(dy, x, len, m, s);
-    } else {
-        A gb[kConvChunk], xb[kConvChunk];
-        for (int64_t i = 0; i < len; i += kConvChunk) {
-            const int64_t n = min64(kConvChunk, len - i);
-            to_acc(dy + i, n, gb);
-            to_acc(x + i, n, xb);
-            dy_sums(gb, xb, n, m, s);
+    for (int64_t r = 0; r < rows; ++r) {
+        const T *g = dy + r * stride, *q = x + r * stride;
+        if (r + 1 < rows) {
+            prefetch_bytes(reinterpret_cast<const char*>(g + stride), kPrefetchBytes);
+            prefetch_bytes(reinterpret_cast<const char*>(q + stride), kPrefetchBytes);
+        }
+        if constexpr (kNative<T>) {
+            dy_sums(g, q, len, m, s);
+        } else {
+            A gb[kConvChunk], xb[kConvChunk];
+            for (int64_t i = 0; i < len; i += kConvChunk) {
+                const int64_t n = min64(kConvChunk, len - i);
+                to_acc(g + i, n, gb);
+                to_acc(q + i, n, xb);
+                dy_sums(gb, xb, n, m, s);
+            }
         }
     }
     return s;
@@ -449,9 +541,10 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
     Sums* sums = result.as<Sums>();
     if (inner >= kRowMin) {
         Scratch parts(sizeof(Sums) * size_t(C * row_split(v)));
-        reduce_rows<Sums>(v, 0, C, x, sizeof(T), parts.as<Sums>(), sums, [&](int64_t c, int64_t off, int64_t len) {
-            return run_sums(dy + off, x + off, len, mean[c]);
-        });
+        reduce_rows<Sums>(v, 0, C, parts.as<Sums>(), sums,
+                          [&](int64_t c, int64_t off, int64_t rows, int64_t stride, int64_t len) {
+                              return run_sums(dy + off, x + off, rows, stride, len, mean[c]);
+                          });
     } else {
         const int nt = num_threads();
         const int64_t R = kTileRows;
@@ -569,7 +662,7 @@ PYBN_INLINE void normalize_values(const T* x, T* y, int64_t n, bool stream, cons
             const int64_t len = min64(kConvChunk, n - i);
             to_acc(x + i, len, xb);
             run(xb, yb, len, i, false);
-            for (int64_t k = 0; k < len; ++k) y[i + k] = store<T>(yb[k]);
+            from_acc(yb, len, y + i);
         }
     }
 }
@@ -611,7 +704,7 @@ PYBN_INLINE void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool
             to_acc(dy + i, len, gb);
             if (x) to_acc(x + i, len, xb);
             run(gb, x ? xb : nullptr, db, len, i, false);
-            for (int64_t k = 0; k < len; ++k) dx[i + k] = store<T>(db[k]);
+            from_acc(db, len, dx + i);
         }
     }
 }
@@ -744,8 +837,10 @@ void forward_train_t(const pybn_view& v, const void* xv, void* yv, const Channel
     const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows<Moments>(v, c0, c1, x, sizeof(T), parts.as<Moments>(), mom.as<Moments>(),
-                             [&](int64_t, int64_t off, int64_t len) { return run_moments(x + off, len); });
+        reduce_rows<Moments>(v, c0, c1, parts.as<Moments>(), mom.as<Moments>(),
+                             [&](int64_t, int64_t off, int64_t rows, int64_t stride, int64_t len) {
+                                 return run_moments(x + off, rows, stride, len);
+                             });
         for (int64_t c = 0; c < c1 - c0; ++c) {
             mean.as<double>()[c] = mom.as<Moments>()[c].mean();
             m2.as<double>()[c] = mom.as<Moments>()[c].m2;
@@ -780,9 +875,10 @@ void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void*
     const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows<Sums>(v, c0, c1, x, sizeof(T), parts.as<Sums>(), red.as<Sums>(), [&](int64_t c, int64_t off, int64_t len) {
-            return run_sums(dy + off, x + off, len, mean[c]);
-        });
+        reduce_rows<Sums>(v, c0, c1, parts.as<Sums>(), red.as<Sums>(),
+                          [&](int64_t c, int64_t off, int64_t rows, int64_t stride, int64_t len) {
+                              return run_sums(dy + off, x + off, rows, stride, len, mean[c]);
+                          });
         for (int64_t c = 0; c < c1 - c0; ++c) {
             s0[c] = red.as<Sums>()[c].dy;
             s1[c] = red.as<Sums>()[c].dy_xmu;
