@@ -18,6 +18,31 @@ from ._api import (
 )
 from .layer import BatchNorm
 
+import os as _os
+
+_HERE = _os.path.dirname(_os.path.abspath(__file__))
+
+
+def get_include() -> str:
+    """Folder holding pybn/pybn.h (the C ABI), for compilers: -I$(...)."""
+    return _os.path.join(_HERE, "include")
+
+
+def get_library_dir() -> str:
+    """Folder holding libpybn, for linkers: -L$(...) -lpybn."""
+    return _HERE
+
+
+def get_cmake_dir() -> str:
+    """Folder of the CMake package: find_package(pybn) with pybn_DIR set to it (or on
+    CMAKE_PREFIX_PATH), then target_link_libraries(app pybn::pybn)."""
+    return _os.path.join(_HERE, "lib", "cmake", "pybn")
+
+
+def get_pkgconfig_dir() -> str:
+    """Folder of pybn.pc: PKG_CONFIG_PATH=$(...) pkg-config --cflags --libs pybn."""
+    return _os.path.join(_HERE, "lib", "pkgconfig")
+
 __version__: str = _core.version()
 
 if _core.abi_version() != _core.ABI_VERSION:  # the extension was built against another libpybn
@@ -75,6 +100,10 @@ __all__ = [
     "batchnorm_forward",
     "cpu_isa",
     "cpu_isas",
+    "get_cmake_dir",
+    "get_include",
+    "get_library_dir",
+    "get_pkgconfig_dir",
     "get_num_threads",
     "has_cuda",
     "merge_stats",
