@@ -9,6 +9,10 @@
 
 #include <pybn/pybn.h>
 
+#if defined(PYBN_EXAMPLE_CUDA)
+#include <cuda_runtime.h>
+#endif
+
 namespace {
 
 void check(pybn_status st, const char* call) {
@@ -54,12 +58,37 @@ int main() {
         std::printf("expected error: %s\n", e.what());
     }
 
-    // The device entry point takes device pointers and a cudaStream_t as void*; here it shows
-    // the contract on host memory: refused with a status (or "not compiled" without CUDA).
+    // The device entry point takes device pointers and a cudaStream_t as void*. Host memory is
+    // refused with a status (or "not compiled" in a build without CUDA) ...
     const pybn_status st = pybn_cuda_forward_train(b.view, b.x.data(), nullptr, nullptr, 1e-5, nullptr, nullptr,
                                                    0.1, b.y.data(), nullptr, nullptr, /*stream=*/nullptr);
     std::printf("pybn_cuda_forward_train on host memory: %s\n", pybn_status_string(st));
     ok = ok && st != PYBN_SUCCESS;
+#if defined(PYBN_EXAMPLE_CUDA)
+    // ... and with a GPU the same step runs on device memory, queued on our own stream.
+    int devices = 0;
+    if (pybn_has_cuda() && cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) {
+        float *dx_in = nullptr, *dy_out = nullptr;
+        cudaStream_t stream = nullptr;
+        cudaStreamCreate(&stream);
+        cudaMalloc(&dx_in, 4 * sizeof(float));
+        cudaMalloc(&dy_out, 4 * sizeof(float));
+        cudaMemcpyAsync(dx_in, b.x.data(), 4 * sizeof(float), cudaMemcpyHostToDevice, stream);
+        check(pybn_cuda_forward_train(b.view, dx_in, nullptr, nullptr, 0.0, nullptr, nullptr, 0.1, dy_out, nullptr,
+                                      nullptr, stream),
+              "pybn_cuda_forward_train");
+        std::vector<float> y(4);
+        cudaMemcpyAsync(y.data(), dy_out, 4 * sizeof(float), cudaMemcpyDeviceToHost, stream);
+        cudaStreamSynchronize(stream);
+        for (size_t i = 0; i < y.size(); ++i) ok = ok && close(y[i], (b.x[i] - 3.0) * r);
+        std::printf("GPU training forward on a stream: %s\n", ok ? "matches" : "differs");
+        cudaFree(dx_in);
+        cudaFree(dy_out);
+        cudaStreamDestroy(stream);
+    } else {
+        std::printf("no CUDA device (or no CUDA build): GPU step skipped\n");
+    }
+#endif
 
     std::printf(ok ? "OK\n" : "FAILED\n");
     return ok ? 0 : 1;
