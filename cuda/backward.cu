@@ -36,12 +36,13 @@ template <class P> struct BackwardEpilogue {
     }
 };
 
-template <class P>
-__global__ void backward_prepare_kernel(BackwardArgs<P> args) {
-    const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (c < args.channels)
+// The same from given (possibly all-reduced) sums.
+template <class P> struct BackwardStep {
+    BackwardArgs<P> args;
+    __device__ void operator()(int64_t c) const {
         backward_channel(args, c, args.sum_dy[c], args.sum_dy_xmu[c], args.sum_xmu ? args.sum_xmu[c] : 0.0);
-}
+    }
+};
 
 template <class P>
 BackwardArgs<P> backward_args(const pybn_view& v, const void* mean, const void* invstd,
@@ -53,6 +54,22 @@ BackwardArgs<P> backward_args(const pybn_view& v, const void* mean, const void* 
             sum_dy, sum_dy_xmu, sum_xmu, static_cast<P*>(dgamma), static_cast<P*>(dbeta), coef};
 }
 
+// The shape of both backwards: coefficients and parameter gradients (step(coef) queues them),
+// then dx when asked for (x only in training).
+template <class T, class Step>
+pybn_status backward(const char* fn, const pybn_view& v, const void* dy, const void* x, int training, void* dx,
+                     Step step, cudaStream_t stream) {
+    using P = acc_t<T>;
+    if (v.channels == 0) return PYBN_SUCCESS;
+    Coefficients<P> coef;
+    PYBN_CHECK(coef.allocate(fn, v.channels, stream));
+    PYBN_CHECK(step(coef.ptr));
+    if (dx == nullptr) return PYBN_SUCCESS;
+    const BackwardOp<T> op{static_cast<const T*>(dy), training ? static_cast<const T*>(x) : nullptr,
+                           static_cast<T*>(dx), coef.ptr, v.channels};
+    return run_elementwise(fn, v, op, stream);
+}
+
 pybn_status launch_backward_reduce(const char* fn, const pybn_view& v, const void* dy,
                                    const void* x, const void* mean, double* sum_dy,
                                    double* sum_dy_xmu, double* sum_xmu, cudaStream_t stream) {
@@ -60,13 +77,9 @@ pybn_status launch_backward_reduce(const char* fn, const pybn_view& v, const voi
     with_dtype(v.dtype, [&](auto t) {
         using T = decltype(t);
         using R = SumsReducer<T>;
-        const ReducePlan plan = plan_reduce(v);
-        DeviceBuffer parts;
-        st = parts.allocate(fn, sizeof(Sums) * size_t(v.channels * plan.chunks), stream);
-        if (st != PYBN_SUCCESS) return;
         const typename R::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
                                     static_cast<const acc_t<T>*>(mean)};
-        st = run_reduce<R>(fn, v, in, plan, parts.as<Sums>(), SumsOut{sum_dy, sum_dy_xmu, sum_xmu}, stream);
+        st = run_reduce<R>(fn, v, in, SumsOut{sum_dy, sum_dy_xmu, sum_xmu}, stream);
     });
     return st;
 }
@@ -77,25 +90,14 @@ pybn_status launch_backward_elementwise(const char* fn, const pybn_view& v, cons
                                         const double* sum_dy, const double* sum_dy_xmu,
                                         const double* sum_xmu, void* dx, void* dgamma,
                                         void* dbeta, cudaStream_t stream) {
-    if (v.channels == 0) return PYBN_SUCCESS;
     pybn_status st = PYBN_SUCCESS;
     with_dtype(v.dtype, [&](auto t) {
-        using T = decltype(t);
-        using P = acc_t<T>;
-        DeviceBuffer tmp;
-        st = tmp.allocate(fn, sizeof(P) * 4 * size_t(v.channels), stream);
-        if (st != PYBN_SUCCESS) return;
-        P* coef = tmp.as<P>();
-        backward_prepare_kernel<P><<<unsigned(ceil_div(v.channels, kThreads)), kThreads, 0, stream>>>(
-            backward_args<P>(v, mean, invstd, gamma, training, count, sum_dy, sum_dy_xmu, sum_xmu,
-                             dgamma, dbeta, coef));
-        st = launched(fn);
-        if (st != PYBN_SUCCESS || dx == nullptr) return;
-        st = run_elementwise(fn, v,
-                             BackwardOp<T>{static_cast<const T*>(dy),
-                                           training ? static_cast<const T*>(x) : nullptr,
-                                           static_cast<T*>(dx), coef, v.channels},
-                             stream);
+        using P = acc_t<decltype(t)>;
+        st = backward<decltype(t)>(fn, v, dy, x, training, dx, [&](P* coef) {
+            const BackwardStep<P> step{backward_args<P>(v, mean, invstd, gamma, training, count, sum_dy, sum_dy_xmu,
+                                                        sum_xmu, dgamma, dbeta, coef)};
+            return run_per_channel(fn, v.channels, step, stream);
+        }, stream);
     });
     return st;
 }
@@ -108,22 +110,13 @@ pybn_status launch_backward(const char* fn, const pybn_view& v, const void* dy, 
         using T = decltype(t);
         using P = acc_t<T>;
         using R = SumsReducer<T>;
-        const ReducePlan plan = plan_reduce(v);
-        FusedScratch<Sums, P> tmp;
-        st = tmp.allocate(fn, v.channels * plan.chunks, v.channels, stream);
-        if (st != PYBN_SUCCESS) return;
-        P* coef = tmp.coef;
-        const typename R::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
-                                    static_cast<const P*>(mean)};
-        BackwardArgs<P> args = backward_args<P>(v, mean, invstd, gamma, training, nullptr, nullptr,
-                                                nullptr, nullptr, dgamma, dbeta, coef);
-        st = run_reduce<R>(fn, v, in, plan, tmp.parts, BackwardEpilogue<P>{args}, stream);
-        if (st != PYBN_SUCCESS || dx == nullptr) return;
-        st = run_elementwise(fn, v,
-                             BackwardOp<T>{static_cast<const T*>(dy),
-                                           training ? static_cast<const T*>(x) : nullptr,
-                                           static_cast<T*>(dx), coef, v.channels},
-                             stream);
+        st = backward<T>(fn, v, dy, x, training, dx, [&](P* coef) {
+            const typename R::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
+                                        static_cast<const P*>(mean)};
+            const BackwardEpilogue<P> epi{backward_args<P>(v, mean, invstd, gamma, training, nullptr, nullptr,
+                                                           nullptr, nullptr, dgamma, dbeta, coef)};
+            return run_reduce<R>(fn, v, in, epi, stream);
+        }, stream);
     });
     return st;
 }

@@ -98,22 +98,30 @@ class DeviceBuffer {
     cudaStream_t stream_ = nullptr;
 };
 
-inline size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
-
-// One stream-ordered temporary holding `parts` reduction partials, then 4 * channels
-// coefficients of type P (the fused kernels' scratch).
-template <class Part, class P> struct FusedScratch {
+// 4 x C per-channel coefficients of type P (see formulas.hpp) in a stream-ordered temporary.
+template <class P> struct Coefficients {
     DeviceBuffer buf;
-    Part* parts = nullptr;
-    P* coef = nullptr;
-    pybn_status allocate(const char* fn, int64_t nparts, int64_t channels, cudaStream_t stream) {
-        const size_t parts_bytes = align_up(sizeof(Part) * size_t(nparts));
-        PYBN_CHECK(buf.allocate(fn, parts_bytes + sizeof(P) * 4 * size_t(channels), stream));
-        parts = buf.as<Part>();
-        coef = buf.as<P>(parts_bytes);
+    P* ptr = nullptr;
+    pybn_status allocate(const char* fn, int64_t channels, cudaStream_t stream) {
+        PYBN_CHECK(buf.allocate(fn, sizeof(P) * 4 * size_t(channels), stream));
+        ptr = buf.as<P>();
         return PYBN_SUCCESS;
     }
 };
+
+// One thread per channel: f(c) for c in [0, C) (the per-channel steps between sweeps).
+template <class F>
+__global__ void per_channel_kernel(int64_t channels, F f) {
+    const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c < channels) f(c);
+}
+
+template <class F>
+pybn_status run_per_channel(const char* fn, int64_t channels, F f, cudaStream_t stream) {
+    if (channels == 0) return PYBN_SUCCESS;
+    per_channel_kernel<<<unsigned(ceil_div(channels, kThreads)), kThreads, 0, stream>>>(channels, f);
+    return launched(fn);
+}
 
 // ---- per-channel reduction skeleton ---------------------------------------------------------
 // Stage 1 (reduce_rows / reduce_cols) writes one partial per (channel, chunk of rows); stage 2
@@ -212,12 +220,15 @@ inline ReducePlan plan_reduce(const pybn_view& v) {
     return {false, rows, v.outer > 0 && v.inner > 0 ? ceil_div(v.outer, rows) : 0};
 }
 
-// Queues both stages on `stream`; `parts` holds channels * plan.chunks partials.
+// Queues both stages on `stream`, the partials in a stream-ordered temporary.
 template <class R, class Epilogue>
 pybn_status run_reduce(const char* fn, const pybn_view& v, const typename R::Inputs& in,
-                       const ReducePlan& plan, typename R::Part* parts, Epilogue epilogue,
-                       cudaStream_t stream) {
+                       Epilogue epilogue, cudaStream_t stream) {
     if (v.channels == 0) return PYBN_SUCCESS;
+    const ReducePlan plan = plan_reduce(v);
+    DeviceBuffer buf;
+    PYBN_CHECK(buf.allocate(fn, sizeof(typename R::Part) * size_t(v.channels * plan.chunks), stream));
+    typename R::Part* parts = buf.as<typename R::Part>();
     if (plan.chunks > 0) {
         if (plan.cols) {
             const dim3 grid(unsigned(ceil_div(v.channels, 32)), unsigned(plan.chunks));

@@ -26,18 +26,23 @@ template <class P> struct TrainEpilogue {
     }
 };
 
-template <class P>
-__global__ void normalize_prepare_kernel(NormalizeArgs<P> args) {
-    const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (c < args.channels) normalize_channel(args, c, args.count[c], args.mean[c], args.m2[c]);
-}
+// The same from given statistics (count, mean, M2 arrays).
+template <class P> struct NormalizeStep {
+    NormalizeArgs<P> args;
+    __device__ void operator()(int64_t c) const {
+        normalize_channel(args, c, args.count[c], args.mean[c], args.m2[c]);
+    }
+};
 
-template <class P>
-__global__ void infer_prepare_kernel(int64_t C, const P* running_mean, const P* running_var,
-                                     const P* gamma, const P* beta, double eps, P* coef) {
-    const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (c < C) infer_channel(C, c, running_mean, running_var, gamma, beta, eps, coef);
-}
+template <class P> struct InferStep {
+    int64_t C;
+    const P *running_mean, *running_var, *gamma, *beta;
+    double eps;
+    P* coef;
+    __device__ void operator()(int64_t c) const {
+        infer_channel(C, c, running_mean, running_var, gamma, beta, eps, coef);
+    }
+};
 
 template <class P>
 NormalizeArgs<P> normalize_args(const pybn_view& v, const double* count, const double* mean,
@@ -49,7 +54,17 @@ NormalizeArgs<P> normalize_args(const pybn_view& v, const double* count, const d
             static_cast<P*>(save_mean), static_cast<P*>(save_invstd), coef};
 }
 
-unsigned channel_blocks(int64_t C) { return unsigned(ceil_div(C, kThreads)); }
+// The shape of every forward: coefficients (step(coef) queues their computation), then y.
+template <class T, class Step>
+pybn_status forward(const char* fn, const pybn_view& v, const void* x, void* y, Step step, cudaStream_t stream) {
+    using P = acc_t<T>;
+    if (v.channels == 0) return PYBN_SUCCESS;
+    Coefficients<P> coef;
+    PYBN_CHECK(coef.allocate(fn, v.channels, stream));
+    PYBN_CHECK(step(coef.ptr));
+    return run_elementwise(fn, v, NormalizeOp<T>{static_cast<const T*>(x), static_cast<T*>(y), coef.ptr, v.channels},
+                           stream);
+}
 
 pybn_status launch_forward_train(const char* fn, const pybn_view& v, const void* x,
                                  const void* gamma, const void* beta, double eps,
@@ -60,19 +75,11 @@ pybn_status launch_forward_train(const char* fn, const pybn_view& v, const void*
         using T = decltype(t);
         using P = acc_t<T>;
         using R = StatsReducer<T>;
-        const ReducePlan plan = plan_reduce(v);
-        FusedScratch<Moments, P> tmp;
-        st = tmp.allocate(fn, v.channels * plan.chunks, v.channels, stream);
-        if (st != PYBN_SUCCESS) return;
-        P* coef = tmp.coef;
-        const TrainEpilogue<P> epi{normalize_args<P>(v, nullptr, nullptr, nullptr, gamma, beta, eps,
-                                                     running_mean, running_var, momentum, save_mean,
-                                                     save_invstd, coef)};
-        st = run_reduce<R>(fn, v, typename R::Inputs{static_cast<const T*>(x)}, plan, tmp.parts, epi,
-                           stream);
-        if (st != PYBN_SUCCESS) return;
-        st = run_elementwise(fn, v, NormalizeOp<T>{static_cast<const T*>(x), static_cast<T*>(y), coef, v.channels},
-                             stream);
+        st = forward<T>(fn, v, x, y, [&](P* coef) {
+            const TrainEpilogue<P> epi{normalize_args<P>(v, nullptr, nullptr, nullptr, gamma, beta, eps, running_mean,
+                                                         running_var, momentum, save_mean, save_invstd, coef)};
+            return run_reduce<R>(fn, v, typename R::Inputs{static_cast<const T*>(x)}, epi, stream);
+        }, stream);
     });
     return st;
 }
@@ -82,22 +89,14 @@ pybn_status launch_normalize(const char* fn, const pybn_view& v, const void* x, 
                              const void* beta, double eps, void* y, void* running_mean,
                              void* running_var, double momentum, void* save_mean,
                              void* save_invstd, cudaStream_t stream) {
-    if (v.channels == 0) return PYBN_SUCCESS;
     pybn_status st = PYBN_SUCCESS;
     with_dtype(v.dtype, [&](auto t) {
-        using T = decltype(t);
-        using P = acc_t<T>;
-        DeviceBuffer tmp;
-        st = tmp.allocate(fn, sizeof(P) * 4 * size_t(v.channels), stream);
-        if (st != PYBN_SUCCESS) return;
-        P* coef = tmp.as<P>();
-        normalize_prepare_kernel<P><<<channel_blocks(v.channels), kThreads, 0, stream>>>(
-            normalize_args<P>(v, count, mean, m2, gamma, beta, eps, running_mean, running_var,
-                              momentum, save_mean, save_invstd, coef));
-        st = launched(fn);
-        if (st != PYBN_SUCCESS) return;
-        st = run_elementwise(fn, v, NormalizeOp<T>{static_cast<const T*>(x), static_cast<T*>(y), coef, v.channels},
-                             stream);
+        using P = acc_t<decltype(t)>;
+        st = forward<decltype(t)>(fn, v, x, y, [&](P* coef) {
+            const NormalizeStep<P> step{normalize_args<P>(v, count, mean, m2, gamma, beta, eps, running_mean,
+                                                          running_var, momentum, save_mean, save_invstd, coef)};
+            return run_per_channel(fn, v.channels, step, stream);
+        }, stream);
     });
     return st;
 }
@@ -106,22 +105,14 @@ pybn_status launch_forward_infer(const char* fn, const pybn_view& v, const void*
                                  const void* running_mean, const void* running_var,
                                  const void* gamma, const void* beta, double eps, void* y,
                                  cudaStream_t stream) {
-    if (v.channels == 0) return PYBN_SUCCESS;
     pybn_status st = PYBN_SUCCESS;
     with_dtype(v.dtype, [&](auto t) {
-        using T = decltype(t);
-        using P = acc_t<T>;
-        DeviceBuffer tmp;
-        st = tmp.allocate(fn, sizeof(P) * 4 * size_t(v.channels), stream);
-        if (st != PYBN_SUCCESS) return;
-        P* coef = tmp.as<P>();
-        infer_prepare_kernel<P><<<channel_blocks(v.channels), kThreads, 0, stream>>>(
-            v.channels, static_cast<const P*>(running_mean), static_cast<const P*>(running_var),
-            static_cast<const P*>(gamma), static_cast<const P*>(beta), eps, coef);
-        st = launched(fn);
-        if (st != PYBN_SUCCESS) return;
-        st = run_elementwise(fn, v, NormalizeOp<T>{static_cast<const T*>(x), static_cast<T*>(y), coef, v.channels},
-                             stream);
+        using P = acc_t<decltype(t)>;
+        st = forward<decltype(t)>(fn, v, x, y, [&](P* coef) {
+            const InferStep<P> step{v.channels, static_cast<const P*>(running_mean), static_cast<const P*>(running_var),
+                                    static_cast<const P*>(gamma), static_cast<const P*>(beta), eps, coef};
+            return run_per_channel(fn, v.channels, step, stream);
+        }, stream);
     });
     return st;
 }
