@@ -32,6 +32,33 @@ pybn_status check_counts(const char* fn, int64_t channels, const double* count, 
     return PYBN_SUCCESS;
 }
 
+// The per-channel outputs of a forward (running statistics, saved mean / invstd) are computed
+// into copies and written back by finish(), after the kernel: nothing is written before.
+template <class P> class ForwardOutputs {
+  public:
+    ForwardOutputs(int64_t C, void* running_mean, void* running_var, void* save_mean, void* save_invstd)
+        : dst_{running_mean, running_var, save_mean, save_invstd} {
+        // running statistics are read and updated; saved values are always computed
+        if (running_mean) copy_[0].assign(static_cast<const P*>(running_mean), static_cast<const P*>(running_mean) + C);
+        if (running_var) copy_[1].assign(static_cast<const P*>(running_var), static_cast<const P*>(running_var) + C);
+        copy_[2].resize(static_cast<size_t>(C));
+        copy_[3].resize(static_cast<size_t>(C));
+    }
+    NormalizeArgs<P> args(int64_t C, const double* count, const double* mean, const double* m2, const void* gamma,
+                          const void* beta, double eps, double momentum, P* coef) {
+        return {C, count, mean, m2, static_cast<const P*>(gamma), static_cast<const P*>(beta), eps,
+                dst_[0] ? copy_[0].data() : nullptr, dst_[1] ? copy_[1].data() : nullptr, momentum,
+                copy_[2].data(), copy_[3].data(), coef};
+    }
+    void finish() {
+        for (int k = 0; k < 4; ++k) copy_out(copy_[k], dst_[k]);
+    }
+
+  private:
+    void* dst_[4];
+    std::vector<P> copy_[4];
+};
+
 template <class P>
 void normalize_impl(const pybn_view& v, const void* x, const double* count, const double* mean,
                     const double* m2, const void* gamma, const void* beta, double eps, void* y,
@@ -39,20 +66,11 @@ void normalize_impl(const pybn_view& v, const void* x, const double* count, cons
                     void* save_invstd) {
     const int64_t C = v.channels;
     std::vector<P> coef(static_cast<size_t>(4 * C));
-    // Per-channel outputs first go to copies: nothing is written until the kernel has run.
-    std::vector<P> rm, rv, sm(static_cast<size_t>(C)), si(static_cast<size_t>(C));
-    if (running_mean) rm.assign(static_cast<const P*>(running_mean), static_cast<const P*>(running_mean) + C);
-    if (running_var) rv.assign(static_cast<const P*>(running_var), static_cast<const P*>(running_var) + C);
-    const NormalizeArgs<P> args{C, count, mean, m2, static_cast<const P*>(gamma),
-                                static_cast<const P*>(beta), eps, running_mean ? rm.data() : nullptr,
-                                running_var ? rv.data() : nullptr, momentum, sm.data(), si.data(),
-                                coef.data()};
+    ForwardOutputs<P> outputs(C, running_mean, running_var, save_mean, save_invstd);
+    const NormalizeArgs<P> args = outputs.args(C, count, mean, m2, gamma, beta, eps, momentum, coef.data());
     for (int64_t c = 0; c < C; ++c) normalize_channel(args, c, count[c], mean[c], m2[c]);
     if (per_channel(v) > 0) cpu::kernels().normalize(v, x, coef.data(), y);
-    copy_out(rm, running_mean);
-    copy_out(rv, running_var);
-    copy_out(sm, save_mean);
-    copy_out(si, save_invstd);
+    outputs.finish();
 }
 
 template <class P>
@@ -81,16 +99,11 @@ void forward_train_impl(const pybn_view& v, const void* x, const void* gamma, co
                         double eps, void* running_mean, void* running_var, double momentum, void* y,
                         void* save_mean, void* save_invstd) {
     const int64_t C = v.channels;
-    std::vector<P> rm, rv, sm(static_cast<size_t>(C)), si(static_cast<size_t>(C));
-    if (running_mean) rm.assign(static_cast<const P*>(running_mean), static_cast<const P*>(running_mean) + C);
-    if (running_var) rv.assign(static_cast<const P*>(running_var), static_cast<const P*>(running_var) + C);
+    ForwardOutputs<P> outputs(C, running_mean, running_var, save_mean, save_invstd);
     struct Ctx {
         NormalizeArgs<P> args;
         double count;
-    } ctx{{C, nullptr, nullptr, nullptr, static_cast<const P*>(gamma), static_cast<const P*>(beta), eps,
-           running_mean ? rm.data() : nullptr, running_var ? rv.data() : nullptr, momentum, sm.data(),
-           si.data(), nullptr},
-          double(per_channel(v))};
+    } ctx{outputs.args(C, nullptr, nullptr, nullptr, gamma, beta, eps, momentum, nullptr), double(per_channel(v))};
     const cpu::ChannelHook hook{&ctx, [](void* p, int64_t c0, int64_t c1, const double* mean,
                                          const double* m2, const double*, void* coef) {
         Ctx& k = *static_cast<Ctx*>(p);
@@ -99,10 +112,7 @@ void forward_train_impl(const pybn_view& v, const void* x, const void* gamma, co
         for (int64_t c = c0; c < c1; ++c) normalize_channel(args, c, k.count, mean[c - c0], m2[c - c0]);
     }};
     if (C > 0) cpu::kernels().forward_train(v, x, y, hook);
-    copy_out(rm, running_mean);
-    copy_out(rv, running_var);
-    copy_out(sm, save_mean);
-    copy_out(si, save_invstd);
+    outputs.finish();
 }
 
 // Fused backward: the kernel reduces a channel group, this hook computes the coefficients and
