@@ -44,7 +44,10 @@ constexpr int64_t kTileRows = 64;       // column path: rows of one float level-
 constexpr int64_t kPrefetchBytes = 2048; // head of the next row run fetched ahead
 constexpr int kU = 2;                   // vectors per column block / unrolled row step
 constexpr int64_t kPartMinRows = 64;    // column path: rows of a part, at least
+constexpr int64_t kPartMinValues = 32768; // column path: values of a part, at least
 constexpr int64_t kChunkValues = 65536; // elementwise work unit
+
+#define PYBN_INLINE inline __attribute__((always_inline))
 
 // Vector width of this unit: the flags it was compiled with decide.
 #if defined(__AVX512F__)
@@ -92,17 +95,34 @@ inline void stream_fence() {
 
 // acc += v, widening float lanes into two float64 vectors (low half, high half); for double
 // vectors, a plain add into lo.
-template <class A> inline void widen_add(const vec<A>& v, vec<double>& lo, vec<double>& hi) {
+template <class A> PYBN_INLINE void widen_add(const vec<A>& v, vec<double>& lo, vec<double>& hi) {
     if constexpr (sizeof(A) == 8) {
         (void)hi;
         lo += v;
     } else {
+        // GCC 12 lowers __builtin_convertvector(float x 4 -> double x 4) two lanes at a time, so
+        // the widening uses the instructions directly (masked AVX-512 forms: GCC 12 warns on the
+        // plain ones' undefined operands).
+#if defined(__AVX512F__)
+        const __m512 f = (__m512)v;
+        lo += (vec<double>)_mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, f, 0));
+        hi += (vec<double>)_mm512_maskz_cvtps_pd(0xFF, _mm512_maskz_extractf32x8_ps(0xFF, f, 1));
+#elif defined(__AVX__)
+        const __m256 f = (__m256)v;
+        lo += (vec<double>)_mm256_cvtps_pd(_mm256_castps256_ps128(f));
+        hi += (vec<double>)_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+#elif defined(__SSE2__)
+        const __m128 f = (__m128)v;
+        lo += (vec<double>)_mm_cvtps_pd(f);
+        hi += (vec<double>)_mm_cvtps_pd(_mm_movehl_ps(f, f));
+#else
         typedef float half_vec __attribute__((vector_size(kVecBytes / 2)));
         half_vec a, b;
         __builtin_memcpy(&a, &v, sizeof a);
         __builtin_memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
         lo += __builtin_convertvector(a, vec<double>);
         hi += __builtin_convertvector(b, vec<double>);
+#endif
     }
 }
 
@@ -166,6 +186,15 @@ template <class T> inline void from_acc(const acc_t<T>* in, int64_t n, T* out) {
     }
 #endif
     for (; i < n; ++i) out[i] = store<T>(in[i]);
+}
+
+// Elements between per-column accumulator arrays of W columns: W rounded up to a cache line,
+// moved off multiples of 4 KiB (arrays exactly 4 KiB apart make a store to one and a load from
+// the next look dependent to the CPU: "4K aliasing").
+template <class E> inline int64_t spaced(int64_t W) {
+    int64_t bytes = (W * int64_t(sizeof(E)) + 63) / 64 * 64;
+    if (bytes % 4096 < 256 || bytes % 4096 > 4096 - 256) bytes += 512;
+    return bytes / int64_t(sizeof(E));
 }
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -234,8 +263,11 @@ void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, Part* parts, Part* 
 template <class Part, class PartFn>
 void reduce_cols(const pybn_view& v, int nt, Part* out, PartFn part) {
     const int64_t C = v.channels, inner = v.inner, W = C * inner;
-    // parts: at most kParts, at least kPartMinRows rows each, at most ~1M partials in all
-    const int64_t nparts = max64(1, min64(kParts, min64(v.outer / kPartMinRows, (int64_t(1) << 20) / W)));
+    // parts: at most kParts, at least kPartMinRows rows and kPartMinValues values each (the
+    // per-column merges of a part cost about as much as reducing a few rows), at most ~1M
+    // partials in all
+    const int64_t nparts = max64(1, min64(min64(kParts, v.outer * W / kPartMinValues),
+                                          min64(v.outer / kPartMinRows, (int64_t(1) << 20) / W)));
     Scratch scratch(sizeof(Part) * size_t(nparts * W));
     Part* parts = scratch.as<Part>();
     parallel_for(nparts, v.outer * W, nt, [&](int64_t p, int t) {
@@ -252,13 +284,27 @@ void reduce_cols(const pybn_view& v, int nt, Part* out, PartFn part) {
 // ---------------------------------------------------------------------------------------------
 // Batch statistics.
 
-// sum(x - shift) and sum((x - shift)^2) over p[0, len), added into (S, Q): blocks of kDepth
-// x U vectors accumulate in A, then widen into float64 vectors; the tail goes straight to float64.
+// Float64 accumulators of one run: `K` sums, each as a low and a high float64 vector per unrolled
+// lane block (kU of them) and a scalar for the tails; added up in a fixed order by `total`.
+template <int K> struct WideSums {
+    vec<double> v[K][2 * kU];
+    double tail[K];
+    double total(int k) const { return hsum(v[k]) + tail[k]; }
+};
+template <int K> PYBN_INLINE void zero(WideSums<K>& w) {
+    for (int k = 0; k < K; ++k) {
+        for (int u = 0; u < 2 * kU; ++u) w.v[k][u] = vec<double>{};
+        w.tail[k] = 0;
+    }
+}
+
+// sum(x - shift) and sum((x - shift)^2) over p[0, len), added into w (kept across the rows of a
+// run): blocks of kDepth x kU vectors accumulate in A, then widen into float64 vectors; the tail
+// goes straight to float64.
 template <class A>
-void shifted_sums(const A* p, int64_t len, A shift, double& S, double& Q) {
-    constexpr int L = kLanesOf<A>, U = 2, B = kDepth * U * L;
+PYBN_INLINE void shifted_sums(const A* p, int64_t len, A shift, WideSums<2>& w) {
+    constexpr int L = kLanesOf<A>, U = kU, B = kDepth * U * L;
     const vec<A> sh = vsplat(shift);
-    vec<double> s2[2 * U] = {}, q2[2 * U] = {};
     int64_t i = 0;
     for (; i + B <= len; i += B) {
         vec<A> s[U] = {}, q[U] = {};
@@ -269,8 +315,8 @@ void shifted_sums(const A* p, int64_t len, A shift, double& S, double& Q) {
                 q[u] += d * d;
             }
         for (int u = 0; u < U; ++u) {
-            widen_add<A>(s[u], s2[2 * u], s2[2 * u + 1]);
-            widen_add<A>(q[u], q2[2 * u], q2[2 * u + 1]);
+            widen_add<A>(s[u], w.v[0][2 * u], w.v[0][2 * u + 1]);
+            widen_add<A>(q[u], w.v[1][2 * u], w.v[1][2 * u + 1]);
         }
     }
     {  // whole vectors left: flushed every kDepth
@@ -280,21 +326,18 @@ void shifted_sums(const A* p, int64_t len, A shift, double& S, double& Q) {
             s += d;
             q += d * d;
             if (++k == kDepth || i + 2 * L > len) {
-                widen_add<A>(s, s2[0], s2[1]);
-                widen_add<A>(q, q2[0], q2[1]);
+                widen_add<A>(s, w.v[0][0], w.v[0][1]);
+                widen_add<A>(q, w.v[1][0], w.v[1][1]);
                 s = q = vec<A>{};
                 k = 0;
             }
         }
     }
-    double ts = 0, tq = 0;
     for (; i < len; ++i) {
         const A d = p[i] - shift;
-        ts += double(d);
-        tq += double(d * d);
+        w.tail[0] += double(d);
+        w.tail[1] += double(d * d);
     }
-    S += hsum(s2) + ts;
-    Q += hsum(q2) + tq;
 }
 
 // Moments of one run of a channel: `rows` segments of `len` values, `stride` apart (several
@@ -303,23 +346,24 @@ template <class T>
 Moments run_moments(const T* p, int64_t rows, int64_t stride, int64_t len) {
     using A = acc_t<T>;
     const A shift = load(p[0]);
-    double S = 0, Q = 0;
+    WideSums<2> w;
+    zero(w);
     for (int64_t r = 0; r < rows; ++r) {
         const T* q = p + r * stride;
-        if (r + 1 < rows) prefetch_bytes(reinterpret_cast<const char*>(q + stride), kPrefetchBytes);
+        if (r + 1 < rows) prefetch_bytes(reinterpret_cast<const char*>(q + stride), min64(kPrefetchBytes, len * int64_t(sizeof(T))));
         if constexpr (kNative<T>) {
-            shifted_sums(q, len, shift, S, Q);
+            shifted_sums(q, len, shift, w);
         } else {
             A buf[kConvChunk];
             for (int64_t i = 0; i < len; i += kConvChunk) {
                 const int64_t n = min64(kConvChunk, len - i);
                 to_acc(q + i, n, buf);
-                shifted_sums(buf, n, shift, S, Q);
+                shifted_sums(buf, n, shift, w);
             }
         }
     }
     Moments m;
-    m.merge_shifted(double(rows * len), double(shift), S, Q);
+    m.merge_shifted(double(rows * len), double(shift), w.total(0), w.total(1));
     return m;
 }
 
@@ -391,20 +435,21 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
         const int nt = num_threads();
         const int64_t R = kTileRows;
         Scratch conv(kNative<T> ? 0 : sizeof(A) * size_t(R * W) * size_t(nt));
-        Scratch abuf(sizeof(A) * 3 * size_t(W) * size_t(nt)), dbuf(sizeof(double) * 2 * size_t(W) * size_t(nt));
+        const int64_t wa = spaced<A>(W), wd = spaced<double>(W);
+        Scratch abuf(sizeof(A) * 3 * size_t(wa) * size_t(nt)), dbuf(sizeof(double) * 2 * size_t(wd) * size_t(nt));
         reduce_cols<Moments>(v, nt, mom, [&](int64_t o0, int64_t o1, Moments* cols, int t) {
-            A* sh = abuf.as<A>(size_t(3 * W * t));  // the part's first row, then s2, q2
-            double* S = dbuf.as<double>(size_t(2 * W * t));
+            A* sh = abuf.as<A>(size_t(3 * wa * t));  // the part's first row, then s2, q2
+            double* S = dbuf.as<double>(size_t(2 * wd * t));
             to_acc(x + o0 * W, W, sh);
-            for (int64_t j = 0; j < 2 * W; ++j) S[j] = 0;
+            for (int64_t j = 0; j < 2 * wd; ++j) S[j] = 0;
             for (int64_t r0 = o0; r0 < o1; r0 += R) {
                 const int64_t rows = min64(R, o1 - r0);
                 const A* tile = tile_values(x, W, r0, rows, conv.as<A>(size_t(R * W * t)));
-                tile_moments(tile, W, rows, sh, sh + W, sh + 2 * W, S, S + W);
+                tile_moments(tile, W, rows, sh, sh + wa, sh + 2 * wa, S, S + wd);
             }
             for (int64_t j = 0; j < W; ++j) {
                 cols[j] = Moments{};
-                cols[j].merge_shifted(double(o1 - o0), double(sh[j]), S[j], S[W + j]);
+                cols[j].merge_shifted(double(o1 - o0), double(sh[j]), S[j], S[wd + j]);
             }
         });
     }
@@ -420,10 +465,9 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
 // (sum(dy), sum(dy * (x - m)), sum(x - m)) over [0, len), added into out; blocks of kDepth
 // vectors accumulate in A, then widen into float64 vectors.
 template <class A>
-void dy_sums(const A* dy, const A* x, int64_t len, A m, Sums& out) {
+PYBN_INLINE void dy_sums(const A* dy, const A* x, int64_t len, A m, WideSums<3>& w) {
     constexpr int L = kLanesOf<A>, B = kDepth * L;
     const vec<A> mv = vsplat(m);
-    vec<double> d0[2] = {}, d1[2] = {}, d2[2] = {};
     int64_t i = 0;
     for (; i + B <= len; i += B) {
         vec<A> a0 = {}, a1 = {}, a2 = {};
@@ -433,9 +477,9 @@ void dy_sums(const A* dy, const A* x, int64_t len, A m, Sums& out) {
             a1 += g * d;
             a2 += d;
         }
-        widen_add<A>(a0, d0[0], d0[1]);
-        widen_add<A>(a1, d1[0], d1[1]);
-        widen_add<A>(a2, d2[0], d2[1]);
+        widen_add<A>(a0, w.v[0][0], w.v[0][1]);
+        widen_add<A>(a1, w.v[1][0], w.v[1][1]);
+        widen_add<A>(a2, w.v[2][0], w.v[2][1]);
     }
     {  // whole vectors left: flushed every kDepth
         vec<A> a0 = {}, a1 = {}, a2 = {};
@@ -445,48 +489,50 @@ void dy_sums(const A* dy, const A* x, int64_t len, A m, Sums& out) {
             a1 += g * d;
             a2 += d;
             if (++k == kDepth || i + 2 * L > len) {
-                widen_add<A>(a0, d0[0], d0[1]);
-                widen_add<A>(a1, d1[0], d1[1]);
-                widen_add<A>(a2, d2[0], d2[1]);
+                widen_add<A>(a0, w.v[0][0], w.v[0][1]);
+                widen_add<A>(a1, w.v[1][0], w.v[1][1]);
+                widen_add<A>(a2, w.v[2][0], w.v[2][1]);
                 a0 = a1 = a2 = vec<A>{};
                 k = 0;
             }
         }
     }
-    Sums t;
     for (; i < len; ++i) {
         const A g = dy[i], d = x[i] - m;
-        t.dy += double(g);
-        t.dy_xmu += double(g * d);
-        t.xmu += double(d);
+        w.tail[0] += double(g);
+        w.tail[1] += double(g * d);
+        w.tail[2] += double(d);
     }
-    out.dy += hsum(d0) + t.dy;
-    out.dy_xmu += hsum(d1) + t.dy_xmu;
-    out.xmu += hsum(d2) + t.xmu;
 }
 
 template <class T>
 Sums run_sums(const T* dy, const T* x, int64_t rows, int64_t stride, int64_t len, acc_t<T> m) {
     using A = acc_t<T>;
-    Sums s;
+    WideSums<3> w;
+    zero(w);
     for (int64_t r = 0; r < rows; ++r) {
         const T *g = dy + r * stride, *q = x + r * stride;
         if (r + 1 < rows) {
-            prefetch_bytes(reinterpret_cast<const char*>(g + stride), kPrefetchBytes);
-            prefetch_bytes(reinterpret_cast<const char*>(q + stride), kPrefetchBytes);
+            const int64_t ahead = min64(kPrefetchBytes, len * int64_t(sizeof(T)));
+            prefetch_bytes(reinterpret_cast<const char*>(g + stride), ahead);
+            prefetch_bytes(reinterpret_cast<const char*>(q + stride), ahead);
         }
         if constexpr (kNative<T>) {
-            dy_sums(g, q, len, m, s);
+            dy_sums(g, q, len, m, w);
         } else {
             A gb[kConvChunk], xb[kConvChunk];
             for (int64_t i = 0; i < len; i += kConvChunk) {
                 const int64_t n = min64(kConvChunk, len - i);
                 to_acc(g + i, n, gb);
                 to_acc(q + i, n, xb);
-                dy_sums(gb, xb, n, m, s);
+                dy_sums(gb, xb, n, m, w);
             }
         }
     }
+    Sums s;
+    s.dy = w.total(0);
+    s.dy_xmu = w.total(1);
+    s.xmu = w.total(2);
     return s;
 }
 
@@ -494,10 +540,11 @@ Sums run_sums(const T* dy, const T* x, int64_t rows, int64_t stride, int64_t len
 // of kDepth rows added pairwise in A, the groups' sums accumulated in A per column (a2: 3 x W
 // scratch), widened into the float64 column sums D (3 x W) once per tile.
 template <class A>
-void tile_sums(const A* dy, const A* x, const A* m, int64_t W, int64_t rows, A* a2, double* D) {
+void tile_sums(const A* dy, const A* x, const A* m, int64_t W, int64_t rows, A* a2, double* D, int64_t wa,
+               int64_t wd) {
     constexpr int L = kLanesOf<A>;
-    A *a0 = a2, *a1 = a2 + W, *ax = a2 + 2 * W;
-    for (int64_t j = 0; j < 3 * W; ++j) a2[j] = 0;
+    A *a0 = a2, *a1 = a2 + wa, *ax = a2 + 2 * wa;
+    for (int64_t j = 0; j < W; ++j) a0[j] = a1[j] = ax[j] = 0;
     int64_t r = 0;
     for (; r + kDepth <= rows; r += kDepth) {
         const A *g0 = dy + r * W, *g1 = g0 + W, *g2 = g1 + W, *g3 = g2 + W;
@@ -526,7 +573,11 @@ void tile_sums(const A* dy, const A* x, const A* m, int64_t W, int64_t rows, A* 
             a1[j] += g * d;
             ax[j] += d;
         }
-    for (int64_t j = 0; j < 3 * W; ++j) D[j] += double(a2[j]);
+    for (int64_t j = 0; j < W; ++j) {
+        D[j] += double(a0[j]);
+        D[wd + j] += double(a1[j]);
+        D[2 * wd + j] += double(ax[j]);
+    }
 }
 
 template <class T>
@@ -549,23 +600,25 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
         const int nt = num_threads();
         const int64_t R = kTileRows;
         Scratch mcol(sizeof(A) * size_t(W)), conv(kNative<T> ? 0 : 2 * sizeof(A) * size_t(R * W) * size_t(nt));
-        Scratch dsum(sizeof(double) * 3 * size_t(W) * size_t(nt)), asum(sizeof(A) * 3 * size_t(W) * size_t(nt));
+        const int64_t wa = spaced<A>(W), wd = spaced<double>(W);
+        Scratch dsum(sizeof(double) * 3 * size_t(wd) * size_t(nt)), asum(sizeof(A) * 3 * size_t(wa) * size_t(nt));
         A* m = mcol.as<A>();
-        for (int64_t j = 0; j < W; ++j) m[j] = mean[j / inner];
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t i = 0; i < inner; ++i) m[c * inner + i] = mean[c];
         reduce_cols<Sums>(v, nt, sums, [&](int64_t o0, int64_t o1, Sums* cols, int t) {
-            double* D = dsum.as<double>(size_t(3 * W * t));
-            for (int64_t j = 0; j < 3 * W; ++j) D[j] = 0;
+            double* D = dsum.as<double>(size_t(3 * wd * t));
+            for (int64_t j = 0; j < 3 * wd; ++j) D[j] = 0;
             for (int64_t r0 = o0; r0 < o1; r0 += R) {
                 const int64_t rows = min64(R, o1 - r0);
                 A* buf = conv.as<A>(size_t(2 * R * W * t));
                 const A* gt = tile_values(dy, W, r0, rows, buf);
                 const A* xt = tile_values(x, W, r0, rows, buf + R * W);
-                tile_sums(gt, xt, m, W, rows, asum.as<A>(size_t(3 * W * t)), D);
+                tile_sums(gt, xt, m, W, rows, asum.as<A>(size_t(3 * wa * t)), D, wa, wd);
             }
             for (int64_t j = 0; j < W; ++j) {
                 cols[j].dy = D[j];
-                cols[j].dy_xmu = D[W + j];
-                cols[j].xmu = D[2 * W + j];
+                cols[j].dy_xmu = D[wd + j];
+                cols[j].xmu = D[2 * wd + j];
             }
         });
     }
@@ -609,18 +662,31 @@ void elementwise(const pybn_view& v, RowOp row_op, ColsOp cols_op) {
     }
 }
 
-// coef (4 x C) expanded to 4 x W per-column values for the column path.
+// Column path coefficients: coef (4 x C) expanded to 4 arrays of E values, the value at
+// position k being coef[(k mod W) / inner]. A run of rows walks them with a column position j in
+// [0, P), P the smallest multiple of W that holds a vector, so that the vector at j never passes
+// the end (E = P + L) and one subtraction wraps j: rows of any width stay vectorised, and a run
+// may start anywhere in a row (aligned streaming stores).
 template <class A>
-void expand_columns(const A* coef, int64_t C, int64_t inner, A* out) {
-    const int64_t W = C * inner;
-    for (int64_t k = 0; k < 4; ++k)
-        for (int64_t j = 0; j < W; ++j) out[k * W + j] = coef[k * C + j / inner];
-}
+struct ColumnCoefs {
+    int64_t W, P, E;
+    Scratch buf;
+    ColumnCoefs(const A* coef, int64_t C, int64_t inner, bool column_path)
+        : W(C * inner), P(W * ceil_div(kLanesOf<A>, W)), E(P + kLanesOf<A>),
+          buf(column_path ? sizeof(A) * 4 * size_t(E) : 0) {
+        if (!column_path) return;
+        A* out = buf.as<A>();
+        for (int64_t k = 0; k < 4; ++k) {
+            for (int64_t c = 0; c < C; ++c)
+                for (int64_t i = 0; i < inner; ++i) out[k * E + c * inner + i] = coef[k * C + c];
+            for (int64_t i = W; i < E; ++i) out[k * E + i] = out[k * E + i - W];
+        }
+    }
+    const A* operator[](int k) const { return buf.as<A>() + k * E; }
+};
 
 // out[i] = f(i) for i in [0, n), f returning A vectors (vector index) and scalars (tail):
 // vector stores, or non-temporal stores when `stream` (outputs larger than the caches).
-#define PYBN_INLINE inline __attribute__((always_inline))
-
 template <class A, class VecF, class ScalarF>
 PYBN_INLINE void write_run(A* out, int64_t n, bool stream, VecF vf, ScalarF sf) {
     constexpr int L = kLanesOf<A>;
@@ -634,119 +700,121 @@ PYBN_INLINE void write_run(A* out, int64_t n, bool stream, VecF vf, ScalarF sf) 
     for (; i < n; ++i) out[i] = sf(i);
 }
 
-// Runs op(in..., out, n) over [0, len) of 16-bit data through float buffers (kConvChunk), or
-// directly for float / double.
+// Column path: out[i] = f(i, j) for i in [0, n), j the column position of value i (starting at
+// j0, wrapping at P: ColumnCoefs); returns the position after the run.
+template <class A, class VecF, class ScalarF>
+PYBN_INLINE int64_t write_cols(A* out, int64_t n, int64_t j, int64_t P, bool stream, VecF vf, ScalarF sf) {
+    constexpr int L = kLanesOf<A>;
+    int64_t i = 0;
+    auto step = [&](int64_t by) {
+        j += by;
+        if (j >= P) j -= P;
+    };
+    if (stream) {
+        for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kVecBytes) != 0; ++i, step(1)) out[i] = sf(i, j);
+        for (; i + L <= n; i += L, step(L)) vstream(out + i, vf(i, j));
+    } else {
+        for (; i + L <= n; i += L, step(L)) vstore(out + i, vf(i, j));
+    }
+    for (; i < n; ++i, step(1)) out[i] = sf(i, j);
+    return j;
+}
+
+// Column path over n values of x (any type) from column position j: 16-bit data through float
+// buffers; `run(xp..., out, len, j, stream)` on A values returns the next position.
+template <class T, class Run>
+PYBN_INLINE void cols_through_acc(const T* in0, const T* in1, T* out, int64_t n, bool stream, Run run) {
+    using A = acc_t<T>;
+    if constexpr (kNative<T>) {
+        run(in0, in1, out, n, int64_t(0), stream);
+    } else {
+        A b0[kConvChunk], b1[kConvChunk], ob[kConvChunk];
+        int64_t j = 0;
+        for (int64_t i = 0; i < n; i += kConvChunk) {
+            const int64_t len = min64(kConvChunk, n - i);
+            to_acc(in0 + i, len, b0);
+            if (in1) to_acc(in1 + i, len, b1);
+            j = run(b0, in1 ? b1 : nullptr, ob, len, j, false);
+            from_acc(ob, len, out + i);
+        }
+    }
+}
+
+// Row path: one channel's run of n values with scalar coefficients (h[0] ... b[0]); 16-bit data
+// through float buffers (kConvChunk), float / double directly.
 template <class T>
 PYBN_INLINE void normalize_values(const T* x, T* y, int64_t n, bool stream, const acc_t<T>* h, const acc_t<T>* l,
-                      const acc_t<T>* a, const acc_t<T>* b, bool per_column) {
+                                  const acc_t<T>* a, const acc_t<T>* b) {
     using A = acc_t<T>;
-    // per_column: coefficients vary along the run (column path); else they are h[0] ... b[0]
-    auto run = [&](const A* xp, A* yp, int64_t len, int64_t j0, bool st) {
-        if (per_column) {
-            write_run<A>(yp, len, st,
-                [&](int64_t i) {
-                    return ((vload(xp + i) - vload(h + j0 + i)) - vload(l + j0 + i)) * vload(a + j0 + i) + vload(b + j0 + i);
-                },
-                [&](int64_t i) { return ((xp[i] - h[j0 + i]) - l[j0 + i]) * a[j0 + i] + b[j0 + i]; });
-        } else {
-            const vec<A> H = vsplat(h[0]), Lo = vsplat(l[0]), S = vsplat(a[0]), B = vsplat(b[0]);
-            write_run<A>(yp, len, st, [&](int64_t i) { return ((vload(xp + i) - H) - Lo) * S + B; },
-                         [&](int64_t i) { return ((xp[i] - h[0]) - l[0]) * a[0] + b[0]; });
-        }
+    const vec<A> H = vsplat(h[0]), Lo = vsplat(l[0]), S = vsplat(a[0]), B = vsplat(b[0]);
+    auto run = [&](const A* xp, A* yp, int64_t len, bool st) {
+        write_run<A>(yp, len, st, [&](int64_t i) { return ((vload(xp + i) - H) - Lo) * S + B; },
+                     [&](int64_t i) { return ((xp[i] - h[0]) - l[0]) * a[0] + b[0]; });
     };
     if constexpr (kNative<T>) {
-        run(x, y, n, 0, stream);
+        run(x, y, n, stream);
     } else {
         A xb[kConvChunk], yb[kConvChunk];
         for (int64_t i = 0; i < n; i += kConvChunk) {
             const int64_t len = min64(kConvChunk, n - i);
             to_acc(x + i, len, xb);
-            run(xb, yb, len, i, false);
+            run(xb, yb, len, false);
             from_acc(yb, len, y + i);
         }
     }
 }
 
+// dx = a dy + b (x - m) + c, or a dy when x is null (inference), over one channel's run.
 template <class T>
 PYBN_INLINE void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool stream, const acc_t<T>* m,
-                     const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* c, bool per_column) {
+                                 const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* c) {
     using A = acc_t<T>;
-    auto run = [&](const A* gp, const A* xp, A* dp, int64_t len, int64_t j0, bool st) {
-        const int64_t o = per_column ? j0 : 0;
-        const int64_t s = per_column ? 1 : 0;  // coefficient stride along the run
-        if (xp == nullptr) {
-            if (per_column)
-                write_run<A>(dp, len, st, [&](int64_t i) { return vload(a + o + i) * vload(gp + i); },
-                             [&](int64_t i) { return a[o + s * i] * gp[i]; });
-            else {
-                const vec<A> Av = vsplat(a[0]);
-                write_run<A>(dp, len, st, [&](int64_t i) { return Av * vload(gp + i); },
-                             [&](int64_t i) { return a[0] * gp[i]; });
-            }
-        } else if (per_column) {
-            write_run<A>(dp, len, st,
-                [&](int64_t i) {
-                    return vload(a + o + i) * vload(gp + i) + vload(b + o + i) * (vload(xp + i) - vload(m + o + i)) + vload(c + o + i);
-                },
-                [&](int64_t i) { return a[o + i] * gp[i] + b[o + i] * (xp[i] - m[o + i]) + c[o + i]; });
-        } else {
-            const vec<A> Av = vsplat(a[0]), Bv = vsplat(b[0]), Mv = vsplat(m[0]), Cv = vsplat(c[0]);
+    const vec<A> Av = vsplat(a[0]), Bv = vsplat(b[0]), Mv = vsplat(m[0]), Cv = vsplat(c[0]);
+    auto run = [&](const A* gp, const A* xp, A* dp, int64_t len, bool st) {
+        if (xp == nullptr)
+            write_run<A>(dp, len, st, [&](int64_t i) { return Av * vload(gp + i); },
+                         [&](int64_t i) { return a[0] * gp[i]; });
+        else
             write_run<A>(dp, len, st, [&](int64_t i) { return Av * vload(gp + i) + Bv * (vload(xp + i) - Mv) + Cv; },
                          [&](int64_t i) { return a[0] * gp[i] + b[0] * (xp[i] - m[0]) + c[0]; });
-        }
     };
     if constexpr (kNative<T>) {
-        run(dy, x, dx, n, 0, stream);
+        run(dy, x, dx, n, stream);
     } else {
         A gb[kConvChunk], xb[kConvChunk], db[kConvChunk];
         for (int64_t i = 0; i < n; i += kConvChunk) {
             const int64_t len = min64(kConvChunk, n - i);
             to_acc(dy + i, len, gb);
             if (x) to_acc(x + i, len, xb);
-            run(gb, x ? xb : nullptr, db, len, i, false);
+            run(gb, x ? xb : nullptr, db, len, false);
             from_acc(db, len, dx + i);
         }
     }
 }
 
-// Column path, float / double: rows of W values with per-column coefficients (L1-resident),
-// one loop over the rows of a chunk. Streaming stores when every row start is aligned.
+// Column path: n values (whole rows) with per-column coefficients from ColumnCoefs.
 template <class A>
-void normalize_cols(const A* x, A* y, int64_t rows, int64_t W, const A* h, const A* l, const A* a,
-                    const A* b, bool stream) {
-    constexpr int L = kLanesOf<A>;
-    const bool nt = stream && reinterpret_cast<uintptr_t>(y) % kVecBytes == 0 && (W * int64_t(sizeof(A))) % kVecBytes == 0;
-    for (int64_t r = 0; r < rows; ++r) {
-        const A* xr = x + r * W;
-        A* yr = y + r * W;
-        int64_t j = 0;
-        for (; j + L <= W; j += L) {
-            const vec<A> v = ((vload(xr + j) - vload(h + j)) - vload(l + j)) * vload(a + j) + vload(b + j);
-            if (nt) vstream(yr + j, v);
-            else vstore(yr + j, v);
-        }
-        for (; j < W; ++j) yr[j] = ((xr[j] - h[j]) - l[j]) * a[j] + b[j];
-    }
+int64_t normalize_cols(const A* x, const A*, A* y, int64_t n, int64_t j, const ColumnCoefs<A>& e, bool stream) {
+    const A *h = e[0], *l = e[1], *a = e[2], *b = e[3];
+    return write_cols<A>(y, n, j, e.P, stream,
+        [&](int64_t i, int64_t k) {
+            return ((vload(x + i) - vload(h + k)) - vload(l + k)) * vload(a + k) + vload(b + k);
+        },
+        [&](int64_t i, int64_t k) { return ((x[i] - h[k]) - l[k]) * a[k] + b[k]; });
 }
 
+// dx = a dy + b (x - m) + c, or a dy when x is null (inference).
 template <class A>
-void backward_cols(const A* dy, const A* x, A* dx, int64_t rows, int64_t W, const A* m, const A* a,
-                   const A* b, const A* c, bool stream) {
-    constexpr int L = kLanesOf<A>;
-    const bool nt = stream && reinterpret_cast<uintptr_t>(dx) % kVecBytes == 0 && (W * int64_t(sizeof(A))) % kVecBytes == 0;
-    for (int64_t r = 0; r < rows; ++r) {
-        const A* gr = dy + r * W;
-        const A* xr = x ? x + r * W : nullptr;
-        A* dr = dx + r * W;
-        int64_t j = 0;
-        for (; j + L <= W; j += L) {
-            vec<A> v = vload(a + j) * vload(gr + j);
-            if (xr) v += vload(b + j) * (vload(xr + j) - vload(m + j)) + vload(c + j);
-            if (nt) vstream(dr + j, v);
-            else vstore(dr + j, v);
-        }
-        for (; j < W; ++j) dr[j] = xr ? a[j] * gr[j] + b[j] * (xr[j] - m[j]) + c[j] : a[j] * gr[j];
-    }
+int64_t backward_cols(const A* dy, const A* x, A* dx, int64_t n, int64_t j, const ColumnCoefs<A>& e, bool stream) {
+    const A *m = e[0], *a = e[1], *b = e[2], *c = e[3];
+    if (x == nullptr)
+        return write_cols<A>(dx, n, j, e.P, stream, [&](int64_t i, int64_t k) { return vload(a + k) * vload(dy + i); },
+                             [&](int64_t i, int64_t k) { return a[k] * dy[i]; });
+    return write_cols<A>(dx, n, j, e.P, stream,
+        [&](int64_t i, int64_t k) {
+            return vload(a + k) * vload(dy + i) + vload(b + k) * (vload(x + i) - vload(m + k)) + vload(c + k);
+        },
+        [&](int64_t i, int64_t k) { return a[k] * dy[i] + b[k] * (x[i] - m[k]) + c[k]; });
 }
 
 template <class T>
@@ -757,21 +825,17 @@ void normalize_t(const pybn_view& v, const void* xv, const void* coefv, void* yv
     const A* k = static_cast<const A*>(coefv);
     const int64_t C = v.channels, W = C * v.inner;
     const bool stream = stream_output(v.outer * W * int64_t(sizeof(T)));
-    Scratch cols(v.inner < kRowMin ? sizeof(A) * 4 * size_t(W) : 0);
-    if (v.inner < kRowMin) expand_columns(k, C, v.inner, cols.as<A>());
-    const A* e = cols.as<A>();
+    const ColumnCoefs<A> e(k, C, v.inner, v.inner < kRowMin);
     elementwise(
         v,
         [&](int64_t off, int64_t len, int64_t c) {
-            normalize_values(x + off, y + off, len, stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c, false);
+            normalize_values(x + off, y + off, len, stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c);
         },
         [&](int64_t off, int64_t rows) {
-            if constexpr (kNative<T>) {
-                normalize_cols(x + off, y + off, rows, W, e, e + W, e + 2 * W, e + 3 * W, stream);
-            } else {
-                for (int64_t r = 0; r < rows; ++r)
-                    normalize_values(x + off + r * W, y + off + r * W, W, false, e, e + W, e + 2 * W, e + 3 * W, true);
-            }
+            cols_through_acc<T>(x + off, nullptr, y + off, rows * W, stream,
+                                [&](const A* xp, const A* np, A* yp, int64_t n, int64_t j, bool st) {
+                                    return normalize_cols<A>(xp, np, yp, n, j, e, st);
+                                });
         });
 }
 
@@ -785,24 +849,18 @@ void backward_elementwise_t(const pybn_view& v, const void* dyv, const void* xv,
     const A* k = static_cast<const A*>(coefv);
     const int64_t C = v.channels, W = C * v.inner;
     const bool stream = stream_output(v.outer * W * int64_t(sizeof(T)));
-    Scratch cols(v.inner < kRowMin ? sizeof(A) * 4 * size_t(W) : 0);
-    if (v.inner < kRowMin) expand_columns(k, C, v.inner, cols.as<A>());
-    const A* e = cols.as<A>();
+    const ColumnCoefs<A> e(k, C, v.inner, v.inner < kRowMin);
     elementwise(
         v,
         [&](int64_t off, int64_t len, int64_t c) {
             backward_values(dy + off, x ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c, k + 2 * C + c,
-                            k + 3 * C + c, false);
+                            k + 3 * C + c);
         },
         [&](int64_t off, int64_t rows) {
-            if constexpr (kNative<T>) {
-                backward_cols(dy + off, x ? x + off : nullptr, dx + off, rows, W, e, e + W, e + 2 * W, e + 3 * W, stream);
-            } else {
-                for (int64_t r = 0; r < rows; ++r) {
-                    const int64_t o = off + r * W;
-                    backward_values(dy + o, x ? x + o : nullptr, dx + o, W, false, e, e + W, e + 2 * W, e + 3 * W, true);
-                }
-            }
+            cols_through_acc<T>(dy + off, x ? x + off : nullptr, dx + off, rows * W, stream,
+                                [&](const A* gp, const A* xp, A* dp, int64_t n, int64_t j, bool st) {
+                                    return backward_cols<A>(gp, xp, dp, n, j, e, st);
+                                });
         });
 }
 
@@ -847,7 +905,7 @@ void forward_train_t(const pybn_view& v, const void* xv, void* yv, const Channel
         }
         hook.fn(hook.ctx, c0, c1, mean.as<double>(), m2.as<double>(), nullptr, coef.as<A>());
         elementwise_rows(v, c0, c1, [&](int64_t off, int64_t len, int64_t c) {
-            normalize_values(x + off, y + off, len, stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c, false);
+            normalize_values(x + off, y + off, len, stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c);
         });
     }
 }
@@ -888,7 +946,7 @@ void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void*
         if (!dx) continue;
         elementwise_rows(v, c0, c1, [&](int64_t off, int64_t len, int64_t c) {
             backward_values(dy + off, x_in_dx ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c,
-                            k + 2 * C + c, k + 3 * C + c, false);
+                            k + 2 * C + c, k + 3 * C + c);
         });
     }
 }
