@@ -17,6 +17,7 @@ from ._api import (
     normalize,
 )
 from .layer import BatchNorm
+from . import distributed
 
 import os as _os
 

@@ -217,6 +217,35 @@ def merge_stats(count: Array, mean: Array, m2: Array) -> Tuple[Array, Array, Arr
     return res[0], res[1], res[2]
 
 
+def _normalize_call(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out):
+    """Checks every argument of normalize except the statistics and allocates the outputs;
+    returns run(count, mean, m2) -> (y, mean, invstd). Synchronised BN checks before its
+    collective and runs after it."""
+    cx = _prepare(x, axis, (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                            ("running_var", running_var), ("out", out)))
+    eps = check_eps(eps)
+    momentum = check_momentum(momentum)
+    g = cx.per_channel("gamma", gamma)
+    b = cx.per_channel("beta", beta)
+    running = _RunningStats(cx, running_mean, running_var)
+    y = cx.output(out, (("x", x), ("gamma", gamma), ("beta", beta),
+                        ("running_mean", running_mean), ("running_var", running_var)),
+                  in_place=(x,))
+
+    def run(count, mean, m2):
+        stats = [_stats_array(cx, n, a) for n, a in (("count", count), ("mean", mean), ("m2", m2))]
+        smean, sinvstd = _per_channel_out(cx), _per_channel_out(cx)
+        be = cx.backend
+        _core.normalize(cx.view, be.address(cx.data), *(be.address(s) for s in stats),
+                        address(be, g), address(be, b), eps, be.address(y.data),
+                        address(be, running.data[0]), address(be, running.data[1]), momentum,
+                        be.address(smean), be.address(sinvstd), be.stream())
+        running.write_back()
+        return y.finish(), smean, sinvstd
+
+    return cx, run
+
+
 @_on_device
 def normalize(x: Array, count: Array, mean: Array, m2: Array, gamma: Optional[Array] = None,
               beta: Optional[Array] = None, running_mean: Optional[Array] = None,
@@ -224,26 +253,11 @@ def normalize(x: Array, count: Array, mean: Array, m2: Array, gamma: Optional[Ar
               axis: int = 1, out: Optional[Array] = None) -> Tuple[Array, Array, Array]:
     """Normalise x with given float64 statistics (e.g. merged across devices) and update the
     running statistics; returns (y, mean, invstd) with mean/invstd in the per-channel dtype."""
-    cx = _prepare(x, axis, (("count", count), ("mean", mean), ("m2", m2), ("gamma", gamma),
-                            ("beta", beta), ("running_mean", running_mean),
-                            ("running_var", running_var), ("out", out)))
-    eps = check_eps(eps)
-    momentum = check_momentum(momentum)
-    stats = [_stats_array(cx, n, a) for n, a in (("count", count), ("mean", mean), ("m2", m2))]
-    g = cx.per_channel("gamma", gamma)
-    b = cx.per_channel("beta", beta)
-    running = _RunningStats(cx, running_mean, running_var)
-    y = cx.output(out, (("x", x), ("gamma", gamma), ("beta", beta),
-                        ("running_mean", running_mean), ("running_var", running_var)),
-                  in_place=(x,))
-    smean, sinvstd = _per_channel_out(cx), _per_channel_out(cx)
-    be = cx.backend
-    _core.normalize(cx.view, be.address(cx.data), *(be.address(s) for s in stats), address(be, g),
-                    address(be, b), eps, be.address(y.data), address(be, running.data[0]),
-                    address(be, running.data[1]), momentum, be.address(smean),
-                    be.address(sinvstd), be.stream())
-    running.write_back()
-    return y.finish(), smean, sinvstd
+    backend_of((("x", x), ("count", count), ("mean", mean), ("m2", m2)))  # devices first
+    cx, run = _normalize_call(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out)
+    for n, a in (("count", count), ("mean", mean), ("m2", m2)):
+        _stats_array(cx, n, a)  # every argument checked before anything is written
+    return run(count, mean, m2)
 
 
 @_on_device
@@ -261,16 +275,11 @@ def backward_reduce(dy: Array, x: Array, mean: Array, *, axis: int = 1) -> Tuple
     return sums[0], sums[1], sums[2]
 
 
-@_on_device
-def backward_elementwise(dy: Array, x: Array, mean: Array, invstd: Array, gamma: Optional[Array],
-                         count: Array, sum_dy: Array, sum_dy_xmu: Array,
-                         sum_xmu: Optional[Array] = None, *, training: bool = True,
-                         axis: int = 1, out: Optional[Array] = None) -> Tuple[Array, Array, Array]:
-    """(dx, dgamma, dbeta) from per-channel sums (possibly all-reduced across devices) over a
-    batch of `count` values per channel; see batchnorm_backward."""
+def _backward_elementwise_call(dy, x, mean, invstd, gamma, training, axis, out):
+    """Checks every argument of backward_elementwise except the sums and allocates the outputs;
+    returns run(count, sum_dy, sum_dy_xmu, sum_xmu) -> (dx, dgamma, dbeta)."""
     cx = _prepare(x, axis, (("dy", dy), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
-                            ("count", count), ("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu),
-                            ("sum_xmu", sum_xmu), ("out", out)))
+                            ("out", out)))
     training = _training_flag(training)
     dyd = cx.like_x("dy", dy)
     if mean is None or invstd is None:
@@ -278,16 +287,36 @@ def backward_elementwise(dy: Array, x: Array, mean: Array, invstd: Array, gamma:
     m = cx.per_channel("mean", mean)
     r = cx.per_channel("invstd", invstd)
     g = cx.per_channel("gamma", gamma)
-    stats = [_stats_array(cx, n, a) for n, a in (("count", count), ("sum_dy", sum_dy),
-                                                 ("sum_dy_xmu", sum_dy_xmu))]
-    sx = None if sum_xmu is None else _stats_array(cx, "sum_xmu", sum_xmu)
     dx = cx.output(out, (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
                          ("gamma", gamma)), in_place=(dy, x))
-    dgamma, dbeta = _per_channel_out(cx), _per_channel_out(cx)
-    be = cx.backend
-    _core.backward_elementwise(cx.view, be.address(dyd), be.address(cx.data), be.address(m),
-                               be.address(r), address(be, g), training,
-                               *(be.address(s) for s in stats), address(be, sx),
-                               be.address(dx.data), be.address(dgamma), be.address(dbeta),
-                               be.stream())
-    return dx.finish(), dgamma, dbeta
+
+    def run(count, sum_dy, sum_dy_xmu, sum_xmu):
+        stats = [_stats_array(cx, n, a) for n, a in (("count", count), ("sum_dy", sum_dy),
+                                                     ("sum_dy_xmu", sum_dy_xmu))]
+        sx = None if sum_xmu is None else _stats_array(cx, "sum_xmu", sum_xmu)
+        dgamma, dbeta = _per_channel_out(cx), _per_channel_out(cx)
+        be = cx.backend
+        _core.backward_elementwise(cx.view, be.address(dyd), be.address(cx.data), be.address(m),
+                                   be.address(r), address(be, g), training,
+                                   *(be.address(s) for s in stats), address(be, sx),
+                                   be.address(dx.data), be.address(dgamma), be.address(dbeta),
+                                   be.stream())
+        return dx.finish(), dgamma, dbeta
+
+    return cx, run
+
+
+@_on_device
+def backward_elementwise(dy: Array, x: Array, mean: Array, invstd: Array, gamma: Optional[Array],
+                         count: Array, sum_dy: Array, sum_dy_xmu: Array,
+                         sum_xmu: Optional[Array] = None, *, training: bool = True,
+                         axis: int = 1, out: Optional[Array] = None) -> Tuple[Array, Array, Array]:
+    """(dx, dgamma, dbeta) from per-channel sums (possibly all-reduced across devices) over a
+    batch of `count` values per channel; see batchnorm_backward."""
+    sums = (("count", count), ("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu), ("sum_xmu", sum_xmu))
+    backend_of((("x", x),) + sums)  # devices first
+    cx, run = _backward_elementwise_call(dy, x, mean, invstd, gamma, training, axis, out)
+    for n, a in sums:
+        if a is not None or n != "sum_xmu":
+            _stats_array(cx, n, a)  # every argument checked before anything is written
+    return run(count, sum_dy, sum_dy_xmu, sum_xmu)

@@ -76,12 +76,10 @@ class BatchNorm:
         update = self.training and self.track_running_stats
         if update and momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)
-        y, mean, invstd = batchnorm_forward(
-            x, self.gamma, self.beta,
-            self.running_mean if (update or not batch) else None,
-            self.running_var if (update or not batch) else None,
-            training=batch, momentum=0.0 if momentum is None else momentum, eps=self.eps,
-            axis=self.axis)
+        y, mean, invstd = self._forward_call(
+            x, self.running_mean if (update or not batch) else None,
+            self.running_var if (update or not batch) else None, batch,
+            0.0 if momentum is None else momentum)
         if update:
             self.num_batches_tracked += 1
         self._saved = (x, mean, invstd, batch)
@@ -92,11 +90,20 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() call first")
         x, mean, invstd, batch = self._saved
-        dx, dgamma, dbeta = batchnorm_backward(dy, x, mean, invstd, self.gamma, training=batch,
-                                               axis=self.axis)
+        dx, dgamma, dbeta = self._backward_call(dy, x, mean, invstd, batch)
         if self.affine:
             self.grad_gamma, self.grad_beta = dgamma, dbeta
         return dx
+
+    # the functional calls behind forward / backward (SyncBatchNorm exchanges statistics here)
+    def _forward_call(self, x, running_mean, running_var, training, momentum):
+        return batchnorm_forward(x, self.gamma, self.beta, running_mean, running_var,
+                                 training=training, momentum=momentum, eps=self.eps,
+                                 axis=self.axis)
+
+    def _backward_call(self, dy, x, mean, invstd, training):
+        return batchnorm_backward(dy, x, mean, invstd, self.gamma, training=training,
+                                  axis=self.axis)
 
     def state_dict(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {}
