@@ -146,3 +146,37 @@ def test_example_trains():
     losses = [float(line.split()[-1]) for line in p.stdout.splitlines() if line.startswith("step")]
     assert len(losses) == 3 and losses[-1] < 0.3 * losses[0], p.stdout
     assert "identical running statistics" in p.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport", ["nccl", "mpi-staged", "mpi-cuda-aware"])
+def test_single_rank_cuda(transport, rng):
+    """CuPy arrays through each transport on one rank (one GPU cannot host two NCCL ranks):
+    NCCL on the current stream, MPI staged through the host, CUDA-aware MPI if it is."""
+    cp = pytest.importorskip("cupy")
+    if not pybn.has_cuda() or cp.cuda.runtime.getDeviceCount() < 1:
+        pytest.skip("needs a CUDA GPU and a pybn built with CUDA")
+    if transport == "nccl":
+        from cupy.cuda import nccl
+        if not nccl.available:
+            pytest.skip("CuPy without NCCL")
+        comm, aware = pybn.distributed.nccl_comm(MPI.COMM_SELF), None
+    elif transport == "mpi-staged":
+        comm, aware = MPI.COMM_SELF, False
+    else:
+        if not MPI.Query_cuda_support():
+            pytest.skip("this MPI is not CUDA-aware")
+        comm, aware = MPI.COMM_SELF, True
+    x = rng.standard_normal((5, 4, 6)).astype(np.float32) + 10
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    bn = SyncBatchNorm(4, comm=comm, cuda_aware=aware, device="cuda")
+    ref = pybn.BatchNorm(4)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        y = bn(cp.asarray(x))
+        dx = bn.backward(cp.asarray(dy))
+    stream.synchronize()
+    np.testing.assert_allclose(cp.asnumpy(y), ref(x), atol=4e-6)
+    np.testing.assert_allclose(cp.asnumpy(dx), ref.backward(dy), atol=4e-6)
+    np.testing.assert_allclose(cp.asnumpy(bn.running_var), ref.running_var, rtol=1e-6)
+    np.testing.assert_allclose(cp.asnumpy(bn.grad_gamma), ref.grad_gamma, rtol=1e-5, atol=1e-5)
