@@ -68,6 +68,9 @@ PYBN_HD double invstd_of(double count, double m2, double eps) {
     return 1.0 / std::sqrt(m2 / count + eps);
 }
 
+// True for finite values (NaN - NaN and Inf - Inf are NaN); the same on host and device.
+PYBN_HD bool finite(double v) { return v - v == 0.0; }
+
 // Exponential moving average, PyTorch's convention (running_var takes the unbiased variance).
 PYBN_HD double ema(double running, double batch, double momentum) {
     return (1.0 - momentum) * running + momentum * batch;
@@ -101,9 +104,18 @@ PYBN_HD void normalize_channel(const NormalizeArgs<P>& a, int64_t c, double coun
     a.coef[C + c] = P(mean - double(hi));
     a.coef[2 * C + c] = P(value_or(a.gamma, c, 1.0) * invstd);
     a.coef[3 * C + c] = P(value_or(a.beta, c, 0.0));
-    if (a.running_mean) a.running_mean[c] = P(ema(double(a.running_mean[c]), mean, a.momentum));
-    if (a.running_var)
-        a.running_var[c] = P(ema(double(a.running_var[c]), m2 / (count - 1), a.momentum));
+    // Non-finite data policy: a channel whose batch statistics are not finite (NaN / Inf in its
+    // values, or a sum that overflowed) leaves its running statistics as they were, and so does
+    // an update that would overflow them; the batch's own outputs carry the NaN / Inf.
+    const bool batch_finite = finite(mean) && finite(m2);
+    if (a.running_mean) {
+        const P rm = P(ema(double(a.running_mean[c]), mean, a.momentum));
+        if (batch_finite && finite(double(rm))) a.running_mean[c] = rm;
+    }
+    if (a.running_var) {
+        const P rv = P(ema(double(a.running_var[c]), m2 / (count - 1), a.momentum));
+        if (batch_finite && finite(double(rv))) a.running_var[c] = rv;
+    }
     if (a.save_mean) a.save_mean[c] = P(mean);
     if (a.save_invstd) a.save_invstd[c] = P(invstd);
 }
