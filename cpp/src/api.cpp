@@ -19,6 +19,8 @@ using namespace pybn;
 namespace {
 
 int64_t per_channel(const pybn_view& v) { return v.outer * v.inner; }
+// Whether the CPU kernels have anything to do: values in at least one channel.
+bool has_values(const pybn_view& v) { return v.channels > 0 && per_channel(v) > 0; }
 
 template <class P> void copy_out(const std::vector<P>& from, void* to) {
     if (to) std::copy(from.begin(), from.end(), static_cast<P*>(to));
@@ -69,7 +71,7 @@ void normalize_impl(const pybn_view& v, const void* x, const double* count, cons
     ForwardOutputs<P> outputs(C, running_mean, running_var, save_mean, save_invstd);
     const NormalizeArgs<P> args = outputs.args(C, count, mean, m2, gamma, beta, eps, momentum, coef.data());
     for (int64_t c = 0; c < C; ++c) normalize_channel(args, c, count[c], mean[c], m2[c]);
-    if (per_channel(v) > 0) cpu::kernels().normalize(v, x, coef.data(), y);
+    if (has_values(v)) cpu::kernels().normalize(v, x, coef.data(), y);
     outputs.finish();
 }
 
@@ -86,7 +88,7 @@ void backward_elementwise_impl(const pybn_view& v, const void* dy, const void* x
                                sum_dy, sum_dy_xmu, sum_xmu, dg.data(), db.data(), coef.data()};
     for (int64_t c = 0; c < C; ++c)
         backward_channel(args, c, sum_dy[c], sum_dy_xmu[c], sum_xmu ? sum_xmu[c] : 0.0);
-    if (dx && per_channel(v) > 0)
+    if (dx && has_values(v))
         cpu::kernels().backward_elementwise(v, dy, training ? x : nullptr, coef.data(), dx);
     copy_out(dg, dgamma);
     copy_out(db, dbeta);
@@ -135,7 +137,7 @@ void backward_impl(const pybn_view& v, const void* dy, const void* x, const void
         for (int64_t c = c0; c < c1; ++c) backward_channel(a, c, s0[c - c0], s1[c - c0], s2[c - c0]);
     }};
     if (C > 0) {
-        if (per_channel(v) > 0) {
+        if (has_values(v)) {
             cpu::kernels().backward(v, dy, x, mean, training != 0, dx, hook);
         } else {  // nothing to reduce: zero sums give the parameter gradients (frozen statistics)
             std::vector<double> zero(static_cast<size_t>(C), 0.0);
@@ -189,7 +191,7 @@ pybn_status pybn_batch_stats(pybn_view v, const void* x, double* count, double* 
     return guarded(fn, [&] {
         PYBN_CHECK(validate_batch_stats(fn, kHostPointers, v, x, count, mean, m2));
         const int64_t C = v.channels, n = per_channel(v);
-        if (n > 0) {
+        if (has_values(v)) {
             std::vector<double> mu(static_cast<size_t>(C)), sq(static_cast<size_t>(C));  // no output written on failure
             cpu::kernels().batch_stats(v, x, mu.data(), sq.data());
             for (int64_t c = 0; c < C; ++c) {
@@ -241,7 +243,7 @@ pybn_status pybn_backward_reduce(pybn_view v, const void* dy, const void* x, con
     const char* fn = "pybn_backward_reduce";
     return guarded(fn, [&] {
         PYBN_CHECK(validate_backward_reduce(fn, kHostPointers, v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu));
-        if (per_channel(v) > 0) {
+        if (has_values(v)) {
             cpu::kernels().backward_reduce(v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu);
         } else {
             for (int64_t c = 0; c < v.channels; ++c) {
@@ -299,7 +301,7 @@ pybn_status pybn_forward_infer(pybn_view v, const void* x, const void* running_m
             for (int64_t c = 0; c < C; ++c)
                 infer_channel(C, c, static_cast<const P*>(running_mean), static_cast<const P*>(running_var),
                               static_cast<const P*>(gamma), static_cast<const P*>(beta), eps, coef.data());
-            if (per_channel(v) > 0) cpu::kernels().normalize(v, x, coef.data(), y);
+            if (has_values(v)) cpu::kernels().normalize(v, x, coef.data(), y);
         });
         return PYBN_SUCCESS;
     });

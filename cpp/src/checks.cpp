@@ -16,8 +16,9 @@ pybn_status check_view(const char* fn, const pybn_view& v) {
         return fail(PYBN_ERROR_INVALID_ARGUMENT,
                     "%s: view sizes must be >= 0, got outer=%lld, channels=%lld, inner=%lld", fn,
                     (long long)v.outer, (long long)v.channels, (long long)v.inner);
-    int64_t total = 0;
-    if (__builtin_mul_overflow(v.outer, v.channels, &total) ||
+    int64_t total = 0, per_channel = 0;  // per channel: overflows even when channels is 0
+    if (__builtin_mul_overflow(v.outer, v.inner, &per_channel) ||
+        __builtin_mul_overflow(v.outer, v.channels, &total) ||
         __builtin_mul_overflow(total, v.inner, &total) ||
         __builtin_mul_overflow(total, dtype_size(v.dtype), &total))
         return fail(PYBN_ERROR_INVALID_ARGUMENT,
