@@ -142,6 +142,28 @@ def test_gpu_empty_batch_inference(rng):
     assert y.shape == (0, 3, 4)
 
 
+@pytest.mark.parametrize("axis", [1, -1])
+def test_gpu_non_finite_policy(rng, axis):
+    """As on the CPU: NaN stays in its channel and spares that channel's running statistics."""
+    x = rng.standard_normal((6, 4, 40)).astype(np.float32)
+    x[2, 1, 7] = np.nan
+    if axis == -1:
+        x = np.ascontiguousarray(x.transpose(0, 2, 1))
+    rm, rv = cp.full(4, 0.5, cp.float32), cp.full(4, 2.0, cp.float32)
+    y = host(pybn.batchnorm(cp.asarray(x), None, None, rm, rv, axis=axis))
+    yc = np.moveaxis(y, axis, 0)
+    assert np.isfinite(np.delete(yc, 1, axis=0)).all() and not np.isfinite(yc[1]).all()
+    rm, rv = host(rm), host(rv)
+    assert rm[1] == np.float32(0.5) and rv[1] == np.float32(2.0)
+    assert (np.delete(rm, 1) != 0.5).all() and np.isfinite(rv).all()
+
+
+def test_gpu_zero_size_channel_axis(rng):
+    x = cp.zeros((3, 0, 4), cp.float16)
+    assert pybn.batch_stats(x)[0].shape == (0,)
+    assert pybn.batchnorm(x).shape == (3, 0, 4)
+
+
 def test_gpu_bfloat16_through_torch(rng):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available() or BFLOAT16 not in GPU_DTYPES:
