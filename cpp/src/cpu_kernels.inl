@@ -42,6 +42,7 @@ constexpr int64_t kSegment = 16384;     // a long row is cut into runs of at mos
 constexpr int64_t kParts = 64;          // reductions are cut into about this many parts
 constexpr int64_t kTileRows = 64;       // column path: rows of one float level-2 sum
 constexpr int64_t kPrefetchBytes = 2048; // head of the next row run fetched ahead
+constexpr int64_t kTilePrefetch = 4096;  // column path, data beyond the LLC: bytes fetched ahead
 constexpr int kU = 2;                   // vectors per column block / unrolled row step
 constexpr int64_t kPartMinRows = 64;    // column path: rows of a part, at least
 constexpr int64_t kPartMinValues = 32768; // column path: values of a part, at least
@@ -373,12 +374,14 @@ Moments run_moments(const T* p, int64_t rows, int64_t stride, int64_t len) {
 // per column (s2, q2: at most kTileRows / kDepth = 16 of them, as accurate as the row path:
 // bench/NOTES.md) and are widened into the float64 column sums S, Q once per tile.
 template <class A>
-void tile_moments(const A* x, int64_t W, int64_t rows, const A* sh, A* s2, A* q2, double* S, double* Q) {
+void tile_moments(const A* x, int64_t W, int64_t rows, const A* sh, A* s2, A* q2, double* S, double* Q,
+                  bool ahead) {
     constexpr int L = kLanesOf<A>;
     for (int64_t j = 0; j < W; ++j) s2[j] = q2[j] = 0;
     int64_t r = 0;
     for (; r + kDepth <= rows; r += kDepth) {
         const A *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;
+        if (ahead) prefetch_bytes(reinterpret_cast<const char*>(x0) + kTilePrefetch, kDepth * W * int64_t(sizeof(A)));
         int64_t j = 0;
         for (; j + L <= W; j += L) {
             const vec<A> shv = vload(sh + j);
@@ -436,6 +439,7 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
         const int64_t R = kTileRows;
         Scratch conv(kNative<T> ? 0 : sizeof(A) * size_t(R * W) * size_t(nt));
         const int64_t wa = spaced<A>(W), wd = spaced<double>(W);
+        const bool ahead = kNative<T> && stream_output(v.outer * W * int64_t(sizeof(T)));  // beyond the LLC
         Scratch abuf(sizeof(A) * 3 * size_t(wa) * size_t(nt)), dbuf(sizeof(double) * 2 * size_t(wd) * size_t(nt));
         reduce_cols<Moments>(v, nt, mom, [&](int64_t o0, int64_t o1, Moments* cols, int t) {
             A* sh = abuf.as<A>(size_t(3 * wa * t));  // the part's first row, then s2, q2
@@ -445,7 +449,7 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
             for (int64_t r0 = o0; r0 < o1; r0 += R) {
                 const int64_t rows = min64(R, o1 - r0);
                 const A* tile = tile_values(x, W, r0, rows, conv.as<A>(size_t(R * W * t)));
-                tile_moments(tile, W, rows, sh, sh + wa, sh + 2 * wa, S, S + wd);
+                tile_moments(tile, W, rows, sh, sh + wa, sh + 2 * wa, S, S + wd, ahead);
             }
             for (int64_t j = 0; j < W; ++j) {
                 cols[j] = Moments{};
@@ -541,7 +545,7 @@ Sums run_sums(const T* dy, const T* x, int64_t rows, int64_t stride, int64_t len
 // scratch), widened into the float64 column sums D (3 x W) once per tile.
 template <class A>
 void tile_sums(const A* dy, const A* x, const A* m, int64_t W, int64_t rows, A* a2, double* D, int64_t wa,
-               int64_t wd) {
+               int64_t wd, bool ahead) {
     constexpr int L = kLanesOf<A>;
     A *a0 = a2, *a1 = a2 + wa, *ax = a2 + 2 * wa;
     for (int64_t j = 0; j < W; ++j) a0[j] = a1[j] = ax[j] = 0;
@@ -549,6 +553,10 @@ void tile_sums(const A* dy, const A* x, const A* m, int64_t W, int64_t rows, A* 
     for (; r + kDepth <= rows; r += kDepth) {
         const A *g0 = dy + r * W, *g1 = g0 + W, *g2 = g1 + W, *g3 = g2 + W;
         const A *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;
+        if (ahead) {
+            prefetch_bytes(reinterpret_cast<const char*>(g0) + kTilePrefetch, kDepth * W * int64_t(sizeof(A)));
+            prefetch_bytes(reinterpret_cast<const char*>(x0) + kTilePrefetch, kDepth * W * int64_t(sizeof(A)));
+        }
         int64_t j = 0;
         for (; j + L <= W; j += L) {
             const vec<A> mv = vload(m + j);
@@ -601,6 +609,7 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
         const int64_t R = kTileRows;
         Scratch mcol(sizeof(A) * size_t(W)), conv(kNative<T> ? 0 : 2 * sizeof(A) * size_t(R * W) * size_t(nt));
         const int64_t wa = spaced<A>(W), wd = spaced<double>(W);
+        const bool ahead = kNative<T> && stream_output(2 * v.outer * W * int64_t(sizeof(T)));  // beyond the LLC
         Scratch dsum(sizeof(double) * 3 * size_t(wd) * size_t(nt)), asum(sizeof(A) * 3 * size_t(wa) * size_t(nt));
         A* m = mcol.as<A>();
         for (int64_t c = 0; c < C; ++c)
@@ -613,7 +622,7 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
                 A* buf = conv.as<A>(size_t(2 * R * W * t));
                 const A* gt = tile_values(dy, W, r0, rows, buf);
                 const A* xt = tile_values(x, W, r0, rows, buf + R * W);
-                tile_sums(gt, xt, m, W, rows, asum.as<A>(size_t(3 * wa * t)), D, wa, wd);
+                tile_sums(gt, xt, m, W, rows, asum.as<A>(size_t(3 * wa * t)), D, wa, wd, ahead);
             }
             for (int64_t j = 0; j < W; ++j) {
                 cols[j].dy = D[j];
