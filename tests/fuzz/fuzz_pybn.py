@@ -38,7 +38,8 @@ SPECIAL = [np.nan, np.inf, -np.inf, 1e38, -3e38, 1e-45, 0.0, -0.0, 65504.0, 1e30
 
 
 class Bytes:
-    """A minimal FuzzedDataProvider (atheris' own is used when atheris runs the target)."""
+    """Reads small integers, floats and value arrays off the input bytes (plain Python, so the
+    corpus replays without atheris installed)."""
 
     def __init__(self, data):
         self.data, self.i = data, 0
@@ -73,9 +74,7 @@ def _array(fd, shape, dtype):
     n = int(np.prod(shape)) if shape else 1
     with np.errstate(over="ignore", invalid="ignore"):
         vals = (fd.values(n) * 10.0 ** fd.int(-3, 6) + fd.int(-2, 2) * 10.0 ** fd.int(0, 8))
-        if dtype.kind == "f" or dtype == BF16:
-            a = vals.astype(dtype)
-        elif dtype.kind == "c":
+        if dtype.kind in "fc" or dtype == BF16:
             a = vals.astype(dtype)
         else:
             a = np.nan_to_num(vals).clip(-1e9, 1e9).astype(dtype)
