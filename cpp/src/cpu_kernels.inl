@@ -729,10 +729,11 @@ PYBN_INLINE int64_t write_cols(A* out, int64_t n, int64_t j, int64_t P, bool str
     return j;
 }
 
-// Column path over n values of x (any type) from column position j: 16-bit data through float
-// buffers; `run(xp..., out, len, j, stream)` on A values returns the next position.
+// Runs run(in0, in1, out, len, j, stream) over n values: directly for float / double, through
+// float buffers of kConvChunk values for 16-bit data (in1 may be null). j is the column-path
+// position carried from chunk to chunk (run returns the next one; the row path ignores it).
 template <class T, class Run>
-PYBN_INLINE void cols_through_acc(const T* in0, const T* in1, T* out, int64_t n, bool stream, Run run) {
+PYBN_INLINE void through_acc(const T* in0, const T* in1, T* out, int64_t n, bool stream, Run run) {
     using A = acc_t<T>;
     if constexpr (kNative<T>) {
         run(in0, in1, out, n, int64_t(0), stream);
@@ -749,28 +750,17 @@ PYBN_INLINE void cols_through_acc(const T* in0, const T* in1, T* out, int64_t n,
     }
 }
 
-// Row path: one channel's run of n values with scalar coefficients (h[0] ... b[0]); 16-bit data
-// through float buffers (kConvChunk), float / double directly.
+// Row path: one channel's run of n values with scalar coefficients (h[0] ... b[0]).
 template <class T>
 PYBN_INLINE void normalize_values(const T* x, T* y, int64_t n, bool stream, const acc_t<T>* h, const acc_t<T>* l,
                                   const acc_t<T>* a, const acc_t<T>* b) {
     using A = acc_t<T>;
     const vec<A> H = vsplat(h[0]), Lo = vsplat(l[0]), S = vsplat(a[0]), B = vsplat(b[0]);
-    auto run = [&](const A* xp, A* yp, int64_t len, bool st) {
+    through_acc<T>(x, nullptr, y, n, stream, [&](const A* xp, const A*, A* yp, int64_t len, int64_t, bool st) {
         write_run<A>(yp, len, st, [&](int64_t i) { return ((vload(xp + i) - H) - Lo) * S + B; },
                      [&](int64_t i) { return ((xp[i] - h[0]) - l[0]) * a[0] + b[0]; });
-    };
-    if constexpr (kNative<T>) {
-        run(x, y, n, stream);
-    } else {
-        A xb[kConvChunk], yb[kConvChunk];
-        for (int64_t i = 0; i < n; i += kConvChunk) {
-            const int64_t len = min64(kConvChunk, n - i);
-            to_acc(x + i, len, xb);
-            run(xb, yb, len, false);
-            from_acc(yb, len, y + i);
-        }
-    }
+        return int64_t(0);
+    });
 }
 
 // dx = a dy + b (x - m) + c, or a dy when x is null (inference), over one channel's run.
@@ -779,31 +769,20 @@ PYBN_INLINE void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool
                                  const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* c) {
     using A = acc_t<T>;
     const vec<A> Av = vsplat(a[0]), Bv = vsplat(b[0]), Mv = vsplat(m[0]), Cv = vsplat(c[0]);
-    auto run = [&](const A* gp, const A* xp, A* dp, int64_t len, bool st) {
+    through_acc<T>(dy, x, dx, n, stream, [&](const A* gp, const A* xp, A* dp, int64_t len, int64_t, bool st) {
         if (xp == nullptr)
             write_run<A>(dp, len, st, [&](int64_t i) { return Av * vload(gp + i); },
                          [&](int64_t i) { return a[0] * gp[i]; });
         else
             write_run<A>(dp, len, st, [&](int64_t i) { return Av * vload(gp + i) + Bv * (vload(xp + i) - Mv) + Cv; },
                          [&](int64_t i) { return a[0] * gp[i] + b[0] * (xp[i] - m[0]) + c[0]; });
-    };
-    if constexpr (kNative<T>) {
-        run(dy, x, dx, n, stream);
-    } else {
-        A gb[kConvChunk], xb[kConvChunk], db[kConvChunk];
-        for (int64_t i = 0; i < n; i += kConvChunk) {
-            const int64_t len = min64(kConvChunk, n - i);
-            to_acc(dy + i, len, gb);
-            if (x) to_acc(x + i, len, xb);
-            run(gb, x ? xb : nullptr, db, len, false);
-            from_acc(db, len, dx + i);
-        }
-    }
+        return int64_t(0);
+    });
 }
 
 // Column path: n values (whole rows) with per-column coefficients from ColumnCoefs.
 template <class A>
-int64_t normalize_cols(const A* x, const A*, A* y, int64_t n, int64_t j, const ColumnCoefs<A>& e, bool stream) {
+int64_t normalize_cols(const A* x, A* y, int64_t n, int64_t j, const ColumnCoefs<A>& e, bool stream) {
     const A *h = e[0], *l = e[1], *a = e[2], *b = e[3];
     return write_cols<A>(y, n, j, e.P, stream,
         [&](int64_t i, int64_t k) {
@@ -841,10 +820,10 @@ void normalize_t(const pybn_view& v, const void* xv, const void* coefv, void* yv
             normalize_values(x + off, y + off, len, stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c);
         },
         [&](int64_t off, int64_t rows) {
-            cols_through_acc<T>(x + off, nullptr, y + off, rows * W, stream,
-                                [&](const A* xp, const A* np, A* yp, int64_t n, int64_t j, bool st) {
-                                    return normalize_cols<A>(xp, np, yp, n, j, e, st);
-                                });
+            through_acc<T>(x + off, nullptr, y + off, rows * W, stream,
+                           [&](const A* xp, const A*, A* yp, int64_t n, int64_t j, bool st) {
+                               return normalize_cols<A>(xp, yp, n, j, e, st);
+                           });
         });
 }
 
@@ -866,10 +845,10 @@ void backward_elementwise_t(const pybn_view& v, const void* dyv, const void* xv,
                             k + 3 * C + c);
         },
         [&](int64_t off, int64_t rows) {
-            cols_through_acc<T>(dy + off, x ? x + off : nullptr, dx + off, rows * W, stream,
-                                [&](const A* gp, const A* xp, A* dp, int64_t n, int64_t j, bool st) {
-                                    return backward_cols<A>(gp, xp, dp, n, j, e, st);
-                                });
+            through_acc<T>(dy + off, x ? x + off : nullptr, dx + off, rows * W, stream,
+                           [&](const A* gp, const A* xp, A* dp, int64_t n, int64_t j, bool st) {
+                               return backward_cols<A>(gp, xp, dp, n, j, e, st);
+                           });
         });
 }
 
