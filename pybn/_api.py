@@ -254,10 +254,8 @@ def normalize(x: Array, count: Array, mean: Array, m2: Array, gamma: Optional[Ar
     """Normalise x with given float64 statistics (e.g. merged across devices) and update the
     running statistics; returns (y, mean, invstd) with mean/invstd in the per-channel dtype."""
     backend_of((("x", x), ("count", count), ("mean", mean), ("m2", m2)))  # devices first
-    cx, run = _normalize_call(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out)
-    for n, a in (("count", count), ("mean", mean), ("m2", m2)):
-        _stats_array(cx, n, a)  # every argument checked before anything is written
-    return run(count, mean, m2)
+    _, run = _normalize_call(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out)
+    return run(count, mean, m2)  # checks the statistics before anything is written
 
 
 @_on_device
@@ -315,8 +313,5 @@ def backward_elementwise(dy: Array, x: Array, mean: Array, invstd: Array, gamma:
     batch of `count` values per channel; see batchnorm_backward."""
     sums = (("count", count), ("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu), ("sum_xmu", sum_xmu))
     backend_of((("x", x),) + sums)  # devices first
-    cx, run = _backward_elementwise_call(dy, x, mean, invstd, gamma, training, axis, out)
-    for n, a in sums:
-        if a is not None or n != "sum_xmu":
-            _stats_array(cx, n, a)  # every argument checked before anything is written
-    return run(count, sum_dy, sum_dy_xmu, sum_xmu)
+    _, run = _backward_elementwise_call(dy, x, mean, invstd, gamma, training, axis, out)
+    return run(count, sum_dy, sum_dy_xmu, sum_xmu)  # checks the sums before anything is written

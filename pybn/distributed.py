@@ -135,13 +135,12 @@ def _check_channels(x: Any, axis: Any, channels: int) -> None:
         raise ValueError(f"x must have {channels} channels (axis {axis}), got shape {tuple(x.shape)}")
 
 
-def _exchange(coll: Any, rows: Optional[list], channels: int, count_row: int, xp: Any,
+def _exchange(coll: Any, rows: Optional[list], k: int, count_row: int, channels: int, xp: Any,
               error: Optional[BaseException], what: str) -> Tuple[Array, np.ndarray]:
-    """All-gathers this rank's rows (per-channel float64 arrays) plus an error-flag row; raises
-    the local error here and a ValueError on the other ranks. Returns the gathered rows
-    (P, k, C) and each rank's count (rows[count_row], channel 0) on the host."""
-    k = 3 if rows is None else len(rows)
-    k = max(k, count_row + 1)
+    """All-gathers this rank's k rows (per-channel float64 arrays; None after a local error)
+    plus an error-flag row; raises the local error here and a ValueError on the other ranks.
+    Returns the gathered rows (P, k, C) and each rank's count (rows[count_row], channel 0) on
+    the host."""
     local = xp.zeros((k + 1, max(channels, 1)), np.float64)
     if error is None:
         for i, r in enumerate(rows):
@@ -195,21 +194,19 @@ def sync_batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Option
         xp = backend_of((("x", x),)).xp
         _check_channels(x, axis, channels)
         with device_context((x,)):
-            cx, run = _api._normalize_call(x, gamma, beta, running_mean, running_var, momentum,
+            _, run = _api._normalize_call(x, gamma, beta, running_mean, running_var, momentum,
                                            eps, axis, out)
             rows = list(_api.batch_stats(x, axis=axis))  # count, mean, M2
     except (TypeError, ValueError) as e:
         error = e
     with device_context((x,)):
-        gathered, counts = _exchange(coll, rows, channels, 0, xp, error, "sync_batchnorm_forward")
+        gathered, counts = _exchange(coll, rows, 3, 0, channels, xp, error,
+                                     "sync_batchnorm_forward")
         total = float(counts.sum())
         if channels > 0 and total < 2:
             raise ValueError(f"training needs at least 2 values per channel over all ranks, got "
                              f"{total:g} (per rank: {[float(c) for c in counts]})")
-        g = xp.ascontiguousarray(gathered[:, 0])
-        m = xp.ascontiguousarray(gathered[:, 1])
-        q = xp.ascontiguousarray(gathered[:, 2])
-        count, mean, m2 = _api.merge_stats(g, m, q)
+        count, mean, m2 = _api.merge_stats(*(xp.ascontiguousarray(gathered[:, i]) for i in range(3)))
         return run(count, mean, m2)
 
 
@@ -247,7 +244,8 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
     except (TypeError, ValueError) as e:
         error = e
     with device_context((x,)):
-        gathered, counts = _exchange(coll, rows, channels, 3, xp, error, "sync_batchnorm_backward")
+        gathered, counts = _exchange(coll, rows, 4, 3, channels, xp, error,
+                                     "sync_batchnorm_backward")
         total = float(counts.sum())
         if training and channels > 0 and total < 2:
             raise ValueError(f"training-mode backward needs at least 2 values per channel over "
