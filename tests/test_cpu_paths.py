@@ -17,7 +17,11 @@ ISAS = pybn.cpu_isas()
 
 # NCHW rows (row path), channels-last (column path), small C, inner below/above the row threshold;
 # big enough to run on several threads.
-SHAPES = [((16, 8, 33, 35), 1), ((64, 15, 15, 12), -1), ((2000, 3, 20), 1), ((300, 5, 31), 1), ((40, 2, 65, 17), 1)]
+# row path: long rows read in memory order (inner 1155, 1105), short rows channel by channel
+# (inner 63), rows longer than a segment with parts that end inside a row (inner 17030);
+# column path: the rest
+SHAPES = [((16, 8, 33, 35), 1), ((64, 15, 15, 12), -1), ((2000, 3, 20), 1), ((300, 5, 31), 1), ((40, 2, 65, 17), 1),
+          ((50, 6, 7, 9), 1), ((20, 2, 130, 131), 1)]
 
 
 @pytest.fixture

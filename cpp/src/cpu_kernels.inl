@@ -41,8 +41,8 @@ constexpr int64_t kRowMin = 32;         // inner >= kRowMin: row path; else colu
 constexpr int64_t kSegment = 16384;     // a long row is cut into runs of at most this many values
 constexpr int64_t kParts = 64;          // reductions are cut into about this many parts
 constexpr int64_t kTileRows = 64;       // column path: rows of one float level-2 sum
-constexpr int64_t kPrefetchBytes = 2048; // head of the next row run fetched ahead
-constexpr int64_t kTilePrefetch = 4096;  // column path, data beyond the LLC: bytes fetched ahead
+constexpr int64_t kMemoryOrderBytes = 1024; // row path: rows at least this long are read in memory order
+constexpr int64_t kTilePrefetch = 4096; // column path, data beyond the LLC: bytes fetched ahead
 constexpr int kU = 2;                   // vectors per column block / unrolled row step
 constexpr int64_t kPartMinRows = 64;    // column path: rows of a part, at least
 constexpr int64_t kPartMinValues = 32768; // column path: values of a part, at least
@@ -206,6 +206,12 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------------------------
 // Reduction drivers: the row path (inner >= kRowMin) and the column path (inner < kRowMin).
 
+// Software prefetch ahead of the column-path reductions pays when their `streams` inputs are
+// beyond the LLC (bench/NOTES.md, step 13); 16-bit data is read through in-cache buffers instead.
+template <class T> bool fetch_ahead(const pybn_view& v, int64_t streams) {
+    return kNative<T> && stream_output(streams * v.outer * v.channels * v.inner * int64_t(sizeof(T)));
+}
+
 // Software prefetch of `bytes` from p.
 inline void prefetch_bytes(const char* p, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
@@ -234,23 +240,62 @@ inline int64_t row_split(const pybn_view& v) {
     return min64(max64(8, ceil_div(kParts, v.channels)), row_runs(v).runs);  // >= 8: balanced groups
 }
 
+// The first 64-byte aligned U at or after byte offset_bytes of s.
+template <class U> U* aligned_in(const Scratch& s, size_t offset_bytes) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(s.as<char>(offset_bytes));
+    return reinterpret_cast<U*>((p + 63) & ~uintptr_t(63));
+}
+
 // Channels [c0, c1) are reduced into out[0, c1 - c0); parts: (c1 - c0) * row_split(v) scratch.
-// unit(c, offset, rows, stride, len) returns the Part of one run.
-template <class Part, class Unit>
-void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, Part* parts, Part* out, Unit unit) {
+// A work item is a block of channels and one of the `split` ranges of runs, read in memory order
+// where that is cheap: row o of channels cb0, cb0 + 1, ..., then row o + 1 (one continuous stream
+// for the prefetchers instead of a short burst per row: bench/NOTES.md, step 14). Rows grouped
+// into runs keep one run state per channel in memory between their rows, worth it from
+// kMemoryOrderBytes per row; shorter rows go channel by channel with the state in registers.
+// Either way each channel adds the same values in the same order, so the order changes no bit.
+// The run kernel k: k.begin(State&, c, off) starts a run at value offset off; k.add(State&, c,
+// off, len) adds values [off, off + len) of channel c; k.end(State&, count) returns its Part.
+template <class Part, class Kernel>
+void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, Part* parts, Part* out, const Kernel& k,
+                 int64_t value_bytes) {
+    using State = typename Kernel::State;
     const int64_t C = v.channels, inner = v.inner, nc = c1 - c0;
     const RowRuns rr = row_runs(v);
     const int64_t split = row_split(v);
-    parallel_for(nc * split, v.outer * nc * inner, num_threads(), [&](int64_t p, int) {
-        const int64_t c = c0 + p / split, s = p % split;
-        Part acc{};
-        for (int64_t r = rr.runs * s / split; r < rr.runs * (s + 1) / split; ++r) {
-            const int64_t o0 = (r / rr.nseg) * rr.rows_per_run, g = r % rr.nseg;
+    const int64_t nb = min64(nc, ceil_div(kParts, split));  // channel blocks
+    const bool memory_order = inner * value_bytes >= kMemoryOrderBytes;
+    const int nt = num_threads();
+    const int64_t per_block = ceil_div(nc, nb);
+    // per thread: per_block states and one more, room for the alignment
+    Scratch states(memory_order ? sizeof(State) * size_t(per_block + 1) * size_t(nt) : 0);
+    parallel_for(nb * split, v.outer * nc * inner, nt, [&](int64_t p, int t) {
+        // neighbouring items: neighbouring channel blocks of the same rows
+        const int64_t b = p % nb, s = p / nb;
+        const int64_t cb0 = c0 + nc * b / nb, cb1 = c0 + nc * (b + 1) / nb, r1 = rr.runs * (s + 1) / split;
+        for (int64_t c = cb0; c < cb1; ++c) parts[(c - c0) * split + s] = Part{};
+        State* st = memory_order ? aligned_in<State>(states, sizeof(State) * size_t(per_block + 1) * size_t(t)) : nullptr;
+        for (int64_t r = rr.runs * s / split; r < r1;) {
+            const int64_t o0 = (r / rr.nseg) * rr.rows_per_run, g0 = r % rr.nseg;
+            const int64_t g1 = min64(rr.nseg, g0 + (r1 - r));  // this part's runs in row o0 (long rows)
             const int64_t rows = min64(rr.rows_per_run, v.outer - o0);
-            acc.merge(unit(c, (o0 * C + c) * inner + g * kSegment, rows, C * inner,
-                           min64(kSegment, inner - g * kSegment)));
+            if (memory_order && rr.nseg == 1) {  // runs of whole rows, memory order
+                for (int64_t c = cb0; c < cb1; ++c) k.begin(st[c - cb0], c, (o0 * C + c) * inner);
+                for (int64_t o = o0; o < o0 + rows; ++o)
+                    for (int64_t c = cb0; c < cb1; ++c) k.add(st[c - cb0], c, (o * C + c) * inner, inner);
+                for (int64_t c = cb0; c < cb1; ++c) parts[(c - c0) * split + s].merge(k.end(st[c - cb0], rows * inner));
+            } else {  // channel by channel: a run of `rows` short rows, or segments of row o0
+                for (int64_t c = cb0; c < cb1; ++c)
+                    for (int64_t g = g0; g < g1; ++g) {
+                        const int64_t off = (o0 * C + c) * inner + g * kSegment;
+                        const int64_t len = min64(kSegment, inner - g * kSegment);
+                        State one;
+                        k.begin(one, c, off);
+                        for (int64_t o = 0; o < rows; ++o) k.add(one, c, off + o * C * inner, len);
+                        parts[(c - c0) * split + s].merge(k.end(one, rows * len));
+                    }
+            }
+            r += g1 - g0;
         }
-        parts[p] = acc;
     });
     for (int64_t c = 0; c < nc; ++c) {
         Part acc{};
@@ -308,8 +353,13 @@ PYBN_INLINE void shifted_sums(const A* p, int64_t len, A shift, WideSums<2>& w) 
     const vec<A> sh = vsplat(shift);
     int64_t i = 0;
     for (; i + B <= len; i += B) {
-        vec<A> s[U] = {}, q[U] = {};
-        for (int k = 0; k < kDepth; ++k)
+        vec<A> s[U], q[U];
+        for (int u = 0; u < U; ++u) {  // the first step without a zero register (no spills)
+            const vec<A> d = vload(p + i + u * L) - sh;
+            s[u] = d;
+            q[u] = d * d;
+        }
+        for (int k = 1; k < kDepth; ++k)
             for (int u = 0; u < U; ++u) {
                 const vec<A> d = vload(p + i + (k * U + u) * L) - sh;
                 s[u] += d;
@@ -341,32 +391,38 @@ PYBN_INLINE void shifted_sums(const A* p, int64_t len, A shift, WideSums<2>& w) 
     }
 }
 
-// Moments of one run of a channel: `rows` segments of `len` values, `stride` apart (several
-// short rows of one channel, or one segment of a long row), relative to the run's first value.
-template <class T>
-Moments run_moments(const T* p, int64_t rows, int64_t stride, int64_t len) {
+// Moments of the runs of a channel (reduce_rows): sums relative to the run's first value.
+template <class T> struct MomentsRun {
     using A = acc_t<T>;
-    const A shift = load(p[0]);
-    WideSums<2> w;
-    zero(w);
-    for (int64_t r = 0; r < rows; ++r) {
-        const T* q = p + r * stride;
-        if (r + 1 < rows) prefetch_bytes(reinterpret_cast<const char*>(q + stride), min64(kPrefetchBytes, len * int64_t(sizeof(T))));
+    struct State {
+        WideSums<2> w;
+        A shift;
+    };
+    const T* x;
+    PYBN_INLINE void begin(State& s, int64_t, int64_t off) const {
+        s.shift = load(x[off]);
+        zero(s.w);
+    }
+    PYBN_INLINE void add(State& s, int64_t, int64_t off, int64_t len) const {
+        WideSums<2> w = s.w;  // in registers for the row (the state may live in memory)
         if constexpr (kNative<T>) {
-            shifted_sums(q, len, shift, w);
+            shifted_sums(x + off, len, s.shift, w);
         } else {
             A buf[kConvChunk];
             for (int64_t i = 0; i < len; i += kConvChunk) {
                 const int64_t n = min64(kConvChunk, len - i);
-                to_acc(q + i, n, buf);
-                shifted_sums(buf, n, shift, w);
+                to_acc(x + off + i, n, buf);
+                shifted_sums(buf, n, s.shift, w);
             }
         }
+        s.w = w;
     }
-    Moments m;
-    m.merge_shifted(double(rows * len), double(shift), w.total(0), w.total(1));
-    return m;
-}
+    Moments end(const State& s, int64_t count) const {
+        Moments m;
+        m.merge_shifted(double(count), double(s.shift), s.w.total(0), s.w.total(1));
+        return m;
+    }
+};
 
 // Column path, one tile: rows [0, rows) of a tile at `x` (row stride W, rows <= kTileRows), in
 // memory order, relative to `sh` (the first row of the part, a shift inside the data as on the
@@ -430,16 +486,13 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
     Moments* mom = result.as<Moments>();
     if (v.inner >= kRowMin) {
         Scratch parts(sizeof(Moments) * size_t(C * row_split(v)));
-        reduce_rows<Moments>(v, 0, C, parts.as<Moments>(), mom,
-                             [&](int64_t, int64_t off, int64_t rows, int64_t stride, int64_t len) {
-                                 return run_moments(x + off, rows, stride, len);
-                             });
+        reduce_rows<Moments>(v, 0, C, parts.as<Moments>(), mom, MomentsRun<T>{x}, sizeof(T));
     } else {
         const int nt = num_threads();
         const int64_t R = kTileRows;
         Scratch conv(kNative<T> ? 0 : sizeof(A) * size_t(R * W) * size_t(nt));
         const int64_t wa = spaced<A>(W), wd = spaced<double>(W);
-        const bool ahead = kNative<T> && stream_output(v.outer * W * int64_t(sizeof(T)));  // beyond the LLC
+        const bool ahead = fetch_ahead<T>(v, 1);
         Scratch abuf(sizeof(A) * 3 * size_t(wa) * size_t(nt)), dbuf(sizeof(double) * 2 * size_t(wd) * size_t(nt));
         reduce_cols<Moments>(v, nt, mom, [&](int64_t o0, int64_t o1, Moments* cols, int t) {
             A* sh = abuf.as<A>(size_t(3 * wa * t));  // the part's first row, then s2, q2
@@ -509,36 +562,38 @@ PYBN_INLINE void dy_sums(const A* dy, const A* x, int64_t len, A m, WideSums<3>&
     }
 }
 
-template <class T>
-Sums run_sums(const T* dy, const T* x, int64_t rows, int64_t stride, int64_t len, acc_t<T> m) {
+// Backward sums of the runs of a channel (reduce_rows).
+template <class T> struct SumsRun {
     using A = acc_t<T>;
-    WideSums<3> w;
-    zero(w);
-    for (int64_t r = 0; r < rows; ++r) {
-        const T *g = dy + r * stride, *q = x + r * stride;
-        if (r + 1 < rows) {
-            const int64_t ahead = min64(kPrefetchBytes, len * int64_t(sizeof(T)));
-            prefetch_bytes(reinterpret_cast<const char*>(g + stride), ahead);
-            prefetch_bytes(reinterpret_cast<const char*>(q + stride), ahead);
-        }
+    struct State {
+        WideSums<3> w;
+    };
+    const T *dy, *x;
+    const A* mean;
+    PYBN_INLINE void begin(State& s, int64_t, int64_t) const { zero(s.w); }
+    PYBN_INLINE void add(State& s, int64_t c, int64_t off, int64_t len) const {
+        WideSums<3> w = s.w;  // in registers for the row (the state may live in memory)
         if constexpr (kNative<T>) {
-            dy_sums(g, q, len, m, w);
+            dy_sums(dy + off, x + off, len, mean[c], w);
         } else {
             A gb[kConvChunk], xb[kConvChunk];
             for (int64_t i = 0; i < len; i += kConvChunk) {
                 const int64_t n = min64(kConvChunk, len - i);
-                to_acc(g + i, n, gb);
-                to_acc(q + i, n, xb);
-                dy_sums(gb, xb, n, m, w);
+                to_acc(dy + off + i, n, gb);
+                to_acc(x + off + i, n, xb);
+                dy_sums(gb, xb, n, mean[c], w);
             }
         }
+        s.w = w;
     }
-    Sums s;
-    s.dy = w.total(0);
-    s.dy_xmu = w.total(1);
-    s.xmu = w.total(2);
-    return s;
-}
+    Sums end(const State& s, int64_t) const {
+        Sums r;
+        r.dy = s.w.total(0);
+        r.dy_xmu = s.w.total(1);
+        r.xmu = s.w.total(2);
+        return r;
+    }
+};
 
 // Column path, one tile of dy and x (row stride W, rows <= kTileRows), in memory order: groups
 // of kDepth rows added pairwise in A, the groups' sums accumulated in A per column (a2: 3 x W
@@ -600,16 +655,13 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
     Sums* sums = result.as<Sums>();
     if (inner >= kRowMin) {
         Scratch parts(sizeof(Sums) * size_t(C * row_split(v)));
-        reduce_rows<Sums>(v, 0, C, parts.as<Sums>(), sums,
-                          [&](int64_t c, int64_t off, int64_t rows, int64_t stride, int64_t len) {
-                              return run_sums(dy + off, x + off, rows, stride, len, mean[c]);
-                          });
+        reduce_rows<Sums>(v, 0, C, parts.as<Sums>(), sums, SumsRun<T>{dy, x, mean}, 2 * sizeof(T));
     } else {
         const int nt = num_threads();
         const int64_t R = kTileRows;
         Scratch mcol(sizeof(A) * size_t(W)), conv(kNative<T> ? 0 : 2 * sizeof(A) * size_t(R * W) * size_t(nt));
         const int64_t wa = spaced<A>(W), wd = spaced<double>(W);
-        const bool ahead = kNative<T> && stream_output(2 * v.outer * W * int64_t(sizeof(T)));  // beyond the LLC
+        const bool ahead = fetch_ahead<T>(v, 2);
         Scratch dsum(sizeof(double) * 3 * size_t(wd) * size_t(nt)), asum(sizeof(A) * 3 * size_t(wa) * size_t(nt));
         A* m = mcol.as<A>();
         for (int64_t c = 0; c < C; ++c)
@@ -883,10 +935,7 @@ void forward_train_t(const pybn_view& v, const void* xv, void* yv, const Channel
     const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows<Moments>(v, c0, c1, parts.as<Moments>(), mom.as<Moments>(),
-                             [&](int64_t, int64_t off, int64_t rows, int64_t stride, int64_t len) {
-                                 return run_moments(x + off, rows, stride, len);
-                             });
+        reduce_rows<Moments>(v, c0, c1, parts.as<Moments>(), mom.as<Moments>(), MomentsRun<T>{x}, sizeof(T));
         for (int64_t c = 0; c < c1 - c0; ++c) {
             mean.as<double>()[c] = mom.as<Moments>()[c].mean();
             m2.as<double>()[c] = mom.as<Moments>()[c].m2;
@@ -921,10 +970,7 @@ void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void*
     const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows<Sums>(v, c0, c1, parts.as<Sums>(), red.as<Sums>(),
-                          [&](int64_t c, int64_t off, int64_t rows, int64_t stride, int64_t len) {
-                              return run_sums(dy + off, x + off, rows, stride, len, mean[c]);
-                          });
+        reduce_rows<Sums>(v, c0, c1, parts.as<Sums>(), red.as<Sums>(), SumsRun<T>{dy, x, mean}, 2 * sizeof(T));
         for (int64_t c = 0; c < c1 - c0; ++c) {
             s0[c] = red.as<Sums>()[c].dy;
             s1[c] = red.as<Sums>()[c].dy_xmu;
