@@ -250,8 +250,10 @@ template <class U> U* aligned_in(const Scratch& s, size_t offset_bytes) {
 // A work item is a block of channels and one of the `split` ranges of runs, read in memory order
 // where that is cheap: row o of channels cb0, cb0 + 1, ..., then row o + 1 (one continuous stream
 // for the prefetchers instead of a short burst per row: bench/NOTES.md, step 14). Rows grouped
-// into runs keep one run state per channel in memory between their rows, worth it from
-// kMemoryOrderBytes per row; shorter rows go channel by channel with the state in registers.
+// into runs keep one run state per channel in memory between their rows, from kMemoryOrderBytes
+// per row (the state, a few hundred bytes, then moves to and from L1 once per row of at least
+// that many bytes from memory; a judgment, not tuned); shorter rows go channel by channel with
+// the state in registers.
 // Either way each channel adds the same values in the same order, so the order changes no bit.
 // The run kernel k: k.begin(State&, c, off) starts a run at value offset off; k.add(State&, c,
 // off, len) adds values [off, off + len) of channel c; k.end(State&, count) returns its Part.
