@@ -256,16 +256,16 @@ template <class U> U* aligned_in(const Scratch& s, size_t offset_bytes) {
 // the state in registers.
 // Either way each channel adds the same values in the same order, so the order changes no bit.
 // The run kernel k: k.begin(State&, c, off) starts a run at value offset off; k.add(State&, c,
-// off, len) adds values [off, off + len) of channel c; k.end(State&, count) returns its Part.
+// off, len) adds values [off, off + len) of channel c; k.end(State&, count) returns its Part;
+// Kernel::kRowValueBytes is the bytes it reads per value.
 template <class Part, class Kernel>
-void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, Part* parts, Part* out, const Kernel& k,
-                 int64_t value_bytes) {
+void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, Part* parts, Part* out, const Kernel& k) {
     using State = typename Kernel::State;
     const int64_t C = v.channels, inner = v.inner, nc = c1 - c0;
     const RowRuns rr = row_runs(v);
     const int64_t split = row_split(v);
     const int64_t nb = min64(nc, ceil_div(kParts, split));  // channel blocks
-    const bool memory_order = inner * value_bytes >= kMemoryOrderBytes;
+    const bool memory_order = inner * Kernel::kRowValueBytes >= kMemoryOrderBytes;
     const int nt = num_threads();
     const int64_t per_block = ceil_div(nc, nb);
     // per thread: per_block states and one more, room for the alignment
@@ -393,9 +393,27 @@ PYBN_INLINE void shifted_sums(const A* p, int64_t len, A shift, WideSums<2>& w) 
     }
 }
 
+// f(a, b, n) over values [0, len) of one or two inputs (b may be null) as A values: directly for
+// float / double, through float buffers of kConvChunk values for 16-bit data.
+template <class T, class F> PYBN_INLINE void as_acc(const T* a, const T* b, int64_t len, F f) {
+    using A = acc_t<T>;
+    if constexpr (kNative<T>) {
+        f(a, b, len);
+    } else {
+        A ab[kConvChunk], bb[kConvChunk];
+        for (int64_t i = 0; i < len; i += kConvChunk) {
+            const int64_t n = min64(kConvChunk, len - i);
+            to_acc(a + i, n, ab);
+            if (b) to_acc(b + i, n, bb);
+            f(ab, b ? bb : nullptr, n);
+        }
+    }
+}
+
 // Moments of the runs of a channel (reduce_rows): sums relative to the run's first value.
 template <class T> struct MomentsRun {
     using A = acc_t<T>;
+    static constexpr int64_t kRowValueBytes = sizeof(T);  // bytes read per value of a row
     struct State {
         WideSums<2> w;
         A shift;
@@ -407,16 +425,7 @@ template <class T> struct MomentsRun {
     }
     PYBN_INLINE void add(State& s, int64_t, int64_t off, int64_t len) const {
         WideSums<2> w = s.w;  // in registers for the row (the state may live in memory)
-        if constexpr (kNative<T>) {
-            shifted_sums(x + off, len, s.shift, w);
-        } else {
-            A buf[kConvChunk];
-            for (int64_t i = 0; i < len; i += kConvChunk) {
-                const int64_t n = min64(kConvChunk, len - i);
-                to_acc(x + off + i, n, buf);
-                shifted_sums(buf, n, s.shift, w);
-            }
-        }
+        as_acc<T>(x + off, nullptr, len, [&](const A* p, const A*, int64_t n) { shifted_sums(p, n, s.shift, w); });
         s.w = w;
     }
     Moments end(const State& s, int64_t count) const {
@@ -488,7 +497,7 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
     Moments* mom = result.as<Moments>();
     if (v.inner >= kRowMin) {
         Scratch parts(sizeof(Moments) * size_t(C * row_split(v)));
-        reduce_rows<Moments>(v, 0, C, parts.as<Moments>(), mom, MomentsRun<T>{x}, sizeof(T));
+        reduce_rows<Moments>(v, 0, C, parts.as<Moments>(), mom, MomentsRun<T>{x});
     } else {
         const int nt = num_threads();
         const int64_t R = kTileRows;
@@ -567,6 +576,7 @@ PYBN_INLINE void dy_sums(const A* dy, const A* x, int64_t len, A m, WideSums<3>&
 // Backward sums of the runs of a channel (reduce_rows).
 template <class T> struct SumsRun {
     using A = acc_t<T>;
+    static constexpr int64_t kRowValueBytes = 2 * sizeof(T);  // bytes read per value of a row
     struct State {
         WideSums<3> w;
     };
@@ -575,17 +585,7 @@ template <class T> struct SumsRun {
     PYBN_INLINE void begin(State& s, int64_t, int64_t) const { zero(s.w); }
     PYBN_INLINE void add(State& s, int64_t c, int64_t off, int64_t len) const {
         WideSums<3> w = s.w;  // in registers for the row (the state may live in memory)
-        if constexpr (kNative<T>) {
-            dy_sums(dy + off, x + off, len, mean[c], w);
-        } else {
-            A gb[kConvChunk], xb[kConvChunk];
-            for (int64_t i = 0; i < len; i += kConvChunk) {
-                const int64_t n = min64(kConvChunk, len - i);
-                to_acc(dy + off + i, n, gb);
-                to_acc(x + off + i, n, xb);
-                dy_sums(gb, xb, n, mean[c], w);
-            }
-        }
+        as_acc<T>(dy + off, x + off, len, [&](const A* g, const A* q, int64_t n) { dy_sums(g, q, n, mean[c], w); });
         s.w = w;
     }
     Sums end(const State& s, int64_t) const {
@@ -657,7 +657,7 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
     Sums* sums = result.as<Sums>();
     if (inner >= kRowMin) {
         Scratch parts(sizeof(Sums) * size_t(C * row_split(v)));
-        reduce_rows<Sums>(v, 0, C, parts.as<Sums>(), sums, SumsRun<T>{dy, x, mean}, 2 * sizeof(T));
+        reduce_rows<Sums>(v, 0, C, parts.as<Sums>(), sums, SumsRun<T>{dy, x, mean});
     } else {
         const int nt = num_threads();
         const int64_t R = kTileRows;
@@ -937,7 +937,7 @@ void forward_train_t(const pybn_view& v, const void* xv, void* yv, const Channel
     const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows<Moments>(v, c0, c1, parts.as<Moments>(), mom.as<Moments>(), MomentsRun<T>{x}, sizeof(T));
+        reduce_rows<Moments>(v, c0, c1, parts.as<Moments>(), mom.as<Moments>(), MomentsRun<T>{x});
         for (int64_t c = 0; c < c1 - c0; ++c) {
             mean.as<double>()[c] = mom.as<Moments>()[c].mean();
             m2.as<double>()[c] = mom.as<Moments>()[c].m2;
@@ -972,7 +972,7 @@ void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void*
     const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows<Sums>(v, c0, c1, parts.as<Sums>(), red.as<Sums>(), SumsRun<T>{dy, x, mean}, 2 * sizeof(T));
+        reduce_rows<Sums>(v, c0, c1, parts.as<Sums>(), red.as<Sums>(), SumsRun<T>{dy, x, mean});
         for (int64_t c = 0; c < c1 - c0; ++c) {
             s0[c] = red.as<Sums>()[c].dy;
             s1[c] = red.as<Sums>()[c].dy_xmu;
