@@ -265,7 +265,9 @@ void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, Part* parts, Part* 
     const RowRuns rr = row_runs(v);
     const int64_t split = row_split(v);
     const int64_t nb = min64(nc, ceil_div(kParts, split));  // channel blocks
-    const bool memory_order = inner * Kernel::kRowValueBytes >= kMemoryOrderBytes;
+    // runs of whole rows read in memory order, with per-channel states (segments of long rows are
+    // in memory order as they come)
+    const bool memory_order = rr.nseg == 1 && inner * Kernel::kRowValueBytes >= kMemoryOrderBytes;
     const int nt = num_threads();
     const int64_t per_block = ceil_div(nc, nb);
     // per thread: per_block states and one more, room for the alignment
@@ -280,7 +282,7 @@ void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, Part* parts, Part* 
             const int64_t o0 = (r / rr.nseg) * rr.rows_per_run, g0 = r % rr.nseg;
             const int64_t g1 = min64(rr.nseg, g0 + (r1 - r));  // this part's runs in row o0 (long rows)
             const int64_t rows = min64(rr.rows_per_run, v.outer - o0);
-            if (memory_order && rr.nseg == 1) {  // runs of whole rows, memory order
+            if (memory_order) {
                 for (int64_t c = cb0; c < cb1; ++c) k.begin(st[c - cb0], c, (o0 * C + c) * inner);
                 for (int64_t o = o0; o < o0 + rows; ++o)
                     for (int64_t c = cb0; c < cb1; ++c) k.add(st[c - cb0], c, (o * C + c) * inner, inner);
