@@ -1,5 +1,6 @@
 // Run-time choice of the CPU kernel table, thread count, and the kernels' scratch memory.
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -73,13 +74,52 @@ const KernelTable& kernels() {
 }
 
 namespace {
+// Size of the highest data / unified cache level as Linux's sysfs describes it for CPU 0 (what
+// lscpu prints), or -1. "32768K" style sizes.
+int64_t sysfs_llc_bytes() {
+#if defined(__linux__)
+    int best_level = 0;
+    int64_t best = -1;
+    for (int i = 0; i < 16; ++i) {
+        char base[64], path[96], type[32] = {0}, size[32] = {0};
+        std::snprintf(base, sizeof base, "/sys/devices/system/cpu/cpu0/cache/index%d", i);
+        int level = 0;
+        auto read = [&](const char* name, const char* fmt, void* out) {
+            std::snprintf(path, sizeof path, "%s/%s", base, name);
+            FILE* f = std::fopen(path, "r");
+            if (f == nullptr) return false;
+            const bool ok = std::fscanf(f, fmt, out) == 1;
+            std::fclose(f);
+            return ok;
+        };
+        if (!read("level", "%d", &level)) break;
+        if (!read("type", "%31s", type) || !read("size", "%31s", size)) continue;
+        if (std::strcmp(type, "Instruction") == 0 || level < best_level) continue;
+        char* unit = nullptr;
+        const long long n = std::strtoll(size, &unit, 10);
+        const int64_t scale = *unit == 'K' ? 1 << 10 : *unit == 'M' ? 1 << 20 : *unit == 'G' ? 1 << 30 : 1;
+        if (n > 0) {
+            best_level = level;
+            best = int64_t(n) * scale;
+        }
+    }
+    return best;
+#else
+    return -1;
+#endif
+}
+
+// The last-level cache: sysfs first, then sysconf, then 8 MiB. sysfs first because under some
+// hypervisors glibc's CPUID-derived sysconf(_SC_LEVEL3_CACHE_SIZE) is not the guest's cache: on
+// the development VM it says 256 MiB where sysfs and lscpu say 32 MiB, which turned the channel
+// groups and the non-temporal stores off for 205 MB tensors (bench/NOTES.md, step 15).
 int64_t llc_bytes() {
     static const int64_t llc = [] {
-        long b = -1;
+        int64_t b = sysfs_llc_bytes();
 #if defined(_SC_LEVEL3_CACHE_SIZE)
-        b = sysconf(_SC_LEVEL3_CACHE_SIZE);
+        if (b <= 0) b = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
-        return int64_t(b > 0 ? b : 8L << 20);
+        return b > 0 ? b : int64_t(8) << 20;
     }();
     return llc;
 }
