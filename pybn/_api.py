@@ -13,7 +13,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from . import _core
-from ._arrays import Canonical, address, backend_of, check_eps, check_momentum, device_context
+from ._arrays import Canonical, address, backend_of, check_eps, check_momentum, device_context, dtype_name
 
 Array = Any
 
@@ -56,7 +56,7 @@ def _stats_array(cx: Canonical, name: str, a: Array) -> Array:
         raise ValueError(f"{name} is required")
     a = cx.backend.adopt(a)
     if np.dtype(a.dtype) != np.float64:
-        raise TypeError(f"{name} must have dtype float64, got {np.dtype(a.dtype).name}")
+        raise TypeError(f"{name} must have dtype float64, got {dtype_name(a.dtype)}")
     if tuple(a.shape) != (cx.channels,):
         raise ValueError(f"{name} must have shape ({cx.channels},), got {tuple(a.shape)}")
     return cx.backend.contiguous(a)
@@ -202,7 +202,7 @@ def merge_stats(count: Array, mean: Array, m2: Array) -> Tuple[Array, Array, Arr
     count, mean, m2 = (backend.adopt(a) for a in (count, mean, m2))
     for name, a in (("count", count), ("mean", mean), ("m2", m2)):
         if np.dtype(a.dtype) != np.float64:
-            raise TypeError(f"{name} must have dtype float64, got {np.dtype(a.dtype).name}")
+            raise TypeError(f"{name} must have dtype float64, got {dtype_name(a.dtype)}")
         if a.ndim != 2:
             raise ValueError(f"{name} must be 2-D (partials, channels), got shape {tuple(a.shape)}")
         if tuple(a.shape) != tuple(count.shape):

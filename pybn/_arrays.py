@@ -35,9 +35,7 @@ class HostBackend:
     def owns(a: Any) -> bool:
         return isinstance(a, np.ndarray)
 
-    @staticmethod
-    def address(a: Any) -> int:
-        return int(a.__array_interface__["data"][0])
+    address = staticmethod(_core.host_address)
 
     @staticmethod
     def stream() -> Optional[int]:
@@ -201,10 +199,24 @@ def backend_of(arrays: Sequence[Tuple[str, Any]]) -> Any:
     return HOST
 
 
+def dtype_name(dt: Any) -> str:
+    """A dtype for messages; float32 in non-native byte order is not the float32 pybn computes."""
+    dt = np.dtype(dt)
+    return dt.name if dt.isnative else f"{dt.name} in non-native byte order ({dt.str})"
+
+
+_CODE_OF_DTYPE: dict = {}  # dtype -> code, filled on first use (dtype.name takes microseconds)
+
+
 def dtype_code(name: str, a: Any) -> int:
-    code = _DTYPE_CODES.get(np.dtype(a.dtype).name)
+    code = _CODE_OF_DTYPE.get(a.dtype)
     if code is None:
-        raise TypeError(f"{name} must have dtype {SUPPORTED_DTYPES}, got {np.dtype(a.dtype).name}")
+        dt = np.dtype(a.dtype)
+        code = _DTYPE_CODES.get(dt.name) if dt.isnative else None
+        if code is None:
+            raise TypeError(f"{name} must have dtype {SUPPORTED_DTYPES} (native byte order), "
+                            f"got {dtype_name(dt)}")
+        _CODE_OF_DTYPE[dt] = code
     return code
 
 
@@ -260,7 +272,10 @@ class Canonical:
         self.dtype = np.dtype(x.dtype)
         self.pdtype = param_dtype(x.dtype)
         self.perm = self._memory_order(x)
-        self.inv_perm = tuple(np.argsort(self.perm))
+        inv = [0] * x.ndim
+        for i, p in enumerate(self.perm):
+            inv[p] = i
+        self.inv_perm = tuple(inv)
         self.data = self.arrange(x)
         k = self.perm.index(ax)
         tshape = self.data.shape
@@ -296,7 +311,7 @@ class Canonical:
         """Canonical data of an input that must match x in shape and dtype (dy)."""
         a = self.backend.adopt(a)
         if np.dtype(a.dtype) != self.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({self.dtype.name}), got {np.dtype(a.dtype).name}")
+            raise TypeError(f"{name} must have the dtype of x ({self.dtype.name}), got {dtype_name(a.dtype)}")
         if tuple(a.shape) != self.shape:
             raise ValueError(f"{name} must have the shape of x {self.shape}, got {tuple(a.shape)}")
         return self.arrange(a)
@@ -309,7 +324,7 @@ class Canonical:
         if np.dtype(a.dtype) != self.pdtype:
             raise TypeError(
                 f"{name} must have dtype {self.pdtype.name} (per-channel dtype for {self.dtype.name} x), "
-                f"got {np.dtype(a.dtype).name}"
+                f"got {dtype_name(a.dtype)}"
             )
         if tuple(a.shape) != (self.channels,):
             raise ValueError(f"{name} must have shape ({self.channels},) (one value per channel), got {tuple(a.shape)}")
@@ -328,7 +343,7 @@ class Canonical:
             return Output(*self.empty())
         given, out = out, self.backend.adopt(out)
         if np.dtype(out.dtype) != self.dtype:
-            raise ValueError(f"out must have the dtype of x ({self.dtype.name}), got {np.dtype(out.dtype).name}")
+            raise ValueError(f"out must have the dtype of x ({self.dtype.name}), got {dtype_name(out.dtype)}")
         if tuple(out.shape) != self.shape:
             raise ValueError(f"out must have the shape of x {self.shape}, got {tuple(out.shape)}")
         if not self.backend.writable(out):

@@ -1,10 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Binding of libpybn: a mirror of cpp/include/pybn/pybn.h, nothing more.
+"""Binding of libpybn: a mirror of cpp/include/pybn/pybn.h, plus `host_address`.
 
 Arrays are passed as integer addresses (0 for NULL) so that host and device memory take the same
 path; views are (outer, channels, inner, dtype) tuples. Every call releases the GIL while the
 library runs and raises on a non-success status.
 """
+from cpython.buffer cimport PyBUF_STRIDES, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int32_t, int64_t, uintptr_t
 
 cdef extern from "pybn/pybn.h" nogil:
@@ -129,6 +130,17 @@ cdef pybn_view _view(tuple view) except *:
     cdef pybn_view v
     v.outer, v.channels, v.inner, v.dtype = view
     return v
+
+
+def host_address(a):
+    """Address of the first element of a host array (NumPy, any dtype, any strides), read through
+    the buffer protocol without a format string: ~20x cheaper than __array_interface__, which
+    builds a dict per call."""
+    cdef Py_buffer buf
+    PyObject_GetBuffer(a, &buf, PyBUF_STRIDES)
+    cdef uintptr_t p = <uintptr_t>buf.buf
+    PyBuffer_Release(&buf)
+    return p
 
 
 def status_string(int status):

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from ._api import batchnorm_backward, batchnorm_forward
-from ._arrays import _cupy, check_eps, check_momentum
+from ._arrays import _cupy, check_eps, check_momentum, dtype_name
 from ._core import has_cuda
 
 Array = Any
@@ -34,7 +34,7 @@ class BatchNorm:
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype (of parameters and running statistics) must be float32 or float64, got {dtype.name}")
+            raise TypeError(f"dtype (of parameters and running statistics) must be float32 or float64, got {dtype_name(dtype)}")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and not has_cuda():

@@ -102,6 +102,21 @@ def test_non_contiguous_inputs(rng, make):
     assert_close(y, ref.forward_train(x)[0], np.float32)
 
 
+def test_host_addresses_are_numpys(rng):
+    """The binding reads host addresses through the buffer protocol without a format string:
+    the address NumPy reports, for any dtype, strides, read-only or empty array."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    base = randn(rng, (6, 5), np.float32)
+    frozen = base.copy()
+    frozen.flags.writeable = False
+    for a in (base, base[::-1, 1::2], base.T, frozen, np.zeros((0, 3), np.float32),
+              base.astype(np.float16), base.astype(ml_dtypes.bfloat16)):
+        assert pybn._core.host_address(a) == a.__array_interface__["data"][0]
+    g = np.ones(5, np.float32)
+    g.flags.writeable = False
+    assert_close(pybn.batchnorm(frozen, g), ref.forward_train(frozen)[0], np.float32)
+
+
 def test_channels_last_memory_is_used_in_place_and_kept(rng):
     nhwc = randn(rng, (4, 6, 5, 3), np.float32)
     x = nhwc.transpose(0, 3, 1, 2)  # NCHW shape over NHWC memory: no copy needed

@@ -133,6 +133,8 @@ def test_layer_argument_errors():
         pybn.BatchNorm(3, eps=-1)
     with pytest.raises(TypeError, match="float32 or float64, got float16"):
         pybn.BatchNorm(3, dtype=np.float16)
+    with pytest.raises(TypeError, match="float32 or float64, got float32 in non-native byte order"):
+        pybn.BatchNorm(3, dtype=">f4")
     with pytest.raises(RuntimeError, match="needs a forward"):
         pybn.BatchNorm(3).backward(np.ones((2, 3), np.float32))
 
