@@ -135,8 +135,9 @@ template <int N> inline double hsum(const vec<double> (&v)[N]) {
     return s;
 }
 
-// Values of 16-bit types are converted to float in chunks of kConvChunk (a multiple of every
-// vector block) and the float kernels run on the chunk.
+// The reductions convert 16-bit values to float in chunks of kConvChunk (a multiple of every
+// vector block) and run the float kernels on the chunk; the elementwise kernels convert a vector
+// at a time (vload_as / vstore_as).
 constexpr int64_t kConvChunk = 1024;
 
 template <class T> constexpr bool kNative = std::is_same_v<T, acc_t<T>>;
@@ -148,45 +149,60 @@ typedef uint32_t u32vec __attribute__((vector_size(kVecBytes)));
 typedef int32_t i32vec __attribute__((vector_size(kVecBytes)));
 constexpr int kLanes32 = kVecBytes / 4;
 
-template <class T> inline void to_acc(const T* p, int64_t n, acc_t<T>* out) {
-    int64_t i = 0;
-    if constexpr (std::is_same_v<T, bfloat16_t>) {
-        for (; i + kLanes32 <= n; i += kLanes32) {
-            u16vec h;
-            __builtin_memcpy(&h, p + i, sizeof h);
-            const u32vec w = __builtin_convertvector(h, u32vec) << 16;
-            __builtin_memcpy(out + i, &w, sizeof w);
-        }
-    }
-#if defined(__F16C__)
-    if constexpr (std::is_same_v<T, half_t>) {
-        for (; i + 8 <= n; i += 8)
-            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
-    }
+// kLanes32 values of T at p as a vector of acc_t<T>, and back (bfloat16 rounded to nearest even,
+// a NaN kept as a quiet NaN; float16 through F16C where this unit has it, else one lane at a
+// time): bitwise the scalar load / store of dtype.hpp.
+template <class T> PYBN_INLINE vec<acc_t<T>> vload_as(const T* p) {
+    if constexpr (kNative<T>) {
+        return vload(p);
+    } else if constexpr (std::is_same_v<T, bfloat16_t>) {
+        u16vec h;
+        __builtin_memcpy(&h, p, sizeof h);
+        const u32vec w = __builtin_convertvector(h, u32vec) << 16;
+        vec<float> f;
+        __builtin_memcpy(&f, &w, sizeof f);
+        return f;
+    } else {
+#if defined(__AVX512F__)
+        // masked forms: GCC 12 warns on the plain ones' undefined operands
+        return (vec<float>)_mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__) && defined(__AVX__)
+        return (vec<float>)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+        vec<float> f;
+        for (int l = 0; l < kLanes32; ++l) f[l] = load(p[l]);
+        return f;
 #endif
-    for (; i < n; ++i) out[i] = load(p[i]);
+    }
 }
 
-template <class T> inline void from_acc(const acc_t<T>* in, int64_t n, T* out) {
-    int64_t i = 0;
-    if constexpr (std::is_same_v<T, bfloat16_t>) {
-        for (; i + kLanes32 <= n; i += kLanes32) {  // round to nearest even; NaN stays a quiet NaN
-            u32vec u;
-            __builtin_memcpy(&u, in + i, sizeof u);
-            const i32vec nan = (u & 0x7fffffffu) > 0x7f800000u;
-            const u32vec r = nan ? ((u >> 16) | 0x40u) : ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-            const u16vec h = __builtin_convertvector(r, u16vec);
-            __builtin_memcpy(out + i, &h, sizeof h);
-        }
-    }
-#if defined(__F16C__)
-    if constexpr (std::is_same_v<T, half_t>) {
-        for (; i + 8 <= n; i += 8)
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                             _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
-    }
+template <class T> PYBN_INLINE void vstore_as(T* p, const vec<acc_t<T>>& v) {
+    if constexpr (kNative<T>) {
+        vstore(p, v);
+    } else if constexpr (std::is_same_v<T, bfloat16_t>) {
+        u32vec u;
+        __builtin_memcpy(&u, &v, sizeof u);
+        const i32vec nan = (u & 0x7fffffffu) > 0x7f800000u;
+        const u32vec r = nan ? ((u >> 16) | 0x40u) : ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        const u16vec h = __builtin_convertvector(r, u16vec);
+        __builtin_memcpy(p, &h, sizeof h);
+    } else {
+#if defined(__AVX512F__)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                            _mm512_maskz_cvtps_ph(0xFFFF, (__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__) && defined(__AVX__)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+        for (int l = 0; l < kLanes32; ++l) p[l] = store<T>(v[l]);
 #endif
-    for (; i < n; ++i) out[i] = store<T>(in[i]);
+    }
+}
+
+template <class T> inline void to_acc(const T* p, int64_t n, acc_t<T>* out) {
+    constexpr int L = kLanesOf<acc_t<T>>;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) vstore(out + i, vload_as(p + i));
+    for (; i < n; ++i) out[i] = load(p[i]);
 }
 
 // Elements between per-column accumulator arrays of W columns: W rounded up to a cache line,
@@ -750,60 +766,64 @@ struct ColumnCoefs {
     const A* operator[](int k) const { return buf.as<A>() + k * E; }
 };
 
-// out[i] = f(i) for i in [0, n), f returning A vectors (vector index) and scalars (tail):
-// vector stores, or non-temporal stores when `stream` (outputs larger than the caches).
-template <class A, class VecF, class ScalarF>
-PYBN_INLINE void write_run(A* out, int64_t n, bool stream, VecF vf, ScalarF sf) {
-    constexpr int L = kLanesOf<A>;
+// A vector of T values from an acc_t<T> vector, stored bypassing the caches (no read of the
+// destination line first; p aligned to the stored bytes). 16-bit values go through vstore_as'
+// conversion, then a 128- / 256-bit streaming store (SSE2-only units store normally).
+template <class T> PYBN_INLINE void vstream_as(T* p, const vec<acc_t<T>>& v) {
+    if constexpr (kNative<T>) {
+        vstream(p, v);
+    } else {
+#if defined(__AVX512F__)
+        alignas(32) T h[kLanes32];
+        vstore_as(h, v);
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm256_load_si256(reinterpret_cast<const __m256i*>(h)));
+#elif defined(__AVX__)
+        alignas(16) T h[kLanes32];
+        vstore_as(h, v);
+        _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_load_si128(reinterpret_cast<const __m128i*>(h)));
+#else
+        vstore_as(p, v);
+#endif
+    }
+}
+
+// out[i] = f(i) for i in [0, n), f returning acc_t<T> vectors (vector index) and scalars (tail),
+// converted to T: vector stores, or non-temporal stores when `stream` (outputs larger than the
+// caches).
+template <class T, class VecF, class ScalarF>
+PYBN_INLINE void write_run(T* out, int64_t n, bool stream, VecF vf, ScalarF sf) {
+    constexpr int L = kLanesOf<acc_t<T>>;
+    constexpr uintptr_t kOutBytes = uintptr_t(L) * sizeof(T);
     int64_t i = 0;
     if (stream) {
-        for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kVecBytes) != 0; ++i) out[i] = sf(i);
-        for (; i + L <= n; i += L) vstream(out + i, vf(i));
+        for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kOutBytes) != 0; ++i) out[i] = store<T>(sf(i));
+        for (; i + L <= n; i += L) vstream_as(out + i, vf(i));
     } else {
-        for (; i + L <= n; i += L) vstore(out + i, vf(i));
+        for (; i + L <= n; i += L) vstore_as(out + i, vf(i));
     }
-    for (; i < n; ++i) out[i] = sf(i);
+    for (; i < n; ++i) out[i] = store<T>(sf(i));
 }
 
 // Column path: out[i] = f(i, j) for i in [0, n), j the column position of value i (starting at
 // j0, wrapping at P: ColumnCoefs); returns the position after the run.
-template <class A, class VecF, class ScalarF>
-PYBN_INLINE int64_t write_cols(A* out, int64_t n, int64_t j, int64_t P, bool stream, VecF vf, ScalarF sf) {
-    constexpr int L = kLanesOf<A>;
+template <class T, class VecF, class ScalarF>
+PYBN_INLINE int64_t write_cols(T* out, int64_t n, int64_t j, int64_t P, bool stream, VecF vf, ScalarF sf) {
+    constexpr int L = kLanesOf<acc_t<T>>;
+    constexpr uintptr_t kOutBytes = uintptr_t(L) * sizeof(T);
     int64_t i = 0;
     auto step = [&](int64_t by) {
         j += by;
         if (j >= P) j -= P;
     };
     if (stream) {
-        for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kVecBytes) != 0; ++i, step(1)) out[i] = sf(i, j);
-        for (; i + L <= n; i += L, step(L)) vstream(out + i, vf(i, j));
+        for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kOutBytes) != 0; ++i, step(1))
+            out[i] = store<T>(sf(i, j));
+        for (; i + L <= n; i += L, step(L)) vstream_as(out + i, vf(i, j));
     } else {
-        for (; i + L <= n; i += L, step(L)) vstore(out + i, vf(i, j));
+        for (; i + L <= n; i += L, step(L)) vstore_as(out + i, vf(i, j));
     }
-    for (; i < n; ++i, step(1)) out[i] = sf(i, j);
+    for (; i < n; ++i, step(1)) out[i] = store<T>(sf(i, j));
     return j;
-}
-
-// Runs run(in0, in1, out, len, j, stream) over n values: directly for float / double, through
-// float buffers of kConvChunk values for 16-bit data (in1 may be null). j is the column-path
-// position carried from chunk to chunk (run returns the next one; the row path ignores it).
-template <class T, class Run>
-PYBN_INLINE void through_acc(const T* in0, const T* in1, T* out, int64_t n, bool stream, Run run) {
-    using A = acc_t<T>;
-    if constexpr (kNative<T>) {
-        run(in0, in1, out, n, int64_t(0), stream);
-    } else {
-        A b0[kConvChunk], b1[kConvChunk], ob[kConvChunk];
-        int64_t j = 0;
-        for (int64_t i = 0; i < n; i += kConvChunk) {
-            const int64_t len = min64(kConvChunk, n - i);
-            to_acc(in0 + i, len, b0);
-            if (in1) to_acc(in1 + i, len, b1);
-            j = run(b0, in1 ? b1 : nullptr, ob, len, j, false);
-            from_acc(ob, len, out + i);
-        }
-    }
 }
 
 // Row path: one channel's run of n values with scalar coefficients (h[0] ... b[0]).
@@ -812,11 +832,8 @@ PYBN_INLINE void normalize_values(const T* x, T* y, int64_t n, bool stream, cons
                                   const acc_t<T>* a, const acc_t<T>* b) {
     using A = acc_t<T>;
     const vec<A> H = vsplat(h[0]), Lo = vsplat(l[0]), S = vsplat(a[0]), B = vsplat(b[0]);
-    through_acc<T>(x, nullptr, y, n, stream, [&](const A* xp, const A*, A* yp, int64_t len, int64_t, bool st) {
-        write_run<A>(yp, len, st, [&](int64_t i) { return ((vload(xp + i) - H) - Lo) * S + B; },
-                     [&](int64_t i) { return ((xp[i] - h[0]) - l[0]) * a[0] + b[0]; });
-        return int64_t(0);
-    });
+    write_run<T>(y, n, stream, [&](int64_t i) { return ((vload_as(x + i) - H) - Lo) * S + B; },
+                 [&](int64_t i) { return ((load(x[i]) - h[0]) - l[0]) * a[0] + b[0]; });
 }
 
 // dx = a dy + b (x - m) + c, or a dy when x is null (inference), over one channel's run.
@@ -825,40 +842,40 @@ PYBN_INLINE void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool
                                  const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* c) {
     using A = acc_t<T>;
     const vec<A> Av = vsplat(a[0]), Bv = vsplat(b[0]), Mv = vsplat(m[0]), Cv = vsplat(c[0]);
-    through_acc<T>(dy, x, dx, n, stream, [&](const A* gp, const A* xp, A* dp, int64_t len, int64_t, bool st) {
-        if (xp == nullptr)
-            write_run<A>(dp, len, st, [&](int64_t i) { return Av * vload(gp + i); },
-                         [&](int64_t i) { return a[0] * gp[i]; });
-        else
-            write_run<A>(dp, len, st, [&](int64_t i) { return Av * vload(gp + i) + Bv * (vload(xp + i) - Mv) + Cv; },
-                         [&](int64_t i) { return a[0] * gp[i] + b[0] * (xp[i] - m[0]) + c[0]; });
-        return int64_t(0);
-    });
+    if (x == nullptr)
+        write_run<T>(dx, n, stream, [&](int64_t i) { return Av * vload_as(dy + i); },
+                     [&](int64_t i) { return a[0] * load(dy[i]); });
+    else
+        write_run<T>(dx, n, stream,
+                     [&](int64_t i) { return Av * vload_as(dy + i) + Bv * (vload_as(x + i) - Mv) + Cv; },
+                     [&](int64_t i) { return a[0] * load(dy[i]) + b[0] * (load(x[i]) - m[0]) + c[0]; });
 }
 
 // Column path: n values (whole rows) with per-column coefficients from ColumnCoefs.
-template <class A>
-int64_t normalize_cols(const A* x, A* y, int64_t n, int64_t j, const ColumnCoefs<A>& e, bool stream) {
-    const A *h = e[0], *l = e[1], *a = e[2], *b = e[3];
-    return write_cols<A>(y, n, j, e.P, stream,
+template <class T>
+void normalize_cols(const T* x, T* y, int64_t n, const ColumnCoefs<acc_t<T>>& e, bool stream) {
+    const acc_t<T> *h = e[0], *l = e[1], *a = e[2], *b = e[3];
+    write_cols<T>(y, n, 0, e.P, stream,
         [&](int64_t i, int64_t k) {
-            return ((vload(x + i) - vload(h + k)) - vload(l + k)) * vload(a + k) + vload(b + k);
+            return ((vload_as(x + i) - vload(h + k)) - vload(l + k)) * vload(a + k) + vload(b + k);
         },
-        [&](int64_t i, int64_t k) { return ((x[i] - h[k]) - l[k]) * a[k] + b[k]; });
+        [&](int64_t i, int64_t k) { return ((load(x[i]) - h[k]) - l[k]) * a[k] + b[k]; });
 }
 
 // dx = a dy + b (x - m) + c, or a dy when x is null (inference).
-template <class A>
-int64_t backward_cols(const A* dy, const A* x, A* dx, int64_t n, int64_t j, const ColumnCoefs<A>& e, bool stream) {
-    const A *m = e[0], *a = e[1], *b = e[2], *c = e[3];
-    if (x == nullptr)
-        return write_cols<A>(dx, n, j, e.P, stream, [&](int64_t i, int64_t k) { return vload(a + k) * vload(dy + i); },
-                             [&](int64_t i, int64_t k) { return a[k] * dy[i]; });
-    return write_cols<A>(dx, n, j, e.P, stream,
+template <class T>
+void backward_cols(const T* dy, const T* x, T* dx, int64_t n, const ColumnCoefs<acc_t<T>>& e, bool stream) {
+    const acc_t<T> *m = e[0], *a = e[1], *b = e[2], *c = e[3];
+    if (x == nullptr) {
+        write_cols<T>(dx, n, 0, e.P, stream, [&](int64_t i, int64_t k) { return vload(a + k) * vload_as(dy + i); },
+                      [&](int64_t i, int64_t k) { return a[k] * load(dy[i]); });
+        return;
+    }
+    write_cols<T>(dx, n, 0, e.P, stream,
         [&](int64_t i, int64_t k) {
-            return vload(a + k) * vload(dy + i) + vload(b + k) * (vload(x + i) - vload(m + k)) + vload(c + k);
+            return vload(a + k) * vload_as(dy + i) + vload(b + k) * (vload_as(x + i) - vload(m + k)) + vload(c + k);
         },
-        [&](int64_t i, int64_t k) { return a[k] * dy[i] + b[k] * (x[i] - m[k]) + c[k]; });
+        [&](int64_t i, int64_t k) { return a[k] * load(dy[i]) + b[k] * (load(x[i]) - m[k]) + c[k]; });
 }
 
 template <class T>
@@ -875,12 +892,7 @@ void normalize_t(const pybn_view& v, const void* xv, const void* coefv, void* yv
         [&](int64_t off, int64_t len, int64_t c) {
             normalize_values(x + off, y + off, len, stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c);
         },
-        [&](int64_t off, int64_t rows) {
-            through_acc<T>(x + off, nullptr, y + off, rows * W, stream,
-                           [&](const A* xp, const A*, A* yp, int64_t n, int64_t j, bool st) {
-                               return normalize_cols<A>(xp, yp, n, j, e, st);
-                           });
-        });
+        [&](int64_t off, int64_t rows) { normalize_cols<T>(x + off, y + off, rows * W, e, stream); });
 }
 
 template <class T>
@@ -901,10 +913,7 @@ void backward_elementwise_t(const pybn_view& v, const void* dyv, const void* xv,
                             k + 3 * C + c);
         },
         [&](int64_t off, int64_t rows) {
-            through_acc<T>(dy + off, x ? x + off : nullptr, dx + off, rows * W, stream,
-                           [&](const A* gp, const A* xp, A* dp, int64_t n, int64_t j, bool st) {
-                               return backward_cols<A>(gp, xp, dp, n, j, e, st);
-                           });
+            backward_cols<T>(dy + off, x ? x + off : nullptr, dx + off, rows * W, e, stream);
         });
 }
 
