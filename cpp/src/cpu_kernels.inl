@@ -135,11 +135,6 @@ template <int N> inline double hsum(const vec<double> (&v)[N]) {
     return s;
 }
 
-// The reductions convert 16-bit values to float in chunks of kConvChunk (a multiple of every
-// vector block) and run the float kernels on the chunk; the elementwise kernels convert a vector
-// at a time (vload_as / vstore_as).
-constexpr int64_t kConvChunk = 1024;
-
 template <class T> constexpr bool kNative = std::is_same_v<T, acc_t<T>>;
 
 // 16-bit values to float and back, a vector at a time: bfloat16 by shifts, float16 with the
@@ -223,9 +218,9 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Reduction drivers: the row path (inner >= kRowMin) and the column path (inner < kRowMin).
 
 // Software prefetch ahead of the column-path reductions pays when their `streams` inputs are
-// beyond the LLC (bench/NOTES.md, step 13); 16-bit data is read through in-cache buffers instead.
+// beyond the LLC (bench/NOTES.md, step 13).
 template <class T> bool fetch_ahead(const pybn_view& v, int64_t streams) {
-    return kNative<T> && stream_output(streams * v.outer * v.channels * v.inner * int64_t(sizeof(T)));
+    return stream_output(streams * v.outer * v.channels * v.inner * int64_t(sizeof(T)));
 }
 
 // Software prefetch of `bytes` from p.
@@ -366,22 +361,23 @@ template <int K> PYBN_INLINE void zero(WideSums<K>& w) {
 
 // sum(x - shift) and sum((x - shift)^2) over p[0, len), added into w (kept across the rows of a
 // run): blocks of kDepth x kU vectors accumulate in A, then widen into float64 vectors; the tail
-// goes straight to float64.
-template <class A>
-PYBN_INLINE void shifted_sums(const A* p, int64_t len, A shift, WideSums<2>& w) {
+// goes straight to float64. 16-bit values are converted a vector at a time.
+template <class T>
+PYBN_INLINE void shifted_sums(const T* p, int64_t len, acc_t<T> shift, WideSums<2>& w) {
+    using A = acc_t<T>;
     constexpr int L = kLanesOf<A>, U = kU, B = kDepth * U * L;
     const vec<A> sh = vsplat(shift);
     int64_t i = 0;
     for (; i + B <= len; i += B) {
         vec<A> s[U], q[U];
         for (int u = 0; u < U; ++u) {  // the first step without a zero register (no spills)
-            const vec<A> d = vload(p + i + u * L) - sh;
+            const vec<A> d = vload_as(p + i + u * L) - sh;
             s[u] = d;
             q[u] = d * d;
         }
         for (int k = 1; k < kDepth; ++k)
             for (int u = 0; u < U; ++u) {
-                const vec<A> d = vload(p + i + (k * U + u) * L) - sh;
+                const vec<A> d = vload_as(p + i + (k * U + u) * L) - sh;
                 s[u] += d;
                 q[u] += d * d;
             }
@@ -393,7 +389,7 @@ PYBN_INLINE void shifted_sums(const A* p, int64_t len, A shift, WideSums<2>& w) 
     {  // whole vectors left: flushed every kDepth
         vec<A> s = {}, q = {};
         for (int k = 0; i + L <= len; i += L) {
-            const vec<A> d = vload(p + i) - sh;
+            const vec<A> d = vload_as(p + i) - sh;
             s += d;
             q += d * d;
             if (++k == kDepth || i + 2 * L > len) {
@@ -405,26 +401,9 @@ PYBN_INLINE void shifted_sums(const A* p, int64_t len, A shift, WideSums<2>& w) 
         }
     }
     for (; i < len; ++i) {
-        const A d = p[i] - shift;
+        const A d = load(p[i]) - shift;
         w.tail[0] += double(d);
         w.tail[1] += double(d * d);
-    }
-}
-
-// f(a, b, n) over values [0, len) of one or two inputs (b may be null) as A values: directly for
-// float / double, through float buffers of kConvChunk values for 16-bit data.
-template <class T, class F> PYBN_INLINE void as_acc(const T* a, const T* b, int64_t len, F f) {
-    using A = acc_t<T>;
-    if constexpr (kNative<T>) {
-        f(a, b, len);
-    } else {
-        A ab[kConvChunk], bb[kConvChunk];
-        for (int64_t i = 0; i < len; i += kConvChunk) {
-            const int64_t n = min64(kConvChunk, len - i);
-            to_acc(a + i, n, ab);
-            if (b) to_acc(b + i, n, bb);
-            f(ab, b ? bb : nullptr, n);
-        }
     }
 }
 
@@ -443,7 +422,7 @@ template <class T> struct MomentsRun {
     }
     PYBN_INLINE void add(State& s, int64_t, int64_t off, int64_t len) const {
         WideSums<2> w = s.w;  // in registers for the row (the state may live in memory)
-        as_acc<T>(x + off, nullptr, len, [&](const A* p, const A*, int64_t n) { shifted_sums(p, n, s.shift, w); });
+        shifted_sums(x + off, len, s.shift, w);
         s.w = w;
     }
     Moments end(const State& s, int64_t count) const {
@@ -458,51 +437,40 @@ template <class T> struct MomentsRun {
 // row path). Each group of kDepth rows is added pairwise in A; the groups' sums accumulate in A
 // per column (s2, q2: at most kTileRows / kDepth = 16 of them, as accurate as the row path:
 // bench/NOTES.md) and are widened into the float64 column sums S, Q once per tile.
-template <class A>
-void tile_moments(const A* x, int64_t W, int64_t rows, const A* sh, A* s2, A* q2, double* S, double* Q,
-                  bool ahead) {
+template <class T>
+void tile_moments(const T* x, int64_t W, int64_t rows, const acc_t<T>* sh, acc_t<T>* s2, acc_t<T>* q2, double* S,
+                  double* Q, bool ahead) {
+    using A = acc_t<T>;
     constexpr int L = kLanesOf<A>;
     for (int64_t j = 0; j < W; ++j) s2[j] = q2[j] = 0;
     int64_t r = 0;
     for (; r + kDepth <= rows; r += kDepth) {
-        const A *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;
-        if (ahead) prefetch_bytes(reinterpret_cast<const char*>(x0) + kTilePrefetch, kDepth * W * int64_t(sizeof(A)));
+        const T *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;
+        if (ahead) prefetch_bytes(reinterpret_cast<const char*>(x0) + kTilePrefetch, kDepth * W * int64_t(sizeof(T)));
         int64_t j = 0;
         for (; j + L <= W; j += L) {
             const vec<A> shv = vload(sh + j);
-            const vec<A> d0 = vload(x0 + j) - shv, d1 = vload(x1 + j) - shv;
-            const vec<A> d2 = vload(x2 + j) - shv, d3 = vload(x3 + j) - shv;
+            const vec<A> d0 = vload_as(x0 + j) - shv, d1 = vload_as(x1 + j) - shv;
+            const vec<A> d2 = vload_as(x2 + j) - shv, d3 = vload_as(x3 + j) - shv;
             vstore(s2 + j, vload(s2 + j) + ((d0 + d1) + (d2 + d3)));
             vstore(q2 + j, vload(q2 + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
         }
         for (; j < W; ++j) {  // the same arithmetic, one column at a time
-            const A d0 = x0[j] - sh[j], d1 = x1[j] - sh[j], d2 = x2[j] - sh[j], d3 = x3[j] - sh[j];
+            const A d0 = load(x0[j]) - sh[j], d1 = load(x1[j]) - sh[j], d2 = load(x2[j]) - sh[j],
+                    d3 = load(x3[j]) - sh[j];
             s2[j] += (d0 + d1) + (d2 + d3);
             q2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
         }
     }
     for (; r < rows; ++r)  // a last, partial group
         for (int64_t j = 0; j < W; ++j) {
-            const A d = x[r * W + j] - sh[j];
+            const A d = load(x[r * W + j]) - sh[j];
             s2[j] += d;
             q2[j] += d * d;
         }
     for (int64_t j = 0; j < W; ++j) {
         S[j] += double(s2[j]);
         Q[j] += double(q2[j]);
-    }
-}
-
-// The tile of rows [r0, r0 + rows) as A values with row stride W: x itself, or a conversion of
-// 16-bit values into `buf`.
-template <class T>
-const acc_t<T>* tile_values(const T* x, int64_t W, int64_t r0, int64_t rows, acc_t<T>* buf) {
-    if constexpr (kNative<T>) {
-        (void)buf;
-        return x + r0 * W;
-    } else {
-        to_acc(x + r0 * W, rows * W, buf);
-        return buf;
     }
 }
 
@@ -519,7 +487,6 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
     } else {
         const int nt = num_threads();
         const int64_t R = kTileRows;
-        Scratch conv(kNative<T> ? 0 : sizeof(A) * size_t(R * W) * size_t(nt));
         const int64_t wa = spaced<A>(W), wd = spaced<double>(W);
         const bool ahead = fetch_ahead<T>(v, 1);
         Scratch abuf(sizeof(A) * 3 * size_t(wa) * size_t(nt)), dbuf(sizeof(double) * 2 * size_t(wd) * size_t(nt));
@@ -530,8 +497,7 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
             for (int64_t j = 0; j < 2 * wd; ++j) S[j] = 0;
             for (int64_t r0 = o0; r0 < o1; r0 += R) {
                 const int64_t rows = min64(R, o1 - r0);
-                const A* tile = tile_values(x, W, r0, rows, conv.as<A>(size_t(R * W * t)));
-                tile_moments(tile, W, rows, sh, sh + wa, sh + 2 * wa, S, S + wd, ahead);
+                tile_moments(x + r0 * W, W, rows, sh, sh + wa, sh + 2 * wa, S, S + wd, ahead);
             }
             for (int64_t j = 0; j < W; ++j) {
                 cols[j] = Moments{};
@@ -550,15 +516,16 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
 
 // (sum(dy), sum(dy * (x - m)), sum(x - m)) over [0, len), added into out; blocks of kDepth
 // vectors accumulate in A, then widen into float64 vectors.
-template <class A>
-PYBN_INLINE void dy_sums(const A* dy, const A* x, int64_t len, A m, WideSums<3>& w) {
+template <class T>
+PYBN_INLINE void dy_sums(const T* dy, const T* x, int64_t len, acc_t<T> m, WideSums<3>& w) {
+    using A = acc_t<T>;
     constexpr int L = kLanesOf<A>, B = kDepth * L;
     const vec<A> mv = vsplat(m);
     int64_t i = 0;
     for (; i + B <= len; i += B) {
         vec<A> a0 = {}, a1 = {}, a2 = {};
         for (int k = 0; k < kDepth; ++k) {
-            const vec<A> g = vload(dy + i + k * L), d = vload(x + i + k * L) - mv;
+            const vec<A> g = vload_as(dy + i + k * L), d = vload_as(x + i + k * L) - mv;
             a0 += g;
             a1 += g * d;
             a2 += d;
@@ -570,7 +537,7 @@ PYBN_INLINE void dy_sums(const A* dy, const A* x, int64_t len, A m, WideSums<3>&
     {  // whole vectors left: flushed every kDepth
         vec<A> a0 = {}, a1 = {}, a2 = {};
         for (int k = 0; i + L <= len; i += L) {
-            const vec<A> g = vload(dy + i), d = vload(x + i) - mv;
+            const vec<A> g = vload_as(dy + i), d = vload_as(x + i) - mv;
             a0 += g;
             a1 += g * d;
             a2 += d;
@@ -584,7 +551,7 @@ PYBN_INLINE void dy_sums(const A* dy, const A* x, int64_t len, A m, WideSums<3>&
         }
     }
     for (; i < len; ++i) {
-        const A g = dy[i], d = x[i] - m;
+        const A g = load(dy[i]), d = load(x[i]) - m;
         w.tail[0] += double(g);
         w.tail[1] += double(g * d);
         w.tail[2] += double(d);
@@ -603,7 +570,7 @@ template <class T> struct SumsRun {
     PYBN_INLINE void begin(State& s, int64_t, int64_t) const { zero(s.w); }
     PYBN_INLINE void add(State& s, int64_t c, int64_t off, int64_t len) const {
         WideSums<3> w = s.w;  // in registers for the row (the state may live in memory)
-        as_acc<T>(dy + off, x + off, len, [&](const A* g, const A* q, int64_t n) { dy_sums(g, q, n, mean[c], w); });
+        dy_sums(dy + off, x + off, len, mean[c], w);
         s.w = w;
     }
     Sums end(const State& s, int64_t) const {
@@ -618,32 +585,34 @@ template <class T> struct SumsRun {
 // Column path, one tile of dy and x (row stride W, rows <= kTileRows), in memory order: groups
 // of kDepth rows added pairwise in A, the groups' sums accumulated in A per column (a2: 3 x W
 // scratch), widened into the float64 column sums D (3 x W) once per tile.
-template <class A>
-void tile_sums(const A* dy, const A* x, const A* m, int64_t W, int64_t rows, A* a2, double* D, int64_t wa,
-               int64_t wd, bool ahead) {
+template <class T>
+void tile_sums(const T* dy, const T* x, const acc_t<T>* m, int64_t W, int64_t rows, acc_t<T>* a2, double* D,
+               int64_t wa, int64_t wd, bool ahead) {
+    using A = acc_t<T>;
     constexpr int L = kLanesOf<A>;
     A *a0 = a2, *a1 = a2 + wa, *ax = a2 + 2 * wa;
     for (int64_t j = 0; j < W; ++j) a0[j] = a1[j] = ax[j] = 0;
     int64_t r = 0;
     for (; r + kDepth <= rows; r += kDepth) {
-        const A *g0 = dy + r * W, *g1 = g0 + W, *g2 = g1 + W, *g3 = g2 + W;
-        const A *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;
+        const T *g0 = dy + r * W, *g1 = g0 + W, *g2 = g1 + W, *g3 = g2 + W;
+        const T *x0 = x + r * W, *x1 = x0 + W, *x2 = x1 + W, *x3 = x2 + W;
         if (ahead) {
-            prefetch_bytes(reinterpret_cast<const char*>(g0) + kTilePrefetch, kDepth * W * int64_t(sizeof(A)));
-            prefetch_bytes(reinterpret_cast<const char*>(x0) + kTilePrefetch, kDepth * W * int64_t(sizeof(A)));
+            prefetch_bytes(reinterpret_cast<const char*>(g0) + kTilePrefetch, kDepth * W * int64_t(sizeof(T)));
+            prefetch_bytes(reinterpret_cast<const char*>(x0) + kTilePrefetch, kDepth * W * int64_t(sizeof(T)));
         }
         int64_t j = 0;
         for (; j + L <= W; j += L) {
             const vec<A> mv = vload(m + j);
-            const vec<A> e0 = vload(g0 + j), e1 = vload(g1 + j), e2 = vload(g2 + j), e3 = vload(g3 + j);
-            const vec<A> d0 = vload(x0 + j) - mv, d1 = vload(x1 + j) - mv, d2 = vload(x2 + j) - mv, d3 = vload(x3 + j) - mv;
+            const vec<A> e0 = vload_as(g0 + j), e1 = vload_as(g1 + j), e2 = vload_as(g2 + j), e3 = vload_as(g3 + j);
+            const vec<A> d0 = vload_as(x0 + j) - mv, d1 = vload_as(x1 + j) - mv, d2 = vload_as(x2 + j) - mv,
+                         d3 = vload_as(x3 + j) - mv;
             vstore(a0 + j, vload(a0 + j) + ((e0 + e1) + (e2 + e3)));
             vstore(a1 + j, vload(a1 + j) + ((e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3)));
             vstore(ax + j, vload(ax + j) + ((d0 + d1) + (d2 + d3)));
         }
         for (; j < W; ++j) {  // the same arithmetic, one column at a time
-            const A e0 = g0[j], e1 = g1[j], e2 = g2[j], e3 = g3[j];
-            const A d0 = x0[j] - m[j], d1 = x1[j] - m[j], d2 = x2[j] - m[j], d3 = x3[j] - m[j];
+            const A e0 = load(g0[j]), e1 = load(g1[j]), e2 = load(g2[j]), e3 = load(g3[j]);
+            const A d0 = load(x0[j]) - m[j], d1 = load(x1[j]) - m[j], d2 = load(x2[j]) - m[j], d3 = load(x3[j]) - m[j];
             a0[j] += (e0 + e1) + (e2 + e3);
             a1[j] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3);
             ax[j] += (d0 + d1) + (d2 + d3);
@@ -651,7 +620,7 @@ void tile_sums(const A* dy, const A* x, const A* m, int64_t W, int64_t rows, A* 
     }
     for (; r < rows; ++r)  // a last, partial group
         for (int64_t j = 0; j < W; ++j) {
-            const A g = dy[r * W + j], d = x[r * W + j] - m[j];
+            const A g = load(dy[r * W + j]), d = load(x[r * W + j]) - m[j];
             a0[j] += g;
             a1[j] += g * d;
             ax[j] += d;
@@ -679,7 +648,7 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
     } else {
         const int nt = num_threads();
         const int64_t R = kTileRows;
-        Scratch mcol(sizeof(A) * size_t(W)), conv(kNative<T> ? 0 : 2 * sizeof(A) * size_t(R * W) * size_t(nt));
+        Scratch mcol(sizeof(A) * size_t(W));
         const int64_t wa = spaced<A>(W), wd = spaced<double>(W);
         const bool ahead = fetch_ahead<T>(v, 2);
         Scratch dsum(sizeof(double) * 3 * size_t(wd) * size_t(nt)), asum(sizeof(A) * 3 * size_t(wa) * size_t(nt));
@@ -691,10 +660,7 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
             for (int64_t j = 0; j < 3 * wd; ++j) D[j] = 0;
             for (int64_t r0 = o0; r0 < o1; r0 += R) {
                 const int64_t rows = min64(R, o1 - r0);
-                A* buf = conv.as<A>(size_t(2 * R * W * t));
-                const A* gt = tile_values(dy, W, r0, rows, buf);
-                const A* xt = tile_values(x, W, r0, rows, buf + R * W);
-                tile_sums(gt, xt, m, W, rows, asum.as<A>(size_t(3 * wa * t)), D, wa, wd, ahead);
+                tile_sums(dy + r0 * W, x + r0 * W, m, W, rows, asum.as<A>(size_t(3 * wa * t)), D, wa, wd, ahead);
             }
             for (int64_t j = 0; j < W; ++j) {
                 cols[j].dy = D[j];
