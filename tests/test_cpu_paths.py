@@ -55,6 +55,36 @@ def test_every_isa_path_matches_reference(isa, rng, shape, axis, dtype):
     assert_close(dbeta, edb, sd, scale=scale, what=f"{isa} dbeta")
 
 
+HALF_DTYPES = [d for d in FLOAT_DTYPES if d.itemsize == 2]
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape", [(4, 3, 1000), (700, 5), (300, 5, 3)], ids=str)
+def test_16bit_outputs_round_like_numpy(isa, rng, shape, dtype):
+    """y = x * gamma + 0 in float32 (inference with mean 0, variance 1, eps 0, beta 0), rounded to
+    x's dtype: every value, ties, overflow to inf, subnormals, inf and NaN in the vector paths
+    and the tails, bit for bit what NumPy / ml_dtypes round to."""
+    info = np.finfo(dtype) if dtype == np.float16 else pytest.importorskip("ml_dtypes").finfo(dtype)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, float(info.max), -float(info.max),
+                        float(info.tiny), float(info.tiny) / 4, float(info.eps), 1.0, -1.0], np.float32)
+    x = (rng.standard_normal(shape) * 100).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[rng.integers(0, flat.size, 4 * special.size)] = np.tile(special, 4)
+    x = x.astype(dtype)
+    c = shape[1]
+    gamma = (1 + rng.standard_normal(c) * 0.01).astype(np.float32)
+    gamma[0] = 1.0 + 2.0 ** -8  # pushes max to overflow, ties between neighbours
+    y = pybn.batchnorm(x, gamma, np.zeros(c, np.float32), np.zeros(c, np.float32), np.ones(c, np.float32),
+                       training=False, eps=0.0)
+    cshape = (1, c) + (1,) * (len(shape) - 2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expect = (x.astype(np.float32) * gamma.reshape(cshape) + np.float32(0)).astype(dtype)  # + beta: -0 -> +0
+    nan = np.isnan(expect.astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(y.astype(np.float32)), nan)
+    np.testing.assert_array_equal(y.view(np.uint16)[~nan], expect.view(np.uint16)[~nan])
+
+
 def _all_outputs(x, dy, axis):
     y, mean, invstd = pybn.batchnorm_forward(x, axis=axis)
     cnt, m, m2 = pybn.batch_stats(x, axis=axis)
