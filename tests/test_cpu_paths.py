@@ -116,11 +116,18 @@ import json, sys, numpy as np, pybn
 sys.path.insert(0, {tests!r})
 from test_cpu_paths import SHAPES, _all_outputs
 rng = np.random.default_rng(7)
+dtypes = [np.float32, np.float16]
+try:
+    import ml_dtypes
+    dtypes.append(ml_dtypes.bfloat16)
+except ImportError:
+    pass
 out = {{}}
-for i, (shape, axis) in enumerate(SHAPES):
-    x = (rng.standard_normal(shape) * 2 + 5).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
-    out[i] = [b.hex() for b in _all_outputs(x, dy, axis)]
+for dtype in dtypes:  # 16-bit outputs have their own streaming stores
+    for i, (shape, axis) in enumerate(SHAPES):
+        x = (rng.standard_normal(shape) * 2 + 5).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        out[f"{{np.dtype(dtype).name}}-{{i}}"] = [b.hex() for b in _all_outputs(x, dy, axis)]
 print(json.dumps({{"isa": pybn.cpu_isa(), "threads": pybn.get_num_threads(), "out": out}}))
 """
 
