@@ -137,10 +137,65 @@ int64_t cache_budget() {
     return b;
 }
 
-Scratch::Scratch(size_t bytes) : ptr_(bytes ? std::malloc(bytes) : nullptr) {
-    if (bytes && !ptr_) throw std::bad_alloc();
+namespace {
+// Recently freed scratch blocks of one thread, handed to its next Scratch. Without them a call
+// with a few hundred KB of scratch gives the memory back to the OS at every free (glibc trims
+// the top of the heap above 128 KiB) and faults it in again on the next call, and with several
+// threads each trim interrupts the other CPUs for a TLB shootdown (bench/NOTES.md, step 21).
+// Blocks up to kMaxBlock, at most kKeptBytes per thread, freed when the thread exits.
+class ScratchCache {
+  public:
+    static constexpr size_t kMaxBlock = size_t(2) << 20, kKeptBytes = size_t(4) << 20;
+    ScratchCache() = default;
+    ScratchCache(const ScratchCache&) = delete;
+    ScratchCache& operator=(const ScratchCache&) = delete;
+    ~ScratchCache() {
+        for (const Block& b : slot_) std::free(b.ptr);
+    }
+    // The smallest kept block of at least `bytes` (its size in `got`), or null.
+    void* take(size_t bytes, size_t& got) {
+        Block* best = nullptr;
+        for (Block& b : slot_)
+            if (b.ptr && b.bytes >= bytes && (!best || b.bytes < best->bytes)) best = &b;
+        if (!best) return nullptr;
+        void* p = best->ptr;
+        got = best->bytes;
+        kept_ -= got;
+        *best = Block{};
+        return p;
+    }
+    // Keeps the block if it is small and there is room; false: the caller frees it.
+    bool keep(void* p, size_t bytes) {
+        if (bytes > kMaxBlock || kept_ + bytes > kKeptBytes) return false;
+        for (Block& b : slot_)
+            if (!b.ptr) {
+                b = Block{p, bytes};
+                kept_ += bytes;
+                return true;
+            }
+        return false;
+    }
+
+  private:
+    struct Block {
+        void* ptr = nullptr;
+        size_t bytes = 0;
+    };
+    Block slot_[8];
+    size_t kept_ = 0;
+};
+thread_local ScratchCache t_scratch;
+}  // namespace
+
+Scratch::Scratch(size_t bytes) : ptr_(nullptr), bytes_(bytes) {
+    if (bytes == 0) return;
+    ptr_ = t_scratch.take(bytes, bytes_);
+    if (ptr_ == nullptr) ptr_ = std::malloc(bytes);
+    if (ptr_ == nullptr) throw std::bad_alloc();
 }
-Scratch::~Scratch() { std::free(ptr_); }
+Scratch::~Scratch() {
+    if (ptr_ && !t_scratch.keep(ptr_, bytes_)) std::free(ptr_);
+}
 
 }  // namespace pybn::cpu
 

@@ -54,8 +54,9 @@ int64_t cache_budget();
 // whole last-level cache by default), it could not stay cached anyway and would evict the inputs.
 bool stream_output(int64_t bytes);
 
-// Heap memory for kernel temporaries, defined in a baseline unit so that the instruction-set
-// units share no std:: code with it. Throws std::bad_alloc (before any output is written).
+// Heap memory for kernel temporaries (uninitialised), defined in a baseline unit so that the
+// instruction-set units share no std:: code with it; small blocks are reused by the next
+// Scratch of the same thread. Throws std::bad_alloc (before any output is written).
 class Scratch {
   public:
     explicit Scratch(size_t bytes);
@@ -66,6 +67,7 @@ class Scratch {
 
   private:
     void* ptr_;
+    size_t bytes_;  // the block's size (at least the bytes asked for)
 };
 
 }  // namespace pybn::cpu
