@@ -737,8 +737,11 @@ struct ColumnCoefs {
         if (!column_path) return;
         A* out = buf.as<A>();
         for (int64_t k = 0; k < 4; ++k) {
-            for (int64_t c = 0; c < C; ++c)
-                for (int64_t i = 0; i < inner; ++i) out[k * E + c * inner + i] = coef[k * C + c];
+            if (inner == 1)  // channels-last: a plain copy (the loop below ran at ~3 ns a value)
+                __builtin_memcpy(out + k * E, coef + k * C, sizeof(A) * size_t(C));
+            else
+                for (int64_t c = 0; c < C; ++c)
+                    for (int64_t i = 0; i < inner; ++i) out[k * E + c * inner + i] = coef[k * C + c];
             for (int64_t i = W; i < E; ++i) out[k * E + i] = out[k * E + i - W];
         }
     }
