@@ -786,13 +786,13 @@ PYBN_INLINE void write_run(T* out, int64_t n, bool stream, VecF vf, ScalarF sf) 
     for (; i < n; ++i) out[i] = store<T>(sf(i));
 }
 
-// Column path: out[i] = f(i, j) for i in [0, n), j the column position of value i (starting at
-// j0, wrapping at P: ColumnCoefs); returns the position after the run.
+// Column path: out[i] = f(i, j) for i in [0, n) of whole rows, j the column position of value i
+// (from 0, wrapping at P: ColumnCoefs).
 template <class T, class VecF, class ScalarF>
-PYBN_INLINE int64_t write_cols(T* out, int64_t n, int64_t j, int64_t P, bool stream, VecF vf, ScalarF sf) {
+PYBN_INLINE void write_cols(T* out, int64_t n, int64_t P, bool stream, VecF vf, ScalarF sf) {
     constexpr int L = kLanesOf<acc_t<T>>;
     constexpr uintptr_t kOutBytes = uintptr_t(L) * sizeof(T);
-    int64_t i = 0;
+    int64_t i = 0, j = 0;
     auto step = [&](int64_t by) {
         j += by;
         if (j >= P) j -= P;
@@ -805,7 +805,6 @@ PYBN_INLINE int64_t write_cols(T* out, int64_t n, int64_t j, int64_t P, bool str
         for (; i + L <= n; i += L, step(L)) vstore_as(out + i, vf(i, j));
     }
     for (; i < n; ++i, step(1)) out[i] = store<T>(sf(i, j));
-    return j;
 }
 
 // Row path: one channel's run of n values with scalar coefficients (h[0] ... b[0]).
@@ -837,7 +836,7 @@ PYBN_INLINE void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool
 template <class T>
 void normalize_cols(const T* x, T* y, int64_t n, const ColumnCoefs<acc_t<T>>& e, bool stream) {
     const acc_t<T> *h = e[0], *l = e[1], *a = e[2], *b = e[3];
-    write_cols<T>(y, n, 0, e.P, stream,
+    write_cols<T>(y, n, e.P, stream,
         [&](int64_t i, int64_t k) {
             return ((vload_as(x + i) - vload(h + k)) - vload(l + k)) * vload(a + k) + vload(b + k);
         },
@@ -849,11 +848,11 @@ template <class T>
 void backward_cols(const T* dy, const T* x, T* dx, int64_t n, const ColumnCoefs<acc_t<T>>& e, bool stream) {
     const acc_t<T> *m = e[0], *a = e[1], *b = e[2], *c = e[3];
     if (x == nullptr) {
-        write_cols<T>(dx, n, 0, e.P, stream, [&](int64_t i, int64_t k) { return vload(a + k) * vload_as(dy + i); },
+        write_cols<T>(dx, n, e.P, stream, [&](int64_t i, int64_t k) { return vload(a + k) * vload_as(dy + i); },
                       [&](int64_t i, int64_t k) { return a[k] * load(dy[i]); });
         return;
     }
-    write_cols<T>(dx, n, 0, e.P, stream,
+    write_cols<T>(dx, n, e.P, stream,
         [&](int64_t i, int64_t k) {
             return vload(a + k) * vload_as(dy + i) + vload(b + k) * (vload_as(x + i) - vload(m + k)) + vload(c + k);
         },
