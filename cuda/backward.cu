@@ -1,5 +1,6 @@
-// CUDA backward: reduction (sum dy, sum dy*(x-mean), sum x-mean), elementwise step with the
-// parameter gradients, and the fused backward.
+// CUDA backward family: the fused backward (reduction, coefficients and parameter gradients,
+// elementwise dx) and the elementwise step from given sums; level 2 with a caller workspace,
+// level 1 allocating it.
 #include "common.cuh"
 
 using namespace pybn;
@@ -19,121 +20,109 @@ template <class T> struct BackwardOp {
     }
 };
 
-struct SumsOut {
-    double *sum_dy, *sum_dy_xmu, *sum_xmu;
-    __device__ void operator()(int64_t c, const Sums& s) const {
-        sum_dy[c] = s.dy;
-        sum_dy_xmu[c] = s.dy_xmu;
-        if (sum_xmu) sum_xmu[c] = s.xmu;
-    }
-};
-
 // The reduction's sums feed the coefficients and parameter gradients in the same launch.
-template <class P> struct BackwardEpilogue {
+template <class P> struct SumsEpilogue {
     BackwardArgs<P> args;
-    __device__ void operator()(int64_t c, const Sums& s) const {
-        backward_channel(args, c, s.dy, s.dy_xmu, s.xmu);
-    }
+    __device__ void operator()(int64_t c, const Sums& s) const { backward_channel(args, c, s.dy, s.dy_xmu, s.xmu); }
 };
 
 // The same from given (possibly all-reduced) sums.
-template <class P> struct BackwardStep {
+template <class P> struct GivenSumsStep {
     BackwardArgs<P> args;
     __device__ void operator()(int64_t c) const {
-        backward_channel(args, c, args.sum_dy[c], args.sum_dy_xmu[c], args.sum_xmu ? args.sum_xmu[c] : 0.0);
+        const pybn_backward_params& p = args.p;
+        backward_channel(args, c, p.sum_dy[c], p.sum_dy_xmu[c], p.sum_xmu ? p.sum_xmu[c] : 0.0);
     }
 };
 
-template <class P>
-BackwardArgs<P> backward_args(const pybn_view& v, const void* mean, const void* invstd,
-                              const void* gamma, int training, const double* count,
-                              const double* sum_dy, const double* sum_dy_xmu,
-                              const double* sum_xmu, void* dgamma, void* dbeta, P* coef) {
-    return {v.channels, static_cast<const P*>(mean), static_cast<const P*>(invstd),
-            static_cast<const P*>(gamma), training != 0, count, double(v.outer * v.inner),
-            sum_dy, sum_dy_xmu, sum_xmu, static_cast<P*>(dgamma), static_cast<P*>(dbeta), coef};
+// The temporaries of a backward, in workspace order: coefficients, then the reduction's partials.
+template <class T> struct BackwardTemps {
+    acc_t<T>* coef;
+    Sums* parts;
+};
+template <class T> BackwardTemps<T> backward_temps(const pybn_view& v, BackwardMode mode, Workspace& ws) {
+    if (v.channels == 0) return {nullptr, nullptr};
+    BackwardTemps<T> t{ws.take<acc_t<T>>(size_t(4 * v.channels)), nullptr};
+    if (mode == BackwardMode::fused) t.parts = reduce_parts<SumsReducer<T>>(v, ws);
+    return t;
 }
 
-// The shape of both backwards: coefficients and parameter gradients (step(coef) queues them),
-// then dx when asked for (x only in training).
-template <class T, class Step>
-pybn_status backward(const char* fn, const pybn_view& v, const void* dy, const void* x, int training, void* dx,
-                     Step step, cudaStream_t stream) {
-    using P = acc_t<T>;
-    if (v.channels == 0) return PYBN_SUCCESS;
-    Coefficients<P> coef;
-    PYBN_CHECK(coef.allocate(fn, v.channels, stream));
-    PYBN_CHECK(step(coef.ptr));
-    if (dx == nullptr) return PYBN_SUCCESS;
-    const BackwardOp<T> op{static_cast<const T*>(dy), training ? static_cast<const T*>(x) : nullptr,
-                           static_cast<T*>(dx), coef.ptr, v.channels};
-    return run_elementwise(fn, v, op, stream);
-}
-
-pybn_status launch_backward_reduce(const char* fn, const pybn_view& v, const void* dy,
-                                   const void* x, const void* mean, double* sum_dy,
-                                   double* sum_dy_xmu, double* sum_xmu, cudaStream_t stream) {
-    pybn_status st = PYBN_SUCCESS;
-    with_dtype(v.dtype, [&](auto t) {
-        using T = decltype(t);
-        using R = SumsReducer<T>;
-        const typename R::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
-                                    static_cast<const acc_t<T>*>(mean)};
-        st = run_reduce<R>(fn, v, in, SumsOut{sum_dy, sum_dy_xmu, sum_xmu}, stream);
+size_t backward_workspace(const pybn_view& v, BackwardMode mode) {
+    size_t bytes = 0;
+    visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
+        Workspace sizing(nullptr, 0);
+        backward_temps<decltype(t)>(v, mode, sizing);
+        bytes = sizing.used();
     });
-    return st;
+    return bytes;
 }
 
-pybn_status launch_backward_elementwise(const char* fn, const pybn_view& v, const void* dy,
-                                        const void* x, const void* mean, const void* invstd,
-                                        const void* gamma, int training, const double* count,
-                                        const double* sum_dy, const double* sum_dy_xmu,
-                                        const double* sum_xmu, void* dx, void* dgamma,
-                                        void* dbeta, cudaStream_t stream) {
+pybn_status launch_backward(const char* fn, const pybn_view& v, const void* dy, const void* x, void* dx,
+                            const pybn_backward_params& p, BackwardMode mode, void* workspace, size_t bytes,
+                            cudaStream_t stream) {
     pybn_status st = PYBN_SUCCESS;
-    with_dtype(v.dtype, [&](auto t) {
-        using P = acc_t<decltype(t)>;
-        st = backward<decltype(t)>(fn, v, dy, x, training, dx, [&](P* coef) {
-            const BackwardStep<P> step{backward_args<P>(v, mean, invstd, gamma, training, count, sum_dy, sum_dy_xmu,
-                                                        sum_xmu, dgamma, dbeta, coef)};
-            return run_per_channel(fn, v.channels, step, stream);
-        }, stream);
-    });
-    return st;
-}
-
-pybn_status launch_backward(const char* fn, const pybn_view& v, const void* dy, const void* x,
-                            const void* mean, const void* invstd, const void* gamma, int training,
-                            void* dx, void* dgamma, void* dbeta, cudaStream_t stream) {
-    pybn_status st = PYBN_SUCCESS;
-    with_dtype(v.dtype, [&](auto t) {
+    PYBN_CHECK(visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
         using T = decltype(t);
         using P = acc_t<T>;
-        using R = SumsReducer<T>;
-        st = backward<T>(fn, v, dy, x, training, dx, [&](P* coef) {
-            const typename R::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
-                                        static_cast<const P*>(mean)};
-            const BackwardEpilogue<P> epi{backward_args<P>(v, mean, invstd, gamma, training, nullptr, nullptr,
-                                                           nullptr, nullptr, dgamma, dbeta, coef)};
-            return run_reduce<R>(fn, v, in, epi, stream);
-        }, stream);
-    });
+        if (v.channels == 0) return;
+        Workspace ws(workspace, bytes);
+        const BackwardTemps<T> tmp = backward_temps<T>(v, mode, ws);
+        const BackwardArgs<P> args{v.channels, p, double(v.outer * v.inner), tmp.coef};
+        if (mode == BackwardMode::fused) {
+            const typename SumsReducer<T>::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
+                                                     static_cast<const P*>(p.mean)};
+            st = run_reduce<SumsReducer<T>>(fn, v, in, SumsEpilogue<P>{args}, tmp.parts, stream);
+        } else {
+            st = run_per_channel(fn, v.channels, GivenSumsStep<P>{args}, stream);
+        }
+        if (st != PYBN_SUCCESS || dx == nullptr) return;
+        const BackwardOp<T> op{static_cast<const T*>(dy), p.training ? static_cast<const T*>(x) : nullptr,
+                               static_cast<T*>(dx), tmp.coef, v.channels};
+        st = run_elementwise(fn, v, op, stream);
+    }));
     return st;
+}
+
+pybn_status backward_v2(const char* fn, const pybn_view& v, const void* dy, const void* x, void* dx,
+                        const pybn_backward_params* params, void* workspace, size_t bytes, void* stream) {
+    pybn_backward_params p;
+    PYBN_CHECK(read_params(fn, params, p));
+    const BackwardMode mode = backward_mode(p);
+    PYBN_CHECK(validate_backward(fn, kDevicePointers, v, dy, x, dx, p, mode));
+    PYBN_CHECK(check_workspace(fn, workspace, bytes, backward_workspace(v, mode)));
+    return launch_backward(fn, v, dy, x, dx, p, mode, workspace, bytes, static_cast<cudaStream_t>(stream));
+}
+
+pybn_status backward_v1(const char* fn, const pybn_view& v, const void* dy, const void* x, void* dx,
+                        const pybn_backward_params& p, BackwardMode mode, void* stream) {
+    PYBN_CHECK(validate_backward(fn, kDevicePointers, v, dy, x, dx, p, mode));
+    const size_t bytes = backward_workspace(v, mode);
+    DeviceBuffer ws;
+    PYBN_CHECK(ws.allocate(fn, bytes, static_cast<cudaStream_t>(stream)));
+    return launch_backward(fn, v, dy, x, dx, p, mode, ws.get(), bytes, static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace
 
 extern "C" {
 
-pybn_status pybn_cuda_backward_reduce(pybn_view v, const void* dy, const void* x, const void* mean,
-                                      double* sum_dy, double* sum_dy_xmu, double* sum_xmu,
-                                      void* stream) {
-    const char* fn = "pybn_cuda_backward_reduce";
+pybn_status pybn_cuda_backward_workspace_size(pybn_view v, const pybn_backward_params* params, size_t* bytes) {
+    const char* fn = "pybn_cuda_backward_workspace_size";
     return guarded(fn, [&] {
-        PYBN_CHECK(validate_backward_reduce(fn, kDevicePointers, v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu));
-        return launch_backward_reduce(fn, v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu,
-                                      static_cast<cudaStream_t>(stream));
+        pybn_backward_params p;
+        PYBN_CHECK(read_params(fn, params, p));
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_ptr(fn, "bytes", bytes));
+        *bytes = backward_workspace(v, backward_mode(p));
+        return PYBN_SUCCESS;
     });
+}
+
+pybn_status pybn_cuda_backward_v2(pybn_view v, const void* dy, const void* x, void* dx,
+                                  const pybn_backward_params* params, void* workspace, size_t workspace_bytes,
+                                  void* stream) {
+    const char* fn = "pybn_cuda_backward_v2";
+    return guarded(fn, [&] { return backward_v2(fn, v, dy, x, dx, params, workspace, workspace_bytes, stream); });
 }
 
 pybn_status pybn_cuda_backward_elementwise(pybn_view v, const void* dy, const void* x,
@@ -143,11 +132,11 @@ pybn_status pybn_cuda_backward_elementwise(pybn_view v, const void* dy, const vo
                                            void* dx, void* dgamma, void* dbeta, void* stream) {
     const char* fn = "pybn_cuda_backward_elementwise";
     return guarded(fn, [&] {
-        PYBN_CHECK(validate_backward_elementwise(fn, kDevicePointers, v, dy, x, mean, invstd, gamma, training, count,
-                                                 sum_dy, sum_dy_xmu, sum_xmu, dx, dgamma, dbeta));
-        return launch_backward_elementwise(fn, v, dy, x, mean, invstd, gamma, training, count,
-                                           sum_dy, sum_dy_xmu, sum_xmu, dx, dgamma, dbeta,
-                                           static_cast<cudaStream_t>(stream));
+        pybn_backward_params p = PYBN_BACKWARD_PARAMS_INIT;
+        p.training = training != 0, p.mean = mean, p.invstd = invstd, p.gamma = gamma;
+        p.count = count, p.sum_dy = sum_dy, p.sum_dy_xmu = sum_dy_xmu, p.sum_xmu = sum_xmu;
+        p.dgamma = dgamma, p.dbeta = dbeta;
+        return backward_v1(fn, v, dy, x, dx, p, BackwardMode::given_sums, stream);
     });
 }
 
@@ -156,9 +145,10 @@ pybn_status pybn_cuda_backward(pybn_view v, const void* dy, const void* x, const
                                void* dgamma, void* dbeta, void* stream) {
     const char* fn = "pybn_cuda_backward";
     return guarded(fn, [&] {
-        PYBN_CHECK(validate_backward(fn, kDevicePointers, v, dy, x, mean, invstd, gamma, training, dx, dgamma, dbeta));
-        return launch_backward(fn, v, dy, x, mean, invstd, gamma, training, dx, dgamma, dbeta,
-                               static_cast<cudaStream_t>(stream));
+        pybn_backward_params p = PYBN_BACKWARD_PARAMS_INIT;
+        p.training = training != 0, p.mean = mean, p.invstd = invstd, p.gamma = gamma;
+        p.dgamma = dgamma, p.dbeta = dbeta;
+        return backward_v1(fn, v, dy, x, dx, p, BackwardMode::fused, stream);
     });
 }
 

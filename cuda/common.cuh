@@ -11,19 +11,21 @@
 
 #include "checks.hpp"
 #include "formulas.hpp"
+#include "numerics.hpp"
 #include "pybn/pybn.h"
 
 namespace pybn::cuda {
 
 constexpr int kThreads = 256;     // threads of every reduction and elementwise block
-constexpr int kDepth = 4;         // values one float32 accumulator adds before a float64 flush
 constexpr int kChunk = 64;        // values of one thread sharing a shift (as on the CPU)
 constexpr int64_t kValuesPerBlock = 16384;  // target values of one channel per reduction block
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// ---- dtypes -------------------------------------------------------------------------------
-template <class T> using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+// ---- dtypes (the table is numerics.hpp's) -------------------------------------------------------
+template <int32_t D> struct DeviceStorage;
+template <> struct DeviceStorage<PYBN_FLOAT32> { using type = float; };
+template <> struct DeviceStorage<PYBN_FLOAT64> { using type = double; };
+template <> struct DeviceStorage<PYBN_FLOAT16> { using type = __half; };
+template <> struct DeviceStorage<PYBN_BFLOAT16> { using type = __nv_bfloat16; };
 
 __device__ inline float load(float v) { return v; }
 __device__ inline double load(double v) { return v; }
@@ -34,22 +36,6 @@ template <class T> __device__ inline T store(acc_t<T> v) {
     if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
     else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
     else return v;
-}
-
-// Calls f(T{}) with T the device storage type of `dtype` (which must be known).
-template <class F> void with_dtype(int32_t dtype, F&& f) {
-    switch (dtype) {
-        case PYBN_FLOAT64: f(double{}); break;
-        case PYBN_FLOAT16: f(__half{}); break;
-        case PYBN_BFLOAT16: f(__nv_bfloat16{}); break;
-        default: f(float{}); break;
-    }
-}
-
-// Calls f(P{}) with P the parameter type of `dtype`.
-template <class F> void with_param(int32_t dtype, F&& f) {
-    if (dtype == PYBN_FLOAT64) f(double{});
-    else f(float{});
 }
 
 // ---- errors -------------------------------------------------------------------------------
@@ -74,7 +60,32 @@ inline pybn_status launched(const char* fn) {
     return e == cudaSuccess ? PYBN_SUCCESS : cuda_fail(fn, "kernel launch", e);
 }
 
-// ---- stream-ordered temporaries ---------------------------------------------------------------
+// ---- temporaries: one caller-provided workspace -------------------------------------------------
+// A call's temporaries are carved from one workspace in a fixed order. The same code sizes it
+// (base == nullptr: only counts) and hands it out, so the size query and the call agree.
+constexpr size_t kWorkspaceAlign = 256;
+
+class Workspace {
+  public:
+    Workspace(void* base, size_t bytes) : base_(static_cast<char*>(base)), bytes_(bytes) {}
+    template <class U> U* take(size_t count) {
+        used_ = (used_ + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
+        U* p = base_ ? reinterpret_cast<U*>(base_ + used_) : nullptr;
+        used_ += sizeof(U) * count;
+        return p;
+    }
+    size_t used() const { return used_; }
+    size_t bytes() const { return bytes_; }
+
+  private:
+    char* base_;
+    size_t bytes_, used_ = 0;
+};
+
+// The caller's workspace must hold `needed` bytes of device memory aligned to kWorkspaceAlign.
+pybn_status check_workspace(const char* fn, const void* workspace, size_t bytes, size_t needed);
+
+// Level-1 entry points allocate the workspace themselves (stream-ordered) and free it after.
 class DeviceBuffer {
   public:
     DeviceBuffer() = default;
@@ -89,24 +100,11 @@ class DeviceBuffer {
         PYBN_CUDA_TRY(fn, "cudaMallocAsync", cudaMallocAsync(&ptr_, bytes, stream));
         return PYBN_SUCCESS;
     }
-    template <class U> U* as(size_t offset_bytes = 0) const {
-        return reinterpret_cast<U*>(static_cast<char*>(ptr_) + offset_bytes);
-    }
+    void* get() const { return ptr_; }
 
   private:
     void* ptr_ = nullptr;
     cudaStream_t stream_ = nullptr;
-};
-
-// 4 x C per-channel coefficients of type P (see formulas.hpp) in a stream-ordered temporary.
-template <class P> struct Coefficients {
-    DeviceBuffer buf;
-    P* ptr = nullptr;
-    pybn_status allocate(const char* fn, int64_t channels, cudaStream_t stream) {
-        PYBN_CHECK(buf.allocate(fn, sizeof(P) * 4 * size_t(channels), stream));
-        ptr = buf.as<P>();
-        return PYBN_SUCCESS;
-    }
 };
 
 // One thread per channel: f(c) for c in [0, C) (the per-channel steps between sweeps).
@@ -210,6 +208,7 @@ struct ReducePlan {
 };
 
 inline ReducePlan plan_reduce(const pybn_view& v) {
+    if (v.outer == 0 || v.inner == 0) return {false, 1, 0};  // nothing to reduce (and no division by 0)
     if (v.inner == 1) {
         // about kValuesPerBlock values per block of 32 channels x 8 row-threads, grid.y <= 65535
         int64_t rows = kValuesPerBlock / 32 > 1 ? kValuesPerBlock / 32 : 1;
@@ -217,18 +216,20 @@ inline ReducePlan plan_reduce(const pybn_view& v) {
         return {true, rows, v.outer > 0 ? ceil_div(v.outer, rows) : 0};
     }
     const int64_t rows = v.inner >= kValuesPerBlock ? 1 : ceil_div(kValuesPerBlock, v.inner);
-    return {false, rows, v.outer > 0 && v.inner > 0 ? ceil_div(v.outer, rows) : 0};
+    return {false, rows, ceil_div(v.outer, rows)};
 }
 
-// Queues both stages on `stream`, the partials in a stream-ordered temporary.
+// The partials of stage 1, from the workspace.
+template <class R> typename R::Part* reduce_parts(const pybn_view& v, Workspace& ws) {
+    return ws.template take<typename R::Part>(size_t(v.channels * plan_reduce(v).chunks));
+}
+
+// Queues both stages on `stream`; `parts` from reduce_parts.
 template <class R, class Epilogue>
 pybn_status run_reduce(const char* fn, const pybn_view& v, const typename R::Inputs& in,
-                       Epilogue epilogue, cudaStream_t stream) {
+                       Epilogue epilogue, typename R::Part* parts, cudaStream_t stream) {
     if (v.channels == 0) return PYBN_SUCCESS;
     const ReducePlan plan = plan_reduce(v);
-    DeviceBuffer buf;
-    PYBN_CHECK(buf.allocate(fn, sizeof(typename R::Part) * size_t(v.channels * plan.chunks), stream));
-    typename R::Part* parts = buf.as<typename R::Part>();
     if (plan.chunks > 0) {
         if (plan.cols) {
             const dim3 grid(unsigned(ceil_div(v.channels, 32)), unsigned(plan.chunks));

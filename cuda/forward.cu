@@ -1,4 +1,5 @@
-// CUDA forward: normalise with given statistics, fused training forward, inference forward.
+// CUDA forward family: training forward (batch statistics), normalisation with given
+// statistics, inference forward; level 2 with a caller workspace, level 1 allocating it.
 #include "common.cuh"
 
 using namespace pybn;
@@ -17,109 +18,112 @@ template <class T> struct NormalizeOp {
     }
 };
 
-// Statistics merged by the reduction feed the per-channel coefficients and running statistics
-// in the same launch (thread 0 of each channel's finishing block).
+// The per-channel steps of the three modes (formulas.hpp): statistics merged by the reduction
+// feed the coefficients and running statistics in the same launch (thread 0 of each channel's
+// finishing block); given statistics and inference run one thread per channel.
 template <class P> struct TrainEpilogue {
     NormalizeArgs<P> args;
-    __device__ void operator()(int64_t c, const Moments& m) const {
-        normalize_channel(args, c, m.n, m.mean(), m.m2);
-    }
+    __device__ void operator()(int64_t c, const Moments& m) const { normalize_channel(args, c, m.n, m.mean(), m.m2); }
 };
-
-// The same from given statistics (count, mean, M2 arrays).
-template <class P> struct NormalizeStep {
+template <class P> struct GivenStatsStep {
     NormalizeArgs<P> args;
     __device__ void operator()(int64_t c) const {
-        normalize_channel(args, c, args.count[c], args.mean[c], args.m2[c]);
+        normalize_channel(args, c, args.p.count[c], args.p.mean[c], args.p.m2[c]);
     }
 };
-
 template <class P> struct InferStep {
-    int64_t C;
-    const P *running_mean, *running_var, *gamma, *beta;
-    double eps;
-    P* coef;
-    __device__ void operator()(int64_t c) const {
-        infer_channel(C, c, running_mean, running_var, gamma, beta, eps, coef);
-    }
+    NormalizeArgs<P> args;
+    __device__ void operator()(int64_t c) const { infer_channel(args, c); }
 };
 
-template <class P>
-NormalizeArgs<P> normalize_args(const pybn_view& v, const double* count, const double* mean,
-                                const double* m2, const void* gamma, const void* beta, double eps,
-                                void* running_mean, void* running_var, double momentum,
-                                void* save_mean, void* save_invstd, P* coef) {
-    return {v.channels, count, mean, m2, static_cast<const P*>(gamma), static_cast<const P*>(beta),
-            eps, static_cast<P*>(running_mean), static_cast<P*>(running_var), momentum,
-            static_cast<P*>(save_mean), static_cast<P*>(save_invstd), coef};
+// The temporaries of a forward, in workspace order: coefficients, then the reduction's partials.
+template <class T> struct ForwardTemps {
+    acc_t<T>* coef;
+    Moments* parts;
+};
+template <class T> ForwardTemps<T> forward_temps(const pybn_view& v, ForwardMode mode, Workspace& ws) {
+    if (v.channels == 0) return {nullptr, nullptr};
+    ForwardTemps<T> t{ws.take<acc_t<T>>(size_t(4 * v.channels)), nullptr};
+    if (mode == ForwardMode::train) t.parts = reduce_parts<StatsReducer<T>>(v, ws);
+    return t;
 }
 
-// The shape of every forward: coefficients (step(coef) queues their computation), then y.
-template <class T, class Step>
-pybn_status forward(const char* fn, const pybn_view& v, const void* x, void* y, Step step, cudaStream_t stream) {
-    using P = acc_t<T>;
-    if (v.channels == 0) return PYBN_SUCCESS;
-    Coefficients<P> coef;
-    PYBN_CHECK(coef.allocate(fn, v.channels, stream));
-    PYBN_CHECK(step(coef.ptr));
-    return run_elementwise(fn, v, NormalizeOp<T>{static_cast<const T*>(x), static_cast<T*>(y), coef.ptr, v.channels},
-                           stream);
+size_t forward_workspace(const pybn_view& v, ForwardMode mode) {
+    size_t bytes = 0;
+    visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
+        Workspace sizing(nullptr, 0);
+        forward_temps<decltype(t)>(v, mode, sizing);
+        bytes = sizing.used();
+    });
+    return bytes;
 }
 
-pybn_status launch_forward_train(const char* fn, const pybn_view& v, const void* x,
-                                 const void* gamma, const void* beta, double eps,
-                                 void* running_mean, void* running_var, double momentum, void* y,
-                                 void* save_mean, void* save_invstd, cudaStream_t stream) {
+pybn_status launch_forward(const char* fn, const pybn_view& v, const void* x, void* y, const pybn_forward_params& p,
+                           ForwardMode mode, void* workspace, size_t bytes, cudaStream_t stream) {
     pybn_status st = PYBN_SUCCESS;
-    with_dtype(v.dtype, [&](auto t) {
+    PYBN_CHECK(visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
         using T = decltype(t);
         using P = acc_t<T>;
-        using R = StatsReducer<T>;
-        st = forward<T>(fn, v, x, y, [&](P* coef) {
-            const TrainEpilogue<P> epi{normalize_args<P>(v, nullptr, nullptr, nullptr, gamma, beta, eps, running_mean,
-                                                         running_var, momentum, save_mean, save_invstd, coef)};
-            return run_reduce<R>(fn, v, typename R::Inputs{static_cast<const T*>(x)}, epi, stream);
-        }, stream);
-    });
+        if (v.channels == 0) return;
+        Workspace ws(workspace, bytes);
+        const ForwardTemps<T> tmp = forward_temps<T>(v, mode, ws);
+        const NormalizeArgs<P> args{v.channels, p, tmp.coef};
+        if (mode == ForwardMode::train)
+            st = run_reduce<StatsReducer<T>>(fn, v, {static_cast<const T*>(x)}, TrainEpilogue<P>{args}, tmp.parts,
+                                             stream);
+        else if (mode == ForwardMode::given_stats)
+            st = run_per_channel(fn, v.channels, GivenStatsStep<P>{args}, stream);
+        else
+            st = run_per_channel(fn, v.channels, InferStep<P>{args}, stream);
+        if (st != PYBN_SUCCESS) return;
+        st = run_elementwise(fn, v, NormalizeOp<T>{static_cast<const T*>(x), static_cast<T*>(y), tmp.coef, v.channels},
+                             stream);
+    }));
     return st;
 }
 
-pybn_status launch_normalize(const char* fn, const pybn_view& v, const void* x, const double* count,
-                             const double* mean, const double* m2, const void* gamma,
-                             const void* beta, double eps, void* y, void* running_mean,
-                             void* running_var, double momentum, void* save_mean,
-                             void* save_invstd, cudaStream_t stream) {
-    pybn_status st = PYBN_SUCCESS;
-    with_dtype(v.dtype, [&](auto t) {
-        using P = acc_t<decltype(t)>;
-        st = forward<decltype(t)>(fn, v, x, y, [&](P* coef) {
-            const NormalizeStep<P> step{normalize_args<P>(v, count, mean, m2, gamma, beta, eps, running_mean,
-                                                          running_var, momentum, save_mean, save_invstd, coef)};
-            return run_per_channel(fn, v.channels, step, stream);
-        }, stream);
-    });
-    return st;
+// Level 2: checks (arguments, then the workspace), then the launches.
+pybn_status forward_v2(const char* fn, const pybn_view& v, const void* x, void* y, const pybn_forward_params* params,
+                       void* workspace, size_t bytes, void* stream) {
+    pybn_forward_params p;
+    PYBN_CHECK(read_params(fn, params, p));
+    const ForwardMode mode = forward_mode(p);
+    PYBN_CHECK(validate_forward(fn, kDevicePointers, v, x, y, p, mode));
+    PYBN_CHECK(check_workspace(fn, workspace, bytes, forward_workspace(v, mode)));
+    return launch_forward(fn, v, x, y, p, mode, workspace, bytes, static_cast<cudaStream_t>(stream));
 }
 
-pybn_status launch_forward_infer(const char* fn, const pybn_view& v, const void* x,
-                                 const void* running_mean, const void* running_var,
-                                 const void* gamma, const void* beta, double eps, void* y,
-                                 cudaStream_t stream) {
-    pybn_status st = PYBN_SUCCESS;
-    with_dtype(v.dtype, [&](auto t) {
-        using P = acc_t<decltype(t)>;
-        st = forward<decltype(t)>(fn, v, x, y, [&](P* coef) {
-            const InferStep<P> step{v.channels, static_cast<const P*>(running_mean), static_cast<const P*>(running_var),
-                                    static_cast<const P*>(gamma), static_cast<const P*>(beta), eps, coef};
-            return run_per_channel(fn, v.channels, step, stream);
-        }, stream);
-    });
-    return st;
+// Level 1: checks, then a stream-ordered workspace of the size level 2 would ask for.
+pybn_status forward_v1(const char* fn, const pybn_view& v, const void* x, void* y, const pybn_forward_params& p,
+                       ForwardMode mode, void* stream) {
+    PYBN_CHECK(validate_forward(fn, kDevicePointers, v, x, y, p, mode));
+    const size_t bytes = forward_workspace(v, mode);
+    DeviceBuffer ws;
+    PYBN_CHECK(ws.allocate(fn, bytes, static_cast<cudaStream_t>(stream)));
+    return launch_forward(fn, v, x, y, p, mode, ws.get(), bytes, static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace
 
 extern "C" {
+
+pybn_status pybn_cuda_forward_workspace_size(pybn_view v, const pybn_forward_params* params, size_t* bytes) {
+    const char* fn = "pybn_cuda_forward_workspace_size";
+    return guarded(fn, [&] {
+        pybn_forward_params p;
+        PYBN_CHECK(read_params(fn, params, p));
+        PYBN_CHECK(check_view(fn, v));
+        PYBN_CHECK(check_ptr(fn, "bytes", bytes));
+        *bytes = forward_workspace(v, forward_mode(p));
+        return PYBN_SUCCESS;
+    });
+}
+
+pybn_status pybn_cuda_forward_v2(pybn_view v, const void* x, void* y, const pybn_forward_params* params,
+                                 void* workspace, size_t workspace_bytes, void* stream) {
+    const char* fn = "pybn_cuda_forward_v2";
+    return guarded(fn, [&] { return forward_v2(fn, v, x, y, params, workspace, workspace_bytes, stream); });
+}
 
 pybn_status pybn_cuda_normalize(pybn_view v, const void* x, const double* count, const double* mean,
                                 const double* m2, const void* gamma, const void* beta, double eps,
@@ -127,11 +131,11 @@ pybn_status pybn_cuda_normalize(pybn_view v, const void* x, const double* count,
                                 void* save_mean, void* save_invstd, void* stream) {
     const char* fn = "pybn_cuda_normalize";
     return guarded(fn, [&] {
-        PYBN_CHECK(validate_normalize(fn, kDevicePointers, v, x, count, mean, m2, gamma, beta, eps, y, running_mean,
-                                      running_var, momentum, save_mean, save_invstd));
-        return launch_normalize(fn, v, x, count, mean, m2, gamma, beta, eps, y, running_mean,
-                                running_var, momentum, save_mean, save_invstd,
-                                static_cast<cudaStream_t>(stream));
+        pybn_forward_params p = PYBN_FORWARD_PARAMS_INIT;
+        p.count = count, p.mean = mean, p.m2 = m2, p.gamma = gamma, p.beta = beta, p.eps = eps;
+        p.running_mean = running_mean, p.running_var = running_var, p.momentum = momentum;
+        p.save_mean = save_mean, p.save_invstd = save_invstd;
+        return forward_v1(fn, v, x, y, p, ForwardMode::given_stats, stream);
     });
 }
 
@@ -141,10 +145,10 @@ pybn_status pybn_cuda_forward_train(pybn_view v, const void* x, const void* gamm
                                     void* stream) {
     const char* fn = "pybn_cuda_forward_train";
     return guarded(fn, [&] {
-        PYBN_CHECK(validate_forward_train(fn, kDevicePointers, v, x, gamma, beta, eps, running_mean, running_var,
-                                          momentum, y, save_mean, save_invstd));
-        return launch_forward_train(fn, v, x, gamma, beta, eps, running_mean, running_var, momentum,
-                                    y, save_mean, save_invstd, static_cast<cudaStream_t>(stream));
+        pybn_forward_params p = PYBN_FORWARD_PARAMS_INIT;
+        p.gamma = gamma, p.beta = beta, p.eps = eps, p.running_mean = running_mean;
+        p.running_var = running_var, p.momentum = momentum, p.save_mean = save_mean, p.save_invstd = save_invstd;
+        return forward_v1(fn, v, x, y, p, ForwardMode::train, stream);
     });
 }
 
@@ -153,9 +157,11 @@ pybn_status pybn_cuda_forward_infer(pybn_view v, const void* x, const void* runn
                                     double eps, void* y, void* stream) {
     const char* fn = "pybn_cuda_forward_infer";
     return guarded(fn, [&] {
-        PYBN_CHECK(validate_forward_infer(fn, kDevicePointers, v, x, running_mean, running_var, gamma, beta, eps, y));
-        return launch_forward_infer(fn, v, x, running_mean, running_var, gamma, beta, eps, y,
-                                    static_cast<cudaStream_t>(stream));
+        pybn_forward_params p = PYBN_FORWARD_PARAMS_INIT;
+        p.training = 0, p.gamma = gamma, p.beta = beta, p.eps = eps;
+        p.running_mean = const_cast<void*>(running_mean);  // only read in inference
+        p.running_var = const_cast<void*>(running_var);
+        return forward_v1(fn, v, x, y, p, ForwardMode::infer, stream);
     });
 }
 

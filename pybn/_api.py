@@ -38,12 +38,27 @@ def _prepare(x: Array, axis: int, named: Tuple[Tuple[str, Any], ...]) -> Canonic
     return Canonical(backend, x, axis)
 
 
-def _check_training_count(cx: Canonical, what: str = "training") -> None:
-    if cx.channels > 0 and cx.count < 2:
+def _check_training_count(cx: Canonical, minimum: int, what: str = "training") -> None:
+    if cx.channels > 0 and cx.count < minimum:
+        why = (" when running_var is updated with the unbiased variance (running_var_correction=1;"
+               " 0 uses the biased variance and allows one value)" if minimum == 2 else "")
         raise ValueError(
-            f"{what} needs at least 2 values per channel, got {cx.count} "
-            f"(x of shape {cx.shape} with the channel axis of size {cx.channels})"
+            f"{what} needs at least {minimum} value{'s' if minimum != 1 else ''} per channel, got "
+            f"{cx.count} (x of shape {cx.shape} with the channel axis of size {cx.channels}){why}"
         )
+
+
+def check_correction(correction: Any) -> int:
+    """running_var_correction: 1 (unbiased, PyTorch) or 0 (biased, ONNX / Keras / Flax / Paddle)."""
+    if isinstance(correction, bool) or not isinstance(correction, (int, np.integer)):
+        raise TypeError(f"running_var_correction must be the int 0 or 1, got {type(correction).__name__}")
+    if correction not in (0, 1):
+        raise ValueError(f"running_var_correction must be 0 (biased) or 1 (unbiased), got {correction}")
+    return int(correction)
+
+
+def _train_minimum(running_var: Any, correction: int) -> int:
+    return 2 if running_var is not None and correction == 1 else 1
 
 
 def _per_channel_out(cx: Canonical) -> Array:
@@ -84,70 +99,150 @@ class _RunningStats:
                 given[...] = data
 
 
-def _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out, save):
-    cx = _prepare(x, axis, (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
-                            ("running_var", running_var), ("out", out)))
-    training = _training_flag(training)
-    eps = check_eps(eps)
-    momentum = check_momentum(momentum)
-    g = cx.per_channel("gamma", gamma)
-    b = cx.per_channel("beta", beta)
-    if training:
-        _check_training_count(cx)
-        running = _RunningStats(cx, running_mean, running_var)
+# The one path of each direction: every forward (batchnorm, batchnorm_forward, normalize, the
+# layer, SyncBatchNorm) ends in _run_forward with a _core.ForwardParams, every backward in
+# _run_backward with a _core.BackwardParams (the C parameter blocks); a new option is one
+# keyword there. On a GPU the workspace the library asks for comes from CuPy's pool.
+
+def _run_forward(cx: Canonical, y: Array, params: Any) -> None:
+    be = cx.backend
+    stream = be.stream()
+    if stream is None:
+        _core.forward(cx.view, be.address(cx.data), be.address(y), params)
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var are required when training=False")
-        running = None
-        rm = cx.per_channel("running_mean", running_mean)
-        rv = cx.per_channel("running_var", running_var)
-    y = cx.output(out, (("x", x), ("gamma", gamma), ("beta", beta),
-                        ("running_mean", running_mean), ("running_var", running_var)),
-                  in_place=(x,))
-    be, stream = cx.backend, cx.backend.stream()
-    mean = invstd = None
-    if training:
-        if save:
-            mean, invstd = _per_channel_out(cx), _per_channel_out(cx)
-        _core.forward_train(cx.view, be.address(cx.data), address(be, g), address(be, b), eps,
-                            address(be, running.data[0]), address(be, running.data[1]), momentum,
-                            be.address(y.data), address(be, mean), address(be, invstd), stream)
-        running.write_back()
+        ws = be.workspace(_core.forward_workspace_size(cx.view, params))
+        _core.forward(cx.view, be.address(cx.data), be.address(y), params, stream, be.address(ws), ws.nbytes)
+
+
+def _run_backward(cx: Canonical, dy: Array, dx: Array, params: Any) -> None:
+    be = cx.backend
+    stream = be.stream()
+    dxa = 0 if dx is None else be.address(dx)
+    if stream is None:
+        _core.backward(cx.view, be.address(dy), be.address(cx.data), dxa, params)
     else:
-        _core.forward_infer(cx.view, be.address(cx.data), be.address(rm), be.address(rv),
-                            address(be, g), address(be, b), eps, be.address(y.data), stream)
-        if save:
-            mean = rm.copy()
-            invstd = 1.0 / cx.backend.xp.sqrt(rv.astype(np.float64) + eps)
-            invstd = invstd.astype(cx.pdtype)
-    return y.finish(), mean, invstd
+        ws = be.workspace(_core.backward_workspace_size(cx.view, params))
+        _core.backward(cx.view, be.address(dy), be.address(cx.data), dxa, params, stream, be.address(ws),
+                       ws.nbytes)
+
+
+class _ForwardCall:
+    """A checked forward: every argument but given statistics validated and the outputs
+    allocated; run(count, mean, m2) (statistics for normalize / SyncBatchNorm, else None)
+    returns (y, mean, invstd) with nothing written before the library call succeeds."""
+
+    def __init__(self, x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
+                 correction, save, given_stats=False):
+        self.cx = cx = _prepare(x, axis, (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                                          ("running_var", running_var), ("out", out)))
+        self.training = _training_flag(training)
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum)
+        self.correction = check_correction(correction)
+        self.g = cx.per_channel("gamma", gamma)
+        self.b = cx.per_channel("beta", beta)
+        self.given_stats = given_stats
+        if self.training:
+            if not given_stats:
+                _check_training_count(cx, _train_minimum(running_var, self.correction))
+            self.running = _RunningStats(cx, running_mean, running_var)
+            self.rm, self.rv = self.running.data
+        else:
+            if running_mean is None or running_var is None:
+                raise ValueError("running_mean and running_var are required when training=False")
+            self.running = None
+            self.rm = cx.per_channel("running_mean", running_mean)
+            self.rv = cx.per_channel("running_var", running_var)
+        self.y = cx.output(out, (("x", x), ("gamma", gamma), ("beta", beta),
+                                 ("running_mean", running_mean), ("running_var", running_var)),
+                           in_place=(x,))
+        self.save = save
+
+    def run(self, count=None, mean=None, m2=None):
+        cx, be = self.cx, self.cx.backend
+        stats = ()
+        if self.given_stats:  # the library checks the counts (channel and value in its message)
+            stats = [_stats_array(cx, n, a) for n, a in (("count", count), ("mean", mean), ("m2", m2))]
+        smean = sinvstd = None
+        if self.save:
+            smean, sinvstd = _per_channel_out(cx), _per_channel_out(cx)
+        a = functools.partial(address, be)
+        params = _core.ForwardParams(
+            training=self.training, running_var_correction=self.correction, gamma=a(self.g), beta=a(self.b),
+            eps=self.eps, running_mean=a(self.rm), running_var=a(self.rv), momentum=self.momentum,
+            save_mean=a(smean), save_invstd=a(sinvstd),
+            **({"count": be.address(stats[0]), "mean": be.address(stats[1]), "m2": be.address(stats[2])}
+               if stats else {}))
+        _run_forward(cx, self.y.data, params)
+        if self.running is not None:
+            self.running.write_back()
+        return self.y.finish(), smean, sinvstd
 
 
 @_on_device
 def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = None,
               running_mean: Optional[Array] = None, running_var: Optional[Array] = None, *,
               training: bool = True, momentum: float = 0.1, eps: float = 1e-5, axis: int = 1,
-              out: Optional[Array] = None) -> Array:
+              out: Optional[Array] = None, running_var_correction: int = 1) -> Array:
     """Batch normalisation of x over every axis but `axis`; returns y (x's dtype).
 
     training=True normalises with the batch statistics and, when running_mean / running_var are
-    given, updates them in place (running = (1 - momentum) * running + momentum * batch, unbiased
-    variance). training=False normalises with running_mean / running_var (both required).
-    gamma / beta default to 1 / 0. out (x's shape and dtype) receives y; it may be x itself.
+    given, updates them in place: running = (1 - momentum) * running + momentum * batch, with
+    the unbiased batch variance M2 / (n - 1) for running_var when running_var_correction=1
+    (PyTorch, the default) or the biased M2 / n when 0 (ONNX, Keras/TF, Flax, PaddlePaddle,
+    whose momentum m is 1 - m here). training=False normalises with running_mean / running_var
+    (both required). gamma / beta default to 1 / 0. out (x's shape and dtype) receives y; it may
+    be x itself.
     """
-    return _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis,
-                    out, save=False)[0]
+    return _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
+                        running_var_correction, save=False).run()[0]
 
 
 @_on_device
 def batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = None,
                       running_mean: Optional[Array] = None, running_var: Optional[Array] = None, *,
                       training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                      axis: int = 1, out: Optional[Array] = None) -> Tuple[Array, Array, Array]:
+                      axis: int = 1, out: Optional[Array] = None,
+                      running_var_correction: int = 1) -> Tuple[Array, Array, Array]:
     """Like batchnorm, also returning (mean, invstd) for batchnorm_backward: the batch mean and
     1/sqrt(var + eps) in training, running_mean and 1/sqrt(running_var + eps) otherwise."""
-    return _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis,
-                    out, save=True)
+    return _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
+                        running_var_correction, save=True).run()
+
+
+class _BackwardCall:
+    """A checked backward: every argument but given sums validated and dx allocated;
+    run(count, sum_dy, sum_dy_xmu, sum_xmu) (all None: the fused backward) -> (dx, dgamma, dbeta)."""
+
+    def __init__(self, dy, x, mean, invstd, gamma, training, axis, out, given_sums=False):
+        self.cx = cx = _prepare(x, axis, (("dy", dy), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
+                                          ("out", out)))
+        self.training = _training_flag(training)
+        self.dy = cx.like_x("dy", dy)
+        if mean is None or invstd is None:
+            raise ValueError("mean and invstd are required (as returned by batchnorm_forward)")
+        self.m = cx.per_channel("mean", mean)
+        self.r = cx.per_channel("invstd", invstd)
+        self.g = cx.per_channel("gamma", gamma)
+        self.given_sums = given_sums
+        if self.training and not given_sums:
+            _check_training_count(cx, 1, "training-mode backward")
+        self.dx = cx.output(out, (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
+                                  ("gamma", gamma)), in_place=(dy, x))
+
+    def run(self, count=None, sum_dy=None, sum_dy_xmu=None, sum_xmu=None):
+        cx, be = self.cx, self.cx.backend
+        sums = {}
+        if self.given_sums:
+            sums = {n: be.address(_stats_array(cx, n, a)) for n, a in
+                    (("count", count), ("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu))}
+            sums["sum_xmu"] = 0 if sum_xmu is None else be.address(_stats_array(cx, "sum_xmu", sum_xmu))
+        dgamma, dbeta = _per_channel_out(cx), _per_channel_out(cx)
+        params = _core.BackwardParams(training=self.training, mean=be.address(self.m), invstd=be.address(self.r),
+                                      gamma=address(be, self.g), dgamma=be.address(dgamma),
+                                      dbeta=be.address(dbeta), **sums)
+        _run_backward(cx, self.dy, self.dx.data, params)
+        return self.dx.finish(), dgamma, dbeta
 
 
 @_on_device
@@ -159,28 +254,20 @@ def batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
     training=True differentiates through the batch statistics; training=False treats mean and
     invstd as constants (frozen statistics). out receives dx; it may be dy itself.
     """
-    cx = _prepare(x, axis, (("dy", dy), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
-                            ("out", out)))
-    training = _training_flag(training)
-    dyd = cx.like_x("dy", dy)
-    if mean is None or invstd is None:
-        raise ValueError("mean and invstd are required (as returned by batchnorm_forward)")
-    m = cx.per_channel("mean", mean)
-    r = cx.per_channel("invstd", invstd)
-    g = cx.per_channel("gamma", gamma)
-    if training:
-        _check_training_count(cx, "training-mode backward")
-    dx = cx.output(out, (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
-                         ("gamma", gamma)), in_place=(dy, x))
-    dgamma, dbeta = _per_channel_out(cx), _per_channel_out(cx)
-    be = cx.backend
-    _core.backward(cx.view, be.address(dyd), be.address(cx.data), be.address(m), be.address(r),
-                   address(be, g), training, be.address(dx.data), be.address(dgamma),
-                   be.address(dbeta), be.stream())
-    return dx.finish(), dgamma, dbeta
+    return _BackwardCall(dy, x, mean, invstd, gamma, training, axis, out).run()
 
 
 # ------------------------------------ composable primitives ------------------------------------
+
+def _reduce_workspace(cx: Canonical) -> Tuple[Any, ...]:
+    """(stream, workspace address, bytes) for the CUDA reductions; () on the host."""
+    be = cx.backend
+    stream = be.stream()
+    if stream is None:
+        return ()
+    ws = be.workspace(_core.reduce_workspace_size(cx.view))
+    return stream, be.address(ws), ws.nbytes
+
 
 @_on_device
 def batch_stats(x: Array, *, axis: int = 1) -> Tuple[Array, Array, Array]:
@@ -189,7 +276,7 @@ def batch_stats(x: Array, *, axis: int = 1) -> Tuple[Array, Array, Array]:
     be = cx.backend
     count, mean, m2 = (be.xp.empty((cx.channels,), dtype=np.float64) for _ in range(3))
     _core.batch_stats(cx.view, be.address(cx.data), be.address(count), be.address(mean),
-                      be.address(m2), be.stream())
+                      be.address(m2), *_reduce_workspace(cx))
     return count, mean, m2
 
 
@@ -217,45 +304,29 @@ def merge_stats(count: Array, mean: Array, m2: Array) -> Tuple[Array, Array, Arr
     return res[0], res[1], res[2]
 
 
-def _normalize_call(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out):
+def _normalize_call(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out,
+                    running_var_correction=1):
     """Checks every argument of normalize except the statistics and allocates the outputs;
-    returns run(count, mean, m2) -> (y, mean, invstd). Synchronised BN checks before its
+    returns (cx, run(count, mean, m2) -> (y, mean, invstd)). Synchronised BN checks before its
     collective and runs after it."""
-    cx = _prepare(x, axis, (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
-                            ("running_var", running_var), ("out", out)))
-    eps = check_eps(eps)
-    momentum = check_momentum(momentum)
-    g = cx.per_channel("gamma", gamma)
-    b = cx.per_channel("beta", beta)
-    running = _RunningStats(cx, running_mean, running_var)
-    y = cx.output(out, (("x", x), ("gamma", gamma), ("beta", beta),
-                        ("running_mean", running_mean), ("running_var", running_var)),
-                  in_place=(x,))
-
-    def run(count, mean, m2):
-        stats = [_stats_array(cx, n, a) for n, a in (("count", count), ("mean", mean), ("m2", m2))]
-        smean, sinvstd = _per_channel_out(cx), _per_channel_out(cx)
-        be = cx.backend
-        _core.normalize(cx.view, be.address(cx.data), *(be.address(s) for s in stats),
-                        address(be, g), address(be, b), eps, be.address(y.data),
-                        address(be, running.data[0]), address(be, running.data[1]), momentum,
-                        be.address(smean), be.address(sinvstd), be.stream())
-        running.write_back()
-        return y.finish(), smean, sinvstd
-
-    return cx, run
+    call = _ForwardCall(x, gamma, beta, running_mean, running_var, True, momentum, eps, axis, out,
+                        running_var_correction, save=True, given_stats=True)
+    return call.cx, call.run
 
 
 @_on_device
 def normalize(x: Array, count: Array, mean: Array, m2: Array, gamma: Optional[Array] = None,
               beta: Optional[Array] = None, running_mean: Optional[Array] = None,
               running_var: Optional[Array] = None, *, momentum: float = 0.1, eps: float = 1e-5,
-              axis: int = 1, out: Optional[Array] = None) -> Tuple[Array, Array, Array]:
+              axis: int = 1, out: Optional[Array] = None,
+              running_var_correction: int = 1) -> Tuple[Array, Array, Array]:
     """Normalise x with given float64 statistics (e.g. merged across devices) and update the
-    running statistics; returns (y, mean, invstd) with mean/invstd in the per-channel dtype."""
+    running statistics (running_var_correction as in batchnorm); returns (y, mean, invstd)
+    with mean/invstd in the per-channel dtype."""
     backend_of((("x", x), ("count", count), ("mean", mean), ("m2", m2)))  # devices first
-    _, run = _normalize_call(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out)
-    return run(count, mean, m2)  # checks the statistics before anything is written
+    _, run = _normalize_call(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out,
+                             running_var_correction)
+    return run(count, mean, m2)  # the statistics are checked before anything is written
 
 
 @_on_device
@@ -269,39 +340,15 @@ def backward_reduce(dy: Array, x: Array, mean: Array, *, axis: int = 1) -> Tuple
     be = cx.backend
     sums = [be.xp.empty((cx.channels,), dtype=np.float64) for _ in range(3)]
     _core.backward_reduce(cx.view, be.address(dyd), be.address(cx.data), be.address(m),
-                          *(be.address(s) for s in sums), be.stream())
+                          *(be.address(s) for s in sums), *_reduce_workspace(cx))
     return sums[0], sums[1], sums[2]
 
 
 def _backward_elementwise_call(dy, x, mean, invstd, gamma, training, axis, out):
     """Checks every argument of backward_elementwise except the sums and allocates the outputs;
-    returns run(count, sum_dy, sum_dy_xmu, sum_xmu) -> (dx, dgamma, dbeta)."""
-    cx = _prepare(x, axis, (("dy", dy), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
-                            ("out", out)))
-    training = _training_flag(training)
-    dyd = cx.like_x("dy", dy)
-    if mean is None or invstd is None:
-        raise ValueError("mean and invstd are required")
-    m = cx.per_channel("mean", mean)
-    r = cx.per_channel("invstd", invstd)
-    g = cx.per_channel("gamma", gamma)
-    dx = cx.output(out, (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
-                         ("gamma", gamma)), in_place=(dy, x))
-
-    def run(count, sum_dy, sum_dy_xmu, sum_xmu):
-        stats = [_stats_array(cx, n, a) for n, a in (("count", count), ("sum_dy", sum_dy),
-                                                     ("sum_dy_xmu", sum_dy_xmu))]
-        sx = None if sum_xmu is None else _stats_array(cx, "sum_xmu", sum_xmu)
-        dgamma, dbeta = _per_channel_out(cx), _per_channel_out(cx)
-        be = cx.backend
-        _core.backward_elementwise(cx.view, be.address(dyd), be.address(cx.data), be.address(m),
-                                   be.address(r), address(be, g), training,
-                                   *(be.address(s) for s in stats), address(be, sx),
-                                   be.address(dx.data), be.address(dgamma), be.address(dbeta),
-                                   be.stream())
-        return dx.finish(), dgamma, dbeta
-
-    return cx, run
+    returns (cx, run(count, sum_dy, sum_dy_xmu, sum_xmu) -> (dx, dgamma, dbeta))."""
+    call = _BackwardCall(dy, x, mean, invstd, gamma, training, axis, out, given_sums=True)
+    return call.cx, call.run
 
 
 @_on_device

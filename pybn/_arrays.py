@@ -25,15 +25,30 @@ _DTYPE_CODES = {
 SUPPORTED_DTYPES = "float16, bfloat16, float32 or float64"
 
 
+_KDLCPU = 1  # DLPack device type of host memory
+
+
+def _is_host_dlpack(a: Any) -> bool:
+    """Any CPU __dlpack__ producer (a PyTorch CPU tensor, a JAX CPU array): used zero-copy."""
+    dev = getattr(a, "__dlpack_device__", None)
+    if dev is None or not hasattr(a, "__dlpack__"):
+        return False
+    try:
+        return int(dev()[0]) == _KDLCPU
+    except Exception:
+        return False
+
+
 class HostBackend:
-    """NumPy arrays in host memory, computed by the CPU kernels."""
+    """NumPy arrays in host memory (and CPU DLPack producers, seen as zero-copy NumPy views),
+    computed by the CPU kernels."""
 
     name = "cpu"
     xp = np
 
     @staticmethod
     def owns(a: Any) -> bool:
-        return isinstance(a, np.ndarray)
+        return isinstance(a, np.ndarray) or _is_host_dlpack(a)
 
     address = staticmethod(_core.host_address)
 
@@ -47,12 +62,17 @@ class HostBackend:
 
     @staticmethod
     def may_share_memory(a: Any, b: Any) -> bool:
-        return bool(np.may_share_memory(a, b))
-
+        return bool(np.may_share_memory(HostBackend.adopt(a), HostBackend.adopt(b)))
 
     @staticmethod
     def adopt(a: Any) -> Any:
-        return a
+        """A NumPy view of a host array (zero-copy for DLPack producers)."""
+        if a is None or isinstance(a, np.ndarray):
+            return a
+        try:
+            return np.from_dlpack(a)
+        except (TypeError, ValueError, RuntimeError, BufferError) as e:
+            raise TypeError(f"cannot use {type(a).__name__} as a host array through DLPack: {e}") from None
 
     @staticmethod
     def contiguous(a: Any) -> Any:
@@ -118,6 +138,10 @@ class CudaBackend:
     def stream(self) -> int:
         return int(self.xp.cuda.get_current_stream().ptr)
 
+    def workspace(self, nbytes: int) -> Any:
+        """Device temporaries of one library call, from CuPy's memory pool (256-byte aligned)."""
+        return self.xp.empty(int(nbytes), dtype=self.xp.uint8)
+
     @staticmethod
     def writable(a: Any) -> bool:
         return True
@@ -134,7 +158,7 @@ def device_context(arrays: Sequence[Any], stream: Any = None) -> Any:
     (a CuPy stream, a torch.cuda.Stream, or a cudaStream_t as int) made current; for host
     arrays, nothing (stream is ignored)."""
     cuda = [a for a in arrays if a is not None and not isinstance(a, np.ndarray) and _is_cuda_array(a)]
-    host = any(isinstance(a, np.ndarray) for a in arrays)
+    host = any(a is not None and HOST.owns(a) for a in arrays)
     if not cuda or host or not _core.has_cuda():  # host work, or an error that backend_of reports
         return contextlib.nullcontext()
     cp = _cupy()
@@ -179,8 +203,9 @@ def _device_of(name: str, a: Any) -> str:
     if _is_cuda_array(a):
         return "cuda"
     raise TypeError(
-        f"{name} must be a NumPy array or a CUDA array (CuPy, or any object with "
-        f"__cuda_array_interface__ / a CUDA __dlpack__), got {type(a).__module__}.{type(a).__name__}"
+        f"{name} must be a NumPy array, a CPU DLPack array (e.g. a PyTorch CPU tensor) or a CUDA "
+        f"array (CuPy, or any object with __cuda_array_interface__ / a CUDA __dlpack__), got "
+        f"{type(a).__module__}.{type(a).__name__}"
     )
 
 

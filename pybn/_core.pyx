@@ -31,6 +31,35 @@ cdef extern from "pybn/pybn.h" nogil:
         int32_t dtype
     int PYBN_ABI_VERSION
 
+    ctypedef struct pybn_forward_params:
+        size_t size
+        int32_t training
+        int32_t running_var_correction
+        const void* gamma
+        const void* beta
+        double eps
+        void* running_mean
+        void* running_var
+        double momentum
+        void* save_mean
+        void* save_invstd
+        const double* count
+        const double* mean
+        const double* m2
+    ctypedef struct pybn_backward_params:
+        size_t size
+        int32_t training
+        int32_t reserved
+        const void* mean
+        const void* invstd
+        const void* gamma
+        void* dgamma
+        void* dbeta
+        const double* count
+        const double* sum_dy
+        const double* sum_dy_xmu
+        const double* sum_xmu
+
     const char* pybn_status_string(pybn_status status)
     const char* pybn_last_error()
     const char* pybn_version()
@@ -96,6 +125,28 @@ cdef extern from "pybn/pybn.h" nogil:
     pybn_status pybn_cuda_backward(pybn_view v, const void* dy, const void* x, const void* mean,
                                    const void* invstd, const void* gamma, int training, void* dx,
                                    void* dgamma, void* dbeta, void* stream)
+
+    pybn_status pybn_forward_v2(pybn_view v, const void* x, void* y, const pybn_forward_params* p)
+    pybn_status pybn_backward_v2(pybn_view v, const void* dy, const void* x, void* dx,
+                                 const pybn_backward_params* p)
+    pybn_status pybn_cuda_forward_workspace_size(pybn_view v, const pybn_forward_params* p,
+                                                 size_t* nbytes)
+    pybn_status pybn_cuda_forward_v2(pybn_view v, const void* x, void* y,
+                                     const pybn_forward_params* p, void* workspace,
+                                     size_t workspace_bytes, void* stream)
+    pybn_status pybn_cuda_backward_workspace_size(pybn_view v, const pybn_backward_params* p,
+                                                  size_t* nbytes)
+    pybn_status pybn_cuda_backward_v2(pybn_view v, const void* dy, const void* x, void* dx,
+                                      const pybn_backward_params* p, void* workspace,
+                                      size_t workspace_bytes, void* stream)
+    pybn_status pybn_cuda_reduce_workspace_size(pybn_view v, size_t* nbytes)
+    pybn_status pybn_cuda_batch_stats_v2(pybn_view v, const void* x, double* count, double* mean,
+                                         double* m2, void* workspace, size_t workspace_bytes,
+                                         void* stream)
+    pybn_status pybn_cuda_backward_reduce_v2(pybn_view v, const void* dy, const void* x,
+                                             const void* mean, double* sum_dy,
+                                             double* sum_dy_xmu, double* sum_xmu, void* workspace,
+                                             size_t workspace_bytes, void* stream)
 
 FLOAT32 = PYBN_FLOAT32
 FLOAT64 = PYBN_FLOAT64
@@ -172,8 +223,105 @@ def get_num_threads():
     return pybn_get_num_threads()
 
 
+cdef class ForwardParams:
+    """pybn_forward_params: one field per header field (addresses as ints, 0 for NULL)."""
+    cdef pybn_forward_params p
+
+    def __init__(self, *, bint training=True, int running_var_correction=1, uintptr_t gamma=0,
+                 uintptr_t beta=0, double eps=1e-5, uintptr_t running_mean=0,
+                 uintptr_t running_var=0, double momentum=0.1, uintptr_t save_mean=0,
+                 uintptr_t save_invstd=0, uintptr_t count=0, uintptr_t mean=0, uintptr_t m2=0):
+        self.p.size = sizeof(pybn_forward_params)
+        self.p.training = training
+        self.p.running_var_correction = running_var_correction
+        self.p.gamma = <const void*>gamma
+        self.p.beta = <const void*>beta
+        self.p.eps = eps
+        self.p.running_mean = <void*>running_mean
+        self.p.running_var = <void*>running_var
+        self.p.momentum = momentum
+        self.p.save_mean = <void*>save_mean
+        self.p.save_invstd = <void*>save_invstd
+        self.p.count = <const double*>count
+        self.p.mean = <const double*>mean
+        self.p.m2 = <const double*>m2
+
+
+cdef class BackwardParams:
+    """pybn_backward_params: one field per header field (addresses as ints, 0 for NULL)."""
+    cdef pybn_backward_params p
+
+    def __init__(self, *, bint training=True, uintptr_t mean=0, uintptr_t invstd=0,
+                 uintptr_t gamma=0, uintptr_t dgamma=0, uintptr_t dbeta=0, uintptr_t count=0,
+                 uintptr_t sum_dy=0, uintptr_t sum_dy_xmu=0, uintptr_t sum_xmu=0):
+        self.p.size = sizeof(pybn_backward_params)
+        self.p.training = training
+        self.p.reserved = 0
+        self.p.mean = <const void*>mean
+        self.p.invstd = <const void*>invstd
+        self.p.gamma = <const void*>gamma
+        self.p.dgamma = <void*>dgamma
+        self.p.dbeta = <void*>dbeta
+        self.p.count = <const double*>count
+        self.p.sum_dy = <const double*>sum_dy
+        self.p.sum_dy_xmu = <const double*>sum_dy_xmu
+        self.p.sum_xmu = <const double*>sum_xmu
+
+
+def forward_workspace_size(tuple view, ForwardParams params):
+    cdef size_t n = 0
+    _check(pybn_cuda_forward_workspace_size(_view(view), &params.p, &n))
+    return n
+
+
+def backward_workspace_size(tuple view, BackwardParams params):
+    cdef size_t n = 0
+    _check(pybn_cuda_backward_workspace_size(_view(view), &params.p, &n))
+    return n
+
+
+def reduce_workspace_size(tuple view):
+    cdef size_t n = 0
+    _check(pybn_cuda_reduce_workspace_size(_view(view), &n))
+    return n
+
+
+def forward(tuple view, uintptr_t x, uintptr_t y, ForwardParams params, object stream=None,
+            uintptr_t workspace=0, size_t workspace_bytes=0):
+    """pybn_forward_v2, or pybn_cuda_forward_v2 on `stream` with the given workspace."""
+    cdef pybn_view v = _view(view)
+    cdef pybn_status st
+    cdef uintptr_t s = 0
+    if stream is None:
+        with nogil:
+            st = pybn_forward_v2(v, <const void*>x, <void*>y, &params.p)
+    else:
+        s = stream
+        with nogil:
+            st = pybn_cuda_forward_v2(v, <const void*>x, <void*>y, &params.p, <void*>workspace,
+                                      workspace_bytes, <void*>s)
+    _check(st)
+
+
+def backward(tuple view, uintptr_t dy, uintptr_t x, uintptr_t dx, BackwardParams params,
+             object stream=None, uintptr_t workspace=0, size_t workspace_bytes=0):
+    """pybn_backward_v2, or pybn_cuda_backward_v2 on `stream` with the given workspace."""
+    cdef pybn_view v = _view(view)
+    cdef pybn_status st
+    cdef uintptr_t s = 0
+    if stream is None:
+        with nogil:
+            st = pybn_backward_v2(v, <const void*>dy, <const void*>x, <void*>dx, &params.p)
+    else:
+        s = stream
+        with nogil:
+            st = pybn_cuda_backward_v2(v, <const void*>dy, <const void*>x, <void*>dx, &params.p,
+                                       <void*>workspace, workspace_bytes, <void*>s)
+    _check(st)
+
+
 def batch_stats(tuple view, uintptr_t x, uintptr_t count, uintptr_t mean, uintptr_t m2,
-                object stream=None):
+                object stream=None, uintptr_t workspace=0, size_t workspace_bytes=0):
     cdef pybn_view v = _view(view)
     cdef pybn_status st
     cdef uintptr_t s = 0
@@ -183,8 +331,8 @@ def batch_stats(tuple view, uintptr_t x, uintptr_t count, uintptr_t mean, uintpt
     else:
         s = stream
         with nogil:
-            st = pybn_cuda_batch_stats(v, <const void*>x, <double*>count, <double*>mean,
-                                       <double*>m2, <void*>s)
+            st = pybn_cuda_batch_stats_v2(v, <const void*>x, <double*>count, <double*>mean,
+                                          <double*>m2, <void*>workspace, workspace_bytes, <void*>s)
     _check(st)
 
 
@@ -205,31 +353,9 @@ def merge_stats(int64_t k, int64_t channels, uintptr_t counts, uintptr_t means, 
     _check(st)
 
 
-def normalize(tuple view, uintptr_t x, uintptr_t count, uintptr_t mean, uintptr_t m2,
-              uintptr_t gamma, uintptr_t beta, double eps, uintptr_t y, uintptr_t running_mean,
-              uintptr_t running_var, double momentum, uintptr_t save_mean, uintptr_t save_invstd,
-              object stream=None):
-    cdef pybn_view v = _view(view)
-    cdef pybn_status st
-    cdef uintptr_t s = 0
-    if stream is None:
-        with nogil:
-            st = pybn_normalize(v, <const void*>x, <const double*>count, <const double*>mean,
-                                <const double*>m2, <const void*>gamma, <const void*>beta, eps,
-                                <void*>y, <void*>running_mean, <void*>running_var, momentum,
-                                <void*>save_mean, <void*>save_invstd)
-    else:
-        s = stream
-        with nogil:
-            st = pybn_cuda_normalize(v, <const void*>x, <const double*>count, <const double*>mean,
-                                     <const double*>m2, <const void*>gamma, <const void*>beta,
-                                     eps, <void*>y, <void*>running_mean, <void*>running_var,
-                                     momentum, <void*>save_mean, <void*>save_invstd, <void*>s)
-    _check(st)
-
-
 def backward_reduce(tuple view, uintptr_t dy, uintptr_t x, uintptr_t mean, uintptr_t sum_dy,
-                    uintptr_t sum_dy_xmu, uintptr_t sum_xmu, object stream=None):
+                    uintptr_t sum_dy_xmu, uintptr_t sum_xmu, object stream=None,
+                    uintptr_t workspace=0, size_t workspace_bytes=0):
     cdef pybn_view v = _view(view)
     cdef pybn_status st
     cdef uintptr_t s = 0
@@ -240,94 +366,8 @@ def backward_reduce(tuple view, uintptr_t dy, uintptr_t x, uintptr_t mean, uintp
     else:
         s = stream
         with nogil:
-            st = pybn_cuda_backward_reduce(v, <const void*>dy, <const void*>x, <const void*>mean,
-                                           <double*>sum_dy, <double*>sum_dy_xmu,
-                                           <double*>sum_xmu, <void*>s)
-    _check(st)
-
-
-def backward_elementwise(tuple view, uintptr_t dy, uintptr_t x, uintptr_t mean, uintptr_t invstd,
-                         uintptr_t gamma, bint training, uintptr_t count, uintptr_t sum_dy,
-                         uintptr_t sum_dy_xmu, uintptr_t sum_xmu, uintptr_t dx, uintptr_t dgamma,
-                         uintptr_t dbeta, object stream=None):
-    cdef pybn_view v = _view(view)
-    cdef pybn_status st
-    cdef uintptr_t s = 0
-    if stream is None:
-        with nogil:
-            st = pybn_backward_elementwise(v, <const void*>dy, <const void*>x, <const void*>mean,
-                                           <const void*>invstd, <const void*>gamma, training,
-                                           <const double*>count, <const double*>sum_dy,
-                                           <const double*>sum_dy_xmu, <const double*>sum_xmu,
-                                           <void*>dx, <void*>dgamma, <void*>dbeta)
-    else:
-        s = stream
-        with nogil:
-            st = pybn_cuda_backward_elementwise(v, <const void*>dy, <const void*>x,
-                                                <const void*>mean, <const void*>invstd,
-                                                <const void*>gamma, training,
-                                                <const double*>count, <const double*>sum_dy,
-                                                <const double*>sum_dy_xmu,
-                                                <const double*>sum_xmu, <void*>dx, <void*>dgamma,
-                                                <void*>dbeta, <void*>s)
-    _check(st)
-
-
-def forward_train(tuple view, uintptr_t x, uintptr_t gamma, uintptr_t beta, double eps,
-                  uintptr_t running_mean, uintptr_t running_var, double momentum, uintptr_t y,
-                  uintptr_t save_mean, uintptr_t save_invstd, object stream=None):
-    cdef pybn_view v = _view(view)
-    cdef pybn_status st
-    cdef uintptr_t s = 0
-    if stream is None:
-        with nogil:
-            st = pybn_forward_train(v, <const void*>x, <const void*>gamma, <const void*>beta, eps,
-                                    <void*>running_mean, <void*>running_var, momentum, <void*>y,
-                                    <void*>save_mean, <void*>save_invstd)
-    else:
-        s = stream
-        with nogil:
-            st = pybn_cuda_forward_train(v, <const void*>x, <const void*>gamma,
-                                         <const void*>beta, eps, <void*>running_mean,
-                                         <void*>running_var, momentum, <void*>y,
-                                         <void*>save_mean, <void*>save_invstd, <void*>s)
-    _check(st)
-
-
-def forward_infer(tuple view, uintptr_t x, uintptr_t running_mean, uintptr_t running_var,
-                  uintptr_t gamma, uintptr_t beta, double eps, uintptr_t y, object stream=None):
-    cdef pybn_view v = _view(view)
-    cdef pybn_status st
-    cdef uintptr_t s = 0
-    if stream is None:
-        with nogil:
-            st = pybn_forward_infer(v, <const void*>x, <const void*>running_mean,
-                                    <const void*>running_var, <const void*>gamma,
-                                    <const void*>beta, eps, <void*>y)
-    else:
-        s = stream
-        with nogil:
-            st = pybn_cuda_forward_infer(v, <const void*>x, <const void*>running_mean,
-                                         <const void*>running_var, <const void*>gamma,
-                                         <const void*>beta, eps, <void*>y, <void*>s)
-    _check(st)
-
-
-def backward(tuple view, uintptr_t dy, uintptr_t x, uintptr_t mean, uintptr_t invstd,
-             uintptr_t gamma, bint training, uintptr_t dx, uintptr_t dgamma, uintptr_t dbeta,
-             object stream=None):
-    cdef pybn_view v = _view(view)
-    cdef pybn_status st
-    cdef uintptr_t s = 0
-    if stream is None:
-        with nogil:
-            st = pybn_backward(v, <const void*>dy, <const void*>x, <const void*>mean,
-                               <const void*>invstd, <const void*>gamma, training, <void*>dx,
-                               <void*>dgamma, <void*>dbeta)
-    else:
-        s = stream
-        with nogil:
-            st = pybn_cuda_backward(v, <const void*>dy, <const void*>x, <const void*>mean,
-                                    <const void*>invstd, <const void*>gamma, training, <void*>dx,
-                                    <void*>dgamma, <void*>dbeta, <void*>s)
+            st = pybn_cuda_backward_reduce_v2(v, <const void*>dy, <const void*>x,
+                                              <const void*>mean, <double*>sum_dy,
+                                              <double*>sum_dy_xmu, <double*>sum_xmu,
+                                              <void*>workspace, workspace_bytes, <void*>s)
     _check(st)

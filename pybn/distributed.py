@@ -176,18 +176,21 @@ def sync_batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Option
                            training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
                            axis: int = 1, out: Optional[Array] = None,
                            cuda_aware: Optional[bool] = None,
-                           num_features: Optional[int] = None) -> Tuple[Array, Array, Array]:
+                           num_features: Optional[int] = None,
+                           running_var_correction: int = 1) -> Tuple[Array, Array, Array]:
     """batchnorm_forward over the union of every rank's x (same arguments, plus comm): returns
     (y, mean, invstd) with the global batch statistics. Every rank of comm must call it, with
     the same channel count, training flag and momentum; a rank may hold zero samples.
     training=False uses the running statistics and exchanges nothing. num_features (the channel
     count every rank expects) lets a rank whose x has the wrong channel count fail without
-    stalling the others."""
+    stalling the others. running_var_correction: as in pybn.batchnorm (1 unbiased, 0 biased)."""
     coll = _collective(comm, cuda_aware)
     training = _api._training_flag(training)
+    correction = _api.check_correction(running_var_correction)
     if not training:
         return _api.batchnorm_forward(x, gamma, beta, running_mean, running_var, training=False,
                                       momentum=momentum, eps=eps, axis=axis, out=out)
+    minimum = _api._train_minimum(running_var, correction)
     channels = _channels(x, axis) if num_features is None else int(num_features)
     xp, error, rows, run = np, None, None, None
     try:
@@ -195,7 +198,7 @@ def sync_batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Option
         _check_channels(x, axis, channels)
         with device_context((x,)):
             _, run = _api._normalize_call(x, gamma, beta, running_mean, running_var, momentum,
-                                           eps, axis, out)
+                                           eps, axis, out, correction)
             rows = list(_api.batch_stats(x, axis=axis))  # count, mean, M2
     except (TypeError, ValueError) as e:
         error = e
@@ -203,9 +206,10 @@ def sync_batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Option
         gathered, counts = _exchange(coll, rows, 3, 0, channels, xp, error,
                                      "sync_batchnorm_forward")
         total = float(counts.sum())
-        if channels > 0 and total < 2:
-            raise ValueError(f"training needs at least 2 values per channel over all ranks, got "
-                             f"{total:g} (per rank: {[float(c) for c in counts]})")
+        if channels > 0 and total < minimum:
+            raise ValueError(f"training needs at least {minimum} value{'s' if minimum > 1 else ''} per "
+                             f"channel over all ranks, got {total:g} (per rank: "
+                             f"{[float(c) for c in counts]})")
         count, mean, m2 = _api.merge_stats(*(xp.ascontiguousarray(gathered[:, i]) for i in range(3)))
         return run(count, mean, m2)
 
@@ -214,11 +218,13 @@ def sync_batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array
                    running_mean: Optional[Array] = None, running_var: Optional[Array] = None, *,
                    comm: Any, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
                    axis: int = 1, out: Optional[Array] = None,
-                   cuda_aware: Optional[bool] = None, num_features: Optional[int] = None) -> Array:
+                   cuda_aware: Optional[bool] = None, num_features: Optional[int] = None,
+                   running_var_correction: int = 1) -> Array:
     """batchnorm over the union of every rank's x; see sync_batchnorm_forward."""
     return sync_batchnorm_forward(x, gamma, beta, running_mean, running_var, comm=comm,
                                   training=training, momentum=momentum, eps=eps, axis=axis,
-                                  out=out, cuda_aware=cuda_aware, num_features=num_features)[0]
+                                  out=out, cuda_aware=cuda_aware, num_features=num_features,
+                                  running_var_correction=running_var_correction)[0]
 
 
 def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
@@ -247,8 +253,8 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
         gathered, counts = _exchange(coll, rows, 4, 3, channels, xp, error,
                                      "sync_batchnorm_backward")
         total = float(counts.sum())
-        if training and channels > 0 and total < 2:
-            raise ValueError(f"training-mode backward needs at least 2 values per channel over "
+        if training and channels > 0 and total < 1:
+            raise ValueError(f"training-mode backward needs at least 1 value per channel over "
                              f"all ranks, got {total:g}")
         sums = _in_rank_order(gathered)
         count = xp.ascontiguousarray(sums[3])
@@ -275,7 +281,8 @@ class SyncBatchNorm(BatchNorm):
         return sync_batchnorm_forward(x, self.gamma, self.beta, running_mean, running_var,
                                       comm=self.comm, training=training, momentum=momentum,
                                       eps=self.eps, axis=self.axis, cuda_aware=self.cuda_aware,
-                                      num_features=self.num_features)
+                                      num_features=self.num_features,
+                                      running_var_correction=self.running_var_correction)
 
     def _backward_call(self, dy, x, mean, invstd, training):
         return sync_batchnorm_backward(dy, x, mean, invstd, self.gamma, comm=self.comm,

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ._api import batchnorm_backward, batchnorm_forward
+from ._api import batchnorm_backward, batchnorm_forward, check_correction
 from ._arrays import _cupy, check_eps, check_momentum, dtype_name
 from ._core import has_cuda
 
@@ -19,16 +19,19 @@ class BatchNorm:
     momentum=None means a cumulative moving average (weight 1/num_batches_tracked).
     device="cuda" keeps parameters and statistics as CuPy arrays on the current device.
     track_running_stats=False normalises with batch statistics in training and in eval.
+    running_var_correction=1 updates running_var with the unbiased batch variance (PyTorch),
+    0 with the biased one (Keras/TF, Flax, PaddlePaddle, ONNX; their momentum m is 1 - m here).
     """
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, axis: int = 1,
-                 dtype: Any = np.float32, device: str = "cpu"):
+                 dtype: Any = np.float32, device: str = "cpu", running_var_correction: int = 1):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
         self.eps = check_eps(eps)
+        self.running_var_correction = check_correction(running_var_correction)
         self.momentum = None if momentum is None else check_momentum(momentum)
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
@@ -99,7 +102,7 @@ class BatchNorm:
     def _forward_call(self, x, running_mean, running_var, training, momentum):
         return batchnorm_forward(x, self.gamma, self.beta, running_mean, running_var,
                                  training=training, momentum=momentum, eps=self.eps,
-                                 axis=self.axis)
+                                 axis=self.axis, running_var_correction=self.running_var_correction)
 
     def _backward_call(self, dy, x, mean, invstd, training):
         return batchnorm_backward(dy, x, mean, invstd, self.gamma, training=training,
@@ -142,4 +145,5 @@ class BatchNorm:
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis}, dtype={self.dtype.name})")
+                f"axis={self.axis}, dtype={self.dtype.name}, "
+                f"running_var_correction={self.running_var_correction})")

@@ -121,8 +121,8 @@ BACKWARD_CASES = [
     ("gamma-shape", {"gamma": np.ones(2, np.float32)}, ValueError, r"gamma must have shape \(3,\).*got \(2,\)"),
     ("out-shape", {"out": np.empty((3, 3, 5), np.float32)}, ValueError, r"out must have the shape of x"),
     ("out-overlap", {"out": "dy-reversed"}, ValueError, r"out overlaps the input dy"),
-    ("one-value", {"x": np.ones((1, 3), np.float32), "dy": np.ones((1, 3), np.float32)}, ValueError,
-     r"at least 2 values per channel, got 1"),
+    ("no-value", {"x": np.ones((0, 3), np.float32), "dy": np.ones((0, 3), np.float32)}, ValueError,
+     r"at least 1 value per channel, got 0"),
     ("mixed", {"dy": FakeCudaArray((4, 3, 5))}, TypeError, r"same device"),
 ]
 

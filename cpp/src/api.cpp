@@ -6,7 +6,7 @@
 
 #include "checks.hpp"
 #include "cpu_kernels.hpp"
-#include "dtype.hpp"
+#include "numerics.hpp"
 #include "formulas.hpp"
 #include "pybn/pybn.h"
 
@@ -26,133 +26,136 @@ template <class P> void copy_out(const std::vector<P>& from, void* to) {
     if (to) std::copy(from.begin(), from.end(), static_cast<P*>(to));
 }
 
-pybn_status check_counts(const char* fn, int64_t channels, const double* count, double minimum) {
-    for (int64_t c = 0; c < channels; ++c)
-        if (!(count[c] >= minimum))
-            return fail(minimum >= 2 ? PYBN_ERROR_TOO_FEW_VALUES : PYBN_ERROR_INVALID_VALUE,
-                        "%s: count[%lld] must be >= %g, got %g", fn, (long long)c, minimum, count[c]);
-    return PYBN_SUCCESS;
-}
-
 // The per-channel outputs of a forward (running statistics, saved mean / invstd) are computed
-// into copies and written back by finish(), after the kernel: nothing is written before.
+// into copies and written back by finish(), after the kernel: nothing is written before. The
+// kernels see the caller's parameter block with its output pointers redirected to the copies.
 template <class P> class ForwardOutputs {
   public:
-    ForwardOutputs(int64_t C, void* running_mean, void* running_var, void* save_mean, void* save_invstd)
-        : dst_{running_mean, running_var, save_mean, save_invstd} {
-        // running statistics are read and updated; saved values are always computed
-        if (running_mean) copy_[0].assign(static_cast<const P*>(running_mean), static_cast<const P*>(running_mean) + C);
-        if (running_var) copy_[1].assign(static_cast<const P*>(running_var), static_cast<const P*>(running_var) + C);
-        copy_[2].resize(static_cast<size_t>(C));
-        copy_[3].resize(static_cast<size_t>(C));
+    ForwardOutputs(int64_t C, const pybn_forward_params& p, ForwardMode mode)
+        : params_(p), dst_{p.running_mean, p.running_var, p.save_mean, p.save_invstd} {
+        if (mode == ForwardMode::infer) dst_[0] = dst_[1] = nullptr;  // read only
+        for (int k = 0; k < 4; ++k) {
+            if (!dst_[k]) continue;
+            if (k < 2)  // running statistics are read and updated
+                copy_[k].assign(static_cast<const P*>(dst_[k]), static_cast<const P*>(dst_[k]) + C);
+            else
+                copy_[k].resize(static_cast<size_t>(C));
+        }
+        void** redirect[4] = {&params_.running_mean, &params_.running_var, &params_.save_mean, &params_.save_invstd};
+        for (int k = 0; k < 4; ++k)
+            if (dst_[k]) *redirect[k] = copy_[k].data();
     }
-    NormalizeArgs<P> args(int64_t C, const double* count, const double* mean, const double* m2, const void* gamma,
-                          const void* beta, double eps, double momentum, P* coef) {
-        return {C, count, mean, m2, static_cast<const P*>(gamma), static_cast<const P*>(beta), eps,
-                dst_[0] ? copy_[0].data() : nullptr, dst_[1] ? copy_[1].data() : nullptr, momentum,
-                copy_[2].data(), copy_[3].data(), coef};
-    }
+    NormalizeArgs<P> args(int64_t C, P* coef) const { return {C, params_, coef}; }
     void finish() {
         for (int k = 0; k < 4; ++k) copy_out(copy_[k], dst_[k]);
     }
 
   private:
+    pybn_forward_params params_;
     void* dst_[4];
     std::vector<P> copy_[4];
 };
 
-template <class P>
-void normalize_impl(const pybn_view& v, const void* x, const double* count, const double* mean,
-                    const double* m2, const void* gamma, const void* beta, double eps, void* y,
-                    void* running_mean, void* running_var, double momentum, void* save_mean,
-                    void* save_invstd) {
-    const int64_t C = v.channels;
-    std::vector<P> coef(static_cast<size_t>(4 * C));
-    ForwardOutputs<P> outputs(C, running_mean, running_var, save_mean, save_invstd);
-    const NormalizeArgs<P> args = outputs.args(C, count, mean, m2, gamma, beta, eps, momentum, coef.data());
-    for (int64_t c = 0; c < C; ++c) normalize_channel(args, c, count[c], mean[c], m2[c]);
-    if (has_values(v)) cpu::kernels().normalize(v, x, coef.data(), y);
-    outputs.finish();
-}
-
-template <class P>
-void backward_elementwise_impl(const pybn_view& v, const void* dy, const void* x, const void* mean,
-                               const void* invstd, const void* gamma, int training,
-                               const double* count, double count_all, const double* sum_dy,
-                               const double* sum_dy_xmu, const double* sum_xmu, void* dx,
-                               void* dgamma, void* dbeta) {
-    const int64_t C = v.channels;
-    std::vector<P> coef(static_cast<size_t>(4 * C)), dg(static_cast<size_t>(C)), db(static_cast<size_t>(C));
-    const BackwardArgs<P> args{C, static_cast<const P*>(mean), static_cast<const P*>(invstd),
-                               static_cast<const P*>(gamma), training != 0, count, count_all,
-                               sum_dy, sum_dy_xmu, sum_xmu, dg.data(), db.data(), coef.data()};
-    for (int64_t c = 0; c < C; ++c)
-        backward_channel(args, c, sum_dy[c], sum_dy_xmu[c], sum_xmu ? sum_xmu[c] : 0.0);
-    if (dx && has_values(v))
-        cpu::kernels().backward_elementwise(v, dy, training ? x : nullptr, coef.data(), dx);
-    copy_out(dg, dgamma);
-    copy_out(db, dbeta);
-}
-
-// Fused training forward: the kernel reduces a channel group, this hook turns its statistics
-// into coefficients (and running statistics / saved values, into copies), the kernel normalises.
-template <class P>
-void forward_train_impl(const pybn_view& v, const void* x, const void* gamma, const void* beta,
-                        double eps, void* running_mean, void* running_var, double momentum, void* y,
-                        void* save_mean, void* save_invstd) {
-    const int64_t C = v.channels;
-    ForwardOutputs<P> outputs(C, running_mean, running_var, save_mean, save_invstd);
-    struct Ctx {
-        NormalizeArgs<P> args;
-        double count;
-    } ctx{outputs.args(C, nullptr, nullptr, nullptr, gamma, beta, eps, momentum, nullptr), double(per_channel(v))};
-    const cpu::ChannelHook hook{&ctx, [](void* p, int64_t c0, int64_t c1, const double* mean,
-                                         const double* m2, const double*, void* coef) {
-        Ctx& k = *static_cast<Ctx*>(p);
-        NormalizeArgs<P> args = k.args;
-        args.coef = static_cast<P*>(coef);
-        for (int64_t c = c0; c < c1; ++c) normalize_channel(args, c, k.count, mean[c - c0], m2[c - c0]);
-    }};
-    if (C > 0) cpu::kernels().forward_train(v, x, y, hook);
-    outputs.finish();
-}
-
-// Fused backward: the kernel reduces a channel group, this hook computes the coefficients and
-// parameter gradients, the kernel writes dx.
-template <class P>
-void backward_impl(const pybn_view& v, const void* dy, const void* x, const void* mean,
-                   const void* invstd, const void* gamma, int training, void* dx, void* dgamma,
-                   void* dbeta) {
-    const int64_t C = v.channels;
-    std::vector<P> dg(static_cast<size_t>(C)), db(static_cast<size_t>(C));
-    const BackwardArgs<P> args{C, static_cast<const P*>(mean), static_cast<const P*>(invstd),
-                               static_cast<const P*>(gamma), training != 0, nullptr,
-                               double(per_channel(v)), nullptr, nullptr, nullptr, dg.data(), db.data(),
-                               nullptr};
-    const cpu::ChannelHook hook{const_cast<BackwardArgs<P>*>(&args),
-                                [](void* p, int64_t c0, int64_t c1, const double* s0, const double* s1,
-                                   const double* s2, void* coef) {
-        BackwardArgs<P> a = *static_cast<const BackwardArgs<P>*>(p);
+// Fused training forward: the kernel reduces a channel group, this epilogue turns its
+// statistics into coefficients (and running statistics / saved values, into copies).
+template <class P> class TrainEpilogue final : public cpu::ForwardEpilogue {
+  public:
+    TrainEpilogue(const NormalizeArgs<P>& args, double count) : args_(args), count_(count) {}
+    void operator()(int64_t c0, int64_t c1, const double* mean, const double* m2, void* coef) const override {
+        NormalizeArgs<P> a = args_;
         a.coef = static_cast<P*>(coef);
-        for (int64_t c = c0; c < c1; ++c) backward_channel(a, c, s0[c - c0], s1[c - c0], s2[c - c0]);
-    }};
-    if (C > 0) {
-        if (has_values(v)) {
-            cpu::kernels().backward(v, dy, x, mean, training != 0, dx, hook);
-        } else {  // nothing to reduce: zero sums give the parameter gradients (frozen statistics)
-            std::vector<double> zero(static_cast<size_t>(C), 0.0);
-            std::vector<P> coef(static_cast<size_t>(4 * C));
-            hook.fn(hook.ctx, 0, C, zero.data(), zero.data(), zero.data(), coef.data());
-        }
+        for (int64_t c = c0; c < c1; ++c) normalize_channel(a, c, count_, mean[c - c0], m2[c - c0]);
     }
-    copy_out(dg, dgamma);
-    copy_out(db, dbeta);
+
+  private:
+    NormalizeArgs<P> args_;
+    double count_;
+};
+
+// Fused backward: the kernel reduces a channel group, this epilogue computes the coefficients
+// and parameter gradients (into copies).
+template <class P> class SumsEpilogue final : public cpu::BackwardEpilogue {
+  public:
+    explicit SumsEpilogue(const BackwardArgs<P>& args) : args_(args) {}
+    void operator()(int64_t c0, int64_t c1, const double* sum_dy, const double* sum_dy_xmu, const double* sum_xmu,
+                    void* coef) const override {
+        BackwardArgs<P> a = args_;
+        a.coef = static_cast<P*>(coef);
+        for (int64_t c = c0; c < c1; ++c) backward_channel(a, c, sum_dy[c - c0], sum_dy_xmu[c - c0], sum_xmu[c - c0]);
+    }
+
+  private:
+    BackwardArgs<P> args_;
+};
+
+template <class P>
+pybn_status forward_impl(const char* fn, const pybn_view& v, const void* x, void* y, const pybn_forward_params& p,
+                         ForwardMode mode) {
+    const int64_t C = v.channels;
+    if (mode == ForwardMode::given_stats) PYBN_CHECK(check_counts(fn, C, p.count, double(train_minimum(p))));
+    ForwardOutputs<P> outputs(C, p, mode);
+    if (mode == ForwardMode::train) {
+        const TrainEpilogue<P> epilogue(outputs.args(C, nullptr), double(per_channel(v)));
+        if (C > 0) PYBN_CHECK(cpu::kernels().forward_train(v, x, y, epilogue));
+    } else {
+        std::vector<P> coef(static_cast<size_t>(4 * C));
+        const NormalizeArgs<P> args = outputs.args(C, coef.data());
+        for (int64_t c = 0; c < C; ++c) {
+            if (mode == ForwardMode::infer) infer_channel(args, c);
+            else normalize_channel(args, c, p.count[c], p.mean[c], p.m2[c]);
+        }
+        if (has_values(v)) PYBN_CHECK(cpu::kernels().normalize(v, x, coef.data(), y));
+    }
+    outputs.finish();
+    return PYBN_SUCCESS;
 }
 
-// Calls f(P{}) with P the parameter type of the view's dtype.
-template <class F> void with_param(const pybn_view& v, F&& f) {
-    if (v.dtype == PYBN_FLOAT64) f(double{});
-    else f(float{});
+template <class P>
+pybn_status backward_impl(const char* fn, const pybn_view& v, const void* dy, const void* x, void* dx,
+                          const pybn_backward_params& p, BackwardMode mode) {
+    const int64_t C = v.channels;
+    if (mode == BackwardMode::given_sums && p.training) PYBN_CHECK(check_counts(fn, C, p.count, 1.0));
+    std::vector<P> dg(static_cast<size_t>(C)), db(static_cast<size_t>(C)), coef;
+    BackwardArgs<P> args{C, p, mode == BackwardMode::fused ? double(per_channel(v)) : 0.0, nullptr};
+    args.p.dgamma = dg.data();  // written back after the kernel
+    args.p.dbeta = db.data();
+    if (mode == BackwardMode::fused) {
+        const SumsEpilogue<P> epilogue(args);
+        if (has_values(v)) {
+            PYBN_CHECK(cpu::kernels().backward(v, dy, x, p.mean, p.training != 0, dx, epilogue));
+        } else if (C > 0) {  // nothing to reduce: zero sums give the parameter gradients
+            std::vector<double> zero(static_cast<size_t>(C), 0.0);
+            coef.resize(static_cast<size_t>(4 * C));
+            epilogue(0, C, zero.data(), zero.data(), zero.data(), coef.data());
+        }
+    } else {
+        coef.resize(static_cast<size_t>(4 * C));
+        args.coef = coef.data();
+        for (int64_t c = 0; c < C; ++c)
+            backward_channel(args, c, p.sum_dy[c], p.sum_dy_xmu[c], p.sum_xmu ? p.sum_xmu[c] : 0.0);
+        if (dx && has_values(v))
+            PYBN_CHECK(cpu::kernels().backward_elementwise(v, dy, p.training ? x : nullptr, coef.data(), dx));
+    }
+    copy_out(dg, p.dgamma);
+    copy_out(db, p.dbeta);
+    return PYBN_SUCCESS;
+}
+
+// Every forward (v2 and the level-1 wrappers): checks, then the kernels.
+pybn_status forward(const char* fn, const pybn_view& v, const void* x, void* y, const pybn_forward_params& p,
+                    ForwardMode mode) {
+    PYBN_CHECK(validate_forward(fn, kHostPointers, v, x, y, p, mode));
+    pybn_status st = PYBN_SUCCESS;
+    PYBN_CHECK(visit_param(v.dtype, [&](auto t) { st = forward_impl<decltype(t)>(fn, v, x, y, p, mode); }));
+    return st;
+}
+
+pybn_status backward(const char* fn, const pybn_view& v, const void* dy, const void* x, void* dx,
+                     const pybn_backward_params& p, BackwardMode mode) {
+    PYBN_CHECK(validate_backward(fn, kHostPointers, v, dy, x, dx, p, mode));
+    pybn_status st = PYBN_SUCCESS;
+    PYBN_CHECK(visit_param(v.dtype, [&](auto t) { st = backward_impl<decltype(t)>(fn, v, dy, x, dx, p, mode); }));
+    return st;
 }
 
 }  // namespace
@@ -193,7 +196,7 @@ pybn_status pybn_batch_stats(pybn_view v, const void* x, double* count, double* 
         const int64_t C = v.channels, n = per_channel(v);
         if (has_values(v)) {
             std::vector<double> mu(static_cast<size_t>(C)), sq(static_cast<size_t>(C));  // no output written on failure
-            cpu::kernels().batch_stats(v, x, mu.data(), sq.data());
+            PYBN_CHECK(cpu::kernels().batch_stats(v, x, mu.data(), sq.data()));
             for (int64_t c = 0; c < C; ++c) {
                 mean[c] = mu[size_t(c)];
                 m2[c] = sq[size_t(c)];
@@ -221,20 +224,38 @@ pybn_status pybn_merge_stats(int64_t k, int64_t channels, const double* counts, 
     });
 }
 
+pybn_status pybn_forward_v2(pybn_view v, const void* x, void* y, const pybn_forward_params* params) {
+    const char* fn = "pybn_forward_v2";
+    return guarded(fn, [&] {
+        pybn_forward_params p;
+        PYBN_CHECK(read_params(fn, params, p));
+        return forward(fn, v, x, y, p, forward_mode(p));
+    });
+}
+
+pybn_status pybn_backward_v2(pybn_view v, const void* dy, const void* x, void* dx,
+                             const pybn_backward_params* params) {
+    const char* fn = "pybn_backward_v2";
+    return guarded(fn, [&] {
+        pybn_backward_params p;
+        PYBN_CHECK(read_params(fn, params, p));
+        return backward(fn, v, dy, x, dx, p, backward_mode(p));
+    });
+}
+
+// ---- level 1: positional wrappers over the parameter blocks ----
+
 pybn_status pybn_normalize(pybn_view v, const void* x, const double* count, const double* mean,
                            const double* m2, const void* gamma, const void* beta, double eps, void* y,
                            void* running_mean, void* running_var, double momentum, void* save_mean,
                            void* save_invstd) {
     const char* fn = "pybn_normalize";
     return guarded(fn, [&] {
-        PYBN_CHECK(validate_normalize(fn, kHostPointers, v, x, count, mean, m2, gamma, beta, eps, y, running_mean,
-                                      running_var, momentum, save_mean, save_invstd));
-        PYBN_CHECK(check_counts(fn, v.channels, count, running_var ? 2.0 : 1.0));
-        with_param(v, [&](auto p) {
-            normalize_impl<decltype(p)>(v, x, count, mean, m2, gamma, beta, eps, y, running_mean,
-                                        running_var, momentum, save_mean, save_invstd);
-        });
-        return PYBN_SUCCESS;
+        pybn_forward_params p = PYBN_FORWARD_PARAMS_INIT;
+        p.count = count, p.mean = mean, p.m2 = m2, p.gamma = gamma, p.beta = beta, p.eps = eps;
+        p.running_mean = running_mean, p.running_var = running_var, p.momentum = momentum;
+        p.save_mean = save_mean, p.save_invstd = save_invstd;
+        return forward(fn, v, x, y, p, ForwardMode::given_stats);
     });
 }
 
@@ -244,7 +265,7 @@ pybn_status pybn_backward_reduce(pybn_view v, const void* dy, const void* x, con
     return guarded(fn, [&] {
         PYBN_CHECK(validate_backward_reduce(fn, kHostPointers, v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu));
         if (has_values(v)) {
-            cpu::kernels().backward_reduce(v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu);
+            PYBN_CHECK(cpu::kernels().backward_reduce(v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu));
         } else {
             for (int64_t c = 0; c < v.channels; ++c) {
                 sum_dy[c] = sum_dy_xmu[c] = 0.0;
@@ -262,14 +283,11 @@ pybn_status pybn_backward_elementwise(pybn_view v, const void* dy, const void* x
                                       void* dgamma, void* dbeta) {
     const char* fn = "pybn_backward_elementwise";
     return guarded(fn, [&] {
-        PYBN_CHECK(validate_backward_elementwise(fn, kHostPointers, v, dy, x, mean, invstd, gamma, training, count,
-                                                 sum_dy, sum_dy_xmu, sum_xmu, dx, dgamma, dbeta));
-        if (training) PYBN_CHECK(check_counts(fn, v.channels, count, 1.0));
-        with_param(v, [&](auto p) {
-            backward_elementwise_impl<decltype(p)>(v, dy, x, mean, invstd, gamma, training, count,
-                                                   0.0, sum_dy, sum_dy_xmu, sum_xmu, dx, dgamma, dbeta);
-        });
-        return PYBN_SUCCESS;
+        pybn_backward_params p = PYBN_BACKWARD_PARAMS_INIT;
+        p.training = training != 0, p.mean = mean, p.invstd = invstd, p.gamma = gamma;
+        p.count = count, p.sum_dy = sum_dy, p.sum_dy_xmu = sum_dy_xmu, p.sum_xmu = sum_xmu;
+        p.dgamma = dgamma, p.dbeta = dbeta;
+        return backward(fn, v, dy, x, dx, p, BackwardMode::given_sums);
     });
 }
 
@@ -278,13 +296,10 @@ pybn_status pybn_forward_train(pybn_view v, const void* x, const void* gamma, co
                                void* y, void* save_mean, void* save_invstd) {
     const char* fn = "pybn_forward_train";
     return guarded(fn, [&] {
-        PYBN_CHECK(validate_forward_train(fn, kHostPointers, v, x, gamma, beta, eps, running_mean, running_var,
-                                          momentum, y, save_mean, save_invstd));
-        with_param(v, [&](auto p) {
-            forward_train_impl<decltype(p)>(v, x, gamma, beta, eps, running_mean, running_var,
-                                            momentum, y, save_mean, save_invstd);
-        });
-        return PYBN_SUCCESS;
+        pybn_forward_params p = PYBN_FORWARD_PARAMS_INIT;
+        p.gamma = gamma, p.beta = beta, p.eps = eps, p.running_mean = running_mean;
+        p.running_var = running_var, p.momentum = momentum, p.save_mean = save_mean, p.save_invstd = save_invstd;
+        return forward(fn, v, x, y, p, ForwardMode::train);
     });
 }
 
@@ -293,17 +308,11 @@ pybn_status pybn_forward_infer(pybn_view v, const void* x, const void* running_m
                                double eps, void* y) {
     const char* fn = "pybn_forward_infer";
     return guarded(fn, [&] {
-        PYBN_CHECK(validate_forward_infer(fn, kHostPointers, v, x, running_mean, running_var, gamma, beta, eps, y));
-        const int64_t C = v.channels;
-        with_param(v, [&](auto p) {
-            using P = decltype(p);
-            std::vector<P> coef(static_cast<size_t>(4 * C));
-            for (int64_t c = 0; c < C; ++c)
-                infer_channel(C, c, static_cast<const P*>(running_mean), static_cast<const P*>(running_var),
-                              static_cast<const P*>(gamma), static_cast<const P*>(beta), eps, coef.data());
-            if (has_values(v)) cpu::kernels().normalize(v, x, coef.data(), y);
-        });
-        return PYBN_SUCCESS;
+        pybn_forward_params p = PYBN_FORWARD_PARAMS_INIT;
+        p.training = 0, p.gamma = gamma, p.beta = beta, p.eps = eps;
+        p.running_mean = const_cast<void*>(running_mean);  // only read in inference
+        p.running_var = const_cast<void*>(running_var);
+        return forward(fn, v, x, y, p, ForwardMode::infer);
     });
 }
 
@@ -312,11 +321,10 @@ pybn_status pybn_backward(pybn_view v, const void* dy, const void* x, const void
                           void* dgamma, void* dbeta) {
     const char* fn = "pybn_backward";
     return guarded(fn, [&] {
-        PYBN_CHECK(validate_backward(fn, kHostPointers, v, dy, x, mean, invstd, gamma, training, dx, dgamma, dbeta));
-        with_param(v, [&](auto p) {
-            backward_impl<decltype(p)>(v, dy, x, mean, invstd, gamma, training, dx, dgamma, dbeta);
-        });
-        return PYBN_SUCCESS;
+        pybn_backward_params p = PYBN_BACKWARD_PARAMS_INIT;
+        p.training = training != 0, p.mean = mean, p.invstd = invstd, p.gamma = gamma;
+        p.dgamma = dgamma, p.dbeta = dbeta;
+        return backward(fn, v, dy, x, dx, p, BackwardMode::fused);
     });
 }
 

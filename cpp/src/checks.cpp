@@ -3,12 +3,15 @@
 #include <cmath>
 #include <cstdint>
 
-#include "dtype.hpp"
+#include <cstring>
+
+#include "numerics.hpp"
 
 namespace pybn {
 
 pybn_status check_view(const char* fn, const pybn_view& v) {
-    if (!dtype_known(v.dtype))
+    const DtypeInfo* d = dtype_info(v.dtype);
+    if (d == nullptr)
         return fail(PYBN_ERROR_UNSUPPORTED_DTYPE,
                     "%s: view.dtype must be PYBN_FLOAT32 (0), PYBN_FLOAT64 (1), PYBN_FLOAT16 (2) or "
                     "PYBN_BFLOAT16 (3), got %d", fn, int(v.dtype));
@@ -20,11 +23,11 @@ pybn_status check_view(const char* fn, const pybn_view& v) {
     if (__builtin_mul_overflow(v.outer, v.inner, &per_channel) ||
         __builtin_mul_overflow(v.outer, v.channels, &total) ||
         __builtin_mul_overflow(total, v.inner, &total) ||
-        __builtin_mul_overflow(total, dtype_size(v.dtype), &total))
+        __builtin_mul_overflow(total, d->size, &total))
         return fail(PYBN_ERROR_INVALID_ARGUMENT,
                     "%s: view of outer=%lld x channels=%lld x inner=%lld %s elements overflows "
                     "a 64-bit byte count", fn, (long long)v.outer, (long long)v.channels,
-                    (long long)v.inner, dtype_name(v.dtype));
+                    (long long)v.inner, d->name);
     return PYBN_SUCCESS;
 }
 
@@ -57,32 +60,76 @@ pybn_status check_merge_sizes(const char* fn, int64_t k, int64_t channels) {
     return PYBN_SUCCESS;
 }
 
-pybn_status check_train_count(const char* fn, const pybn_view& v) {
-    if (v.channels > 0 && v.outer * v.inner < 2)
+pybn_status check_train_count(const char* fn, const pybn_view& v, int64_t minimum) {
+    if (v.channels > 0 && v.outer * v.inner < minimum)
         return fail(PYBN_ERROR_TOO_FEW_VALUES,
-                    "%s: training needs at least 2 values per channel, got %lld "
-                    "(outer=%lld x inner=%lld)", fn, (long long)(v.outer * v.inner),
-                    (long long)v.outer, (long long)v.inner);
+                    "%s: training needs at least %lld value%s per channel%s, got %lld "
+                    "(outer=%lld x inner=%lld)", fn, (long long)minimum, minimum == 1 ? "" : "s",
+                    minimum == 2 ? " when running_var is updated with the unbiased variance "
+                                   "(running_var_correction = 1)" : "",
+                    (long long)(v.outer * v.inner), (long long)v.outer, (long long)v.inner);
+    return PYBN_SUCCESS;
+}
+
+pybn_status check_counts(const char* fn, int64_t channels, const double* count, double minimum) {
+    for (int64_t c = 0; c < channels; ++c)
+        if (!(count[c] >= minimum))
+            return fail(minimum >= 2 ? PYBN_ERROR_TOO_FEW_VALUES : PYBN_ERROR_INVALID_VALUE,
+                        "%s: count[%lld] must be >= %g, got %g", fn, (long long)c, minimum, count[c]);
     return PYBN_SUCCESS;
 }
 
 namespace {
-pybn_status any_pointer(const char*, const char*, const void*) { return PYBN_SUCCESS; }
-
-// The parameter-type per-channel arrays of a forward call.
-pybn_status check_forward_params(const char* fn, const PointerRules& p, const void* gamma,
-                                 const void* beta, const void* running_mean,
-                                 const void* running_var, double momentum, const void* save_mean,
-                                 const void* save_invstd) {
-    PYBN_CHECK(p.optional(fn, "gamma", gamma));
-    PYBN_CHECK(p.optional(fn, "beta", beta));
-    PYBN_CHECK(p.optional(fn, "running_mean", running_mean));
-    PYBN_CHECK(p.optional(fn, "running_var", running_var));
-    PYBN_CHECK(p.optional(fn, "save_mean", save_mean));
-    PYBN_CHECK(p.optional(fn, "save_invstd", save_invstd));
-    if (running_mean || running_var) PYBN_CHECK(check_momentum(fn, momentum));
+// The caller's block: at least the level-2 struct, and nothing this library does not know.
+template <class Params>
+pybn_status read_block(const char* fn, const char* type, const Params* given, Params& out) {
+    if (given == nullptr) return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: params must not be NULL", fn);
+    const size_t size = given->size;
+    if (size < sizeof(Params))
+        return fail(PYBN_ERROR_INVALID_ARGUMENT,
+                    "%s: params->size must be at least sizeof(%s) = %zu (initialise the block "
+                    "with its _INIT macro), got %zu", fn, type, sizeof(Params), size);
+    const unsigned char* extra = reinterpret_cast<const unsigned char*>(given) + sizeof(Params);
+    for (size_t i = 0; i < size - sizeof(Params); ++i)
+        if (extra[i] != 0)
+            return fail(PYBN_ERROR_INVALID_ARGUMENT,
+                        "%s: params (size %zu) sets a field at byte %zu that this library (ABI "
+                        "level %d, sizeof(%s) = %zu) does not know; upgrade libpybn", fn, size,
+                        sizeof(Params) + i, PYBN_ABI_VERSION, type, sizeof(Params));
+    std::memcpy(&out, given, sizeof(Params));  // level 2 is the first level with blocks: no defaults to fill yet
+    out.size = sizeof(Params);
     return PYBN_SUCCESS;
 }
+
+pybn_status check_flag(const char* fn, const char* name, int32_t value) {
+    if (value != 0 && value != 1)
+        return fail(PYBN_ERROR_INVALID_VALUE, "%s: %s must be 0 or 1, got %d", fn, name, int(value));
+    return PYBN_SUCCESS;
+}
+}  // namespace
+
+pybn_status read_params(const char* fn, const pybn_forward_params* given, pybn_forward_params& out) {
+    return read_block(fn, "pybn_forward_params", given, out);
+}
+pybn_status read_params(const char* fn, const pybn_backward_params* given, pybn_backward_params& out) {
+    return read_block(fn, "pybn_backward_params", given, out);
+}
+
+ForwardMode forward_mode(const pybn_forward_params& p) {
+    if (!p.training) return ForwardMode::infer;
+    return p.count || p.mean || p.m2 ? ForwardMode::given_stats : ForwardMode::train;
+}
+
+int64_t train_minimum(const pybn_forward_params& p) {
+    return p.running_var && p.running_var_correction == 1 ? 2 : 1;
+}
+
+BackwardMode backward_mode(const pybn_backward_params& p) {
+    return p.count || p.sum_dy || p.sum_dy_xmu || p.sum_xmu ? BackwardMode::given_sums : BackwardMode::fused;
+}
+
+namespace {
+pybn_status any_pointer(const char*, const char*, const void*) { return PYBN_SUCCESS; }
 }  // namespace
 
 const PointerRules kHostPointers{check_ptr, any_pointer};
@@ -108,22 +155,6 @@ pybn_status validate_merge_stats(const char* fn, const PointerRules& p, int64_t 
     return p.required(fn, "m2", m2);
 }
 
-pybn_status validate_normalize(const char* fn, const PointerRules& p, const pybn_view& v,
-                               const void* x, const void* count, const void* mean, const void* m2,
-                               const void* gamma, const void* beta, double eps, const void* y,
-                               const void* running_mean, const void* running_var, double momentum,
-                               const void* save_mean, const void* save_invstd) {
-    PYBN_CHECK(check_view(fn, v));
-    PYBN_CHECK(p.required(fn, "x", x));
-    PYBN_CHECK(p.required(fn, "y", y));
-    PYBN_CHECK(p.required(fn, "count", count));
-    PYBN_CHECK(p.required(fn, "mean", mean));
-    PYBN_CHECK(p.required(fn, "m2", m2));
-    PYBN_CHECK(check_forward_params(fn, p, gamma, beta, running_mean, running_var, momentum, save_mean,
-                                    save_invstd));
-    return check_eps(fn, eps);
-}
-
 pybn_status validate_backward_reduce(const char* fn, const PointerRules& p, const pybn_view& v,
                                      const void* dy, const void* x, const void* mean,
                                      const void* sum_dy, const void* sum_dy_xmu, const void* sum_xmu) {
@@ -136,70 +167,67 @@ pybn_status validate_backward_reduce(const char* fn, const PointerRules& p, cons
     return p.optional(fn, "sum_xmu", sum_xmu);
 }
 
-pybn_status validate_backward_elementwise(const char* fn, const PointerRules& p, const pybn_view& v,
-                                          const void* dy, const void* x, const void* mean,
-                                          const void* invstd, const void* gamma, int training,
-                                          const void* count, const void* sum_dy,
-                                          const void* sum_dy_xmu, const void* sum_xmu,
-                                          const void* dx, const void* dgamma, const void* dbeta) {
+pybn_status validate_forward(const char* fn, const PointerRules& rules, const pybn_view& v,
+                             const void* x, const void* y, const pybn_forward_params& p, ForwardMode mode) {
     PYBN_CHECK(check_view(fn, v));
-    if (dx) PYBN_CHECK(p.required(fn, "dy", dy));
-    PYBN_CHECK(p.required(fn, "invstd", invstd));
-    PYBN_CHECK(p.required(fn, "sum_dy", sum_dy));
-    PYBN_CHECK(p.required(fn, "sum_dy_xmu", sum_dy_xmu));
-    if (training) {
-        if (dx) PYBN_CHECK(p.required(fn, "x", x));
-        PYBN_CHECK(p.required(fn, "mean", mean));
-        PYBN_CHECK(p.required(fn, "count", count));
+    PYBN_CHECK(rules.required(fn, "x", x));
+    PYBN_CHECK(rules.required(fn, "y", y));
+    PYBN_CHECK(check_flag(fn, "training", p.training));
+    if (mode == ForwardMode::given_stats) {
+        PYBN_CHECK(rules.required(fn, "count", p.count));
+        PYBN_CHECK(rules.required(fn, "mean", p.mean));
+        PYBN_CHECK(rules.required(fn, "m2", p.m2));
     }
-    PYBN_CHECK(p.optional(fn, "gamma", gamma));
-    PYBN_CHECK(p.optional(fn, "sum_xmu", sum_xmu));
-    PYBN_CHECK(p.optional(fn, "dx", dx));
-    PYBN_CHECK(p.optional(fn, "dgamma", dgamma));
-    return p.optional(fn, "dbeta", dbeta);
+    if (mode == ForwardMode::infer) {
+        if (p.count || p.mean || p.m2)
+            return fail(PYBN_ERROR_INVALID_ARGUMENT,
+                        "%s: count, mean and m2 (given statistics) must be NULL when training = 0", fn);
+        PYBN_CHECK(rules.required(fn, "running_mean", p.running_mean));
+        PYBN_CHECK(rules.required(fn, "running_var", p.running_var));
+    }
+    PYBN_CHECK(rules.optional(fn, "gamma", p.gamma));
+    PYBN_CHECK(rules.optional(fn, "beta", p.beta));
+    if (mode != ForwardMode::infer) {
+        PYBN_CHECK(rules.optional(fn, "running_mean", p.running_mean));
+        PYBN_CHECK(rules.optional(fn, "running_var", p.running_var));
+    }
+    PYBN_CHECK(rules.optional(fn, "save_mean", p.save_mean));
+    PYBN_CHECK(rules.optional(fn, "save_invstd", p.save_invstd));
+    if (mode != ForwardMode::infer && (p.running_mean || p.running_var)) PYBN_CHECK(check_momentum(fn, p.momentum));
+    PYBN_CHECK(check_flag(fn, "running_var_correction", p.running_var_correction));
+    PYBN_CHECK(check_eps(fn, p.eps));
+    return mode == ForwardMode::train ? check_train_count(fn, v, train_minimum(p)) : PYBN_SUCCESS;
 }
 
-pybn_status validate_forward_train(const char* fn, const PointerRules& p, const pybn_view& v,
-                                   const void* x, const void* gamma, const void* beta, double eps,
-                                   const void* running_mean, const void* running_var,
-                                   double momentum, const void* y, const void* save_mean,
-                                   const void* save_invstd) {
+pybn_status validate_backward(const char* fn, const PointerRules& rules, const pybn_view& v,
+                              const void* dy, const void* x, const void* dx,
+                              const pybn_backward_params& p, BackwardMode mode) {
     PYBN_CHECK(check_view(fn, v));
-    PYBN_CHECK(p.required(fn, "x", x));
-    PYBN_CHECK(p.required(fn, "y", y));
-    PYBN_CHECK(check_forward_params(fn, p, gamma, beta, running_mean, running_var, momentum, save_mean,
-                                    save_invstd));
-    PYBN_CHECK(check_eps(fn, eps));
-    return check_train_count(fn, v);
-}
-
-pybn_status validate_forward_infer(const char* fn, const PointerRules& p, const pybn_view& v,
-                                   const void* x, const void* running_mean, const void* running_var,
-                                   const void* gamma, const void* beta, double eps, const void* y) {
-    PYBN_CHECK(check_view(fn, v));
-    PYBN_CHECK(p.required(fn, "x", x));
-    PYBN_CHECK(p.required(fn, "y", y));
-    PYBN_CHECK(p.required(fn, "running_mean", running_mean));
-    PYBN_CHECK(p.required(fn, "running_var", running_var));
-    PYBN_CHECK(p.optional(fn, "gamma", gamma));
-    PYBN_CHECK(p.optional(fn, "beta", beta));
-    return check_eps(fn, eps);
-}
-
-pybn_status validate_backward(const char* fn, const PointerRules& p, const pybn_view& v,
-                              const void* dy, const void* x, const void* mean, const void* invstd,
-                              const void* gamma, int training, const void* dx, const void* dgamma,
-                              const void* dbeta) {
-    PYBN_CHECK(check_view(fn, v));
-    PYBN_CHECK(p.required(fn, "dy", dy));
-    PYBN_CHECK(p.required(fn, "x", x));
-    PYBN_CHECK(p.required(fn, "mean", mean));
-    PYBN_CHECK(p.required(fn, "invstd", invstd));
-    PYBN_CHECK(p.optional(fn, "gamma", gamma));
-    PYBN_CHECK(p.optional(fn, "dx", dx));
-    PYBN_CHECK(p.optional(fn, "dgamma", dgamma));
-    PYBN_CHECK(p.optional(fn, "dbeta", dbeta));
-    return training ? check_train_count(fn, v) : PYBN_SUCCESS;
+    if (mode == BackwardMode::fused) {
+        PYBN_CHECK(rules.required(fn, "dy", dy));
+        PYBN_CHECK(rules.required(fn, "x", x));
+        PYBN_CHECK(rules.required(fn, "mean", p.mean));
+        PYBN_CHECK(rules.required(fn, "invstd", p.invstd));
+    } else {
+        if (dx) PYBN_CHECK(rules.required(fn, "dy", dy));
+        PYBN_CHECK(rules.required(fn, "invstd", p.invstd));
+        PYBN_CHECK(rules.required(fn, "sum_dy", p.sum_dy));
+        PYBN_CHECK(rules.required(fn, "sum_dy_xmu", p.sum_dy_xmu));
+        if (p.training) {
+            if (dx) PYBN_CHECK(rules.required(fn, "x", x));
+            PYBN_CHECK(rules.required(fn, "mean", p.mean));
+            PYBN_CHECK(rules.required(fn, "count", p.count));
+        }
+        PYBN_CHECK(rules.optional(fn, "sum_xmu", p.sum_xmu));
+    }
+    PYBN_CHECK(rules.optional(fn, "gamma", p.gamma));
+    PYBN_CHECK(rules.optional(fn, "dx", dx));
+    PYBN_CHECK(rules.optional(fn, "dgamma", p.dgamma));
+    PYBN_CHECK(rules.optional(fn, "dbeta", p.dbeta));
+    PYBN_CHECK(check_flag(fn, "training", p.training));
+    if (p.reserved != 0)
+        return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: params->reserved must be 0, got %d", fn, int(p.reserved));
+    return mode == BackwardMode::fused && p.training ? check_train_count(fn, v, 1) : PYBN_SUCCESS;
 }
 
 }  // namespace pybn

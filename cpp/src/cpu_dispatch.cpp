@@ -187,8 +187,21 @@ class ScratchCache {
 thread_local ScratchCache t_scratch;
 }  // namespace
 
+namespace {
+// PYBN_FAIL_SCRATCH=k: the k-th non-empty Scratch of the process fails (tests only; 0: never).
+bool injected_failure() {
+    static const long long fail_at = [] {
+        const char* e = std::getenv("PYBN_FAIL_SCRATCH");
+        return e && *e ? std::atoll(e) : 0LL;
+    }();
+    static std::atomic<long long> count{0};
+    return fail_at > 0 && count.fetch_add(1, std::memory_order_relaxed) + 1 == fail_at;
+}
+}  // namespace
+
 Scratch::Scratch(size_t bytes) : ptr_(nullptr), bytes_(bytes) {
     if (bytes == 0) return;
+    if (injected_failure()) throw std::bad_alloc();
     ptr_ = t_scratch.take(bytes, bytes_);
     if (ptr_ == nullptr) ptr_ = std::malloc(bytes);
     if (ptr_ == nullptr) throw std::bad_alloc();

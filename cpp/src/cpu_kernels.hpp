@@ -10,38 +10,55 @@
 
 namespace pybn::cpu {
 
-// Called by the fused kernels between their reduction and their elementwise step, for channels
-// [c0, c1): r0, r1, r2 hold that range's reductions (mean and M2, or sum_dy, sum_dy_xmu and
-// sum_xmu; r2 is nullptr for statistics), indexed from c0; fn fills coef[4 * C] for the range.
-struct ChannelHook {
-    void* ctx;
-    void (*fn)(void* ctx, int64_t c0, int64_t c1, const double* r0, const double* r1,
-               const double* r2, void* coef);
+// The per-channel step of a fused kernel, between its reduction and its elementwise sweep, for
+// channels [c0, c1) (arrays indexed from c0): it fills the coefficients coef[4 * C] of those
+// channels (the accumulation type of the view's dtype, indexed by absolute channel) and keeps
+// the per-channel outputs (running statistics, saved values, parameter gradients). Implemented
+// by the API (api.cpp, compiled for the baseline: the per-channel float64 arithmetic is the same
+// whichever kernel path runs).
+class ForwardEpilogue {
+  public:
+    virtual void operator()(int64_t c0, int64_t c1, const double* mean, const double* m2, void* coef) const = 0;
+
+  protected:
+    ~ForwardEpilogue() = default;
+};
+class BackwardEpilogue {
+  public:
+    virtual void operator()(int64_t c0, int64_t c1, const double* sum_dy, const double* sum_dy_xmu,
+                            const double* sum_xmu, void* coef) const = 0;
+
+  protected:
+    ~BackwardEpilogue() = default;
 };
 
 // Per-channel coefficient arrays are struct-of-arrays, 4 x C values of the accumulation type of
-// the view's dtype (double for float64 data, float otherwise).
+// the view's dtype (double for float64 data, float otherwise). Every entry returns
+// PYBN_ERROR_UNSUPPORTED_DTYPE for a dtype it has no kernel for (checked views never do), and
+// throws std::bad_alloc when its scratch cannot be allocated: always before any output is
+// written, as every temporary is allocated before the first write.
 struct KernelTable {
     const char* isa;
     // mean and M2 (double) of every channel; the view has outer * inner >= 1.
-    void (*batch_stats)(const pybn_view& v, const void* x, double* mean, double* m2);
+    pybn_status (*batch_stats)(const pybn_view& v, const void* x, double* mean, double* m2);
     // y = ((x - hi) - lo) * scale + shift, coef = [hi | lo | scale | shift]. y may be x.
-    void (*normalize)(const pybn_view& v, const void* x, const void* coef, void* y);
+    pybn_status (*normalize)(const pybn_view& v, const void* x, const void* coef, void* y);
     // sum(dy), sum(dy * (x - mean)) and, if sum_xmu != nullptr, sum(x - mean) per channel;
     // mean holds C values of the accumulation type.
-    void (*backward_reduce)(const pybn_view& v, const void* dy, const void* x, const void* mean,
-                            double* sum_dy, double* sum_dy_xmu, double* sum_xmu);
+    pybn_status (*backward_reduce)(const pybn_view& v, const void* dy, const void* x, const void* mean,
+                                   double* sum_dy, double* sum_dy_xmu, double* sum_xmu);
     // dx = a * dy + b * (x - mean) + c, coef = [mean | a | b | c]; with x == nullptr, dx = a * dy.
     // dx may be dy or x.
-    void (*backward_elementwise)(const pybn_view& v, const void* dy, const void* x,
-                                 const void* coef, void* dx);
-    // Fused training forward: statistics, hook, normalisation, channel group by channel group
-    // so that a group's data is still in the cache when it is normalised.
-    void (*forward_train)(const pybn_view& v, const void* x, void* y, const ChannelHook& hook);
-    // Fused backward: reduction, hook, elementwise (dx may be nullptr: reduction and hook only),
-    // by channel groups as above; x_in_dx: the elementwise step reads x (training).
-    void (*backward)(const pybn_view& v, const void* dy, const void* x, const void* mean,
-                     bool x_in_dx, void* dx, const ChannelHook& hook);
+    pybn_status (*backward_elementwise)(const pybn_view& v, const void* dy, const void* x,
+                                        const void* coef, void* dx);
+    // Fused training forward: statistics, epilogue, normalisation, channel group by channel
+    // group so that a group's data is still in the cache when it is normalised.
+    pybn_status (*forward_train)(const pybn_view& v, const void* x, void* y, const ForwardEpilogue& epilogue);
+    // Fused backward: reduction, epilogue, elementwise (dx may be nullptr: reduction and
+    // epilogue only), by channel groups as above; dx_reads_x: the elementwise step reads x
+    // (training), else dx = a * dy.
+    pybn_status (*backward)(const pybn_view& v, const void* dy, const void* x, const void* mean,
+                            bool dx_reads_x, void* dx, const BackwardEpilogue& epilogue);
 };
 
 // The table in use (the best the CPU supports, or the one PYBN_CPU_ISA / pybn_set_cpu_isa chose).
@@ -56,7 +73,10 @@ bool stream_output(int64_t bytes);
 
 // Heap memory for kernel temporaries (uninitialised), defined in a baseline unit so that the
 // instruction-set units share no std:: code with it; small blocks are reused by the next
-// Scratch of the same thread. Throws std::bad_alloc (before any output is written).
+// Scratch of the same thread. Throws std::bad_alloc; every kernel allocates all its Scratch
+// before it writes an output. Testing knob: PYBN_FAIL_SCRATCH=k (read once) makes the k-th
+// Scratch allocation of the process (1-based, counting non-empty ones) throw, so the tests can
+// show that a failed call changes nothing.
 class Scratch {
   public:
     explicit Scratch(size_t bytes);

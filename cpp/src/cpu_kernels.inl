@@ -36,7 +36,6 @@ namespace pybn::cpu {
 namespace PYBN_CPU_ISA {
 namespace {
 
-constexpr int kDepth = 4;               // values per float32 accumulator before a float64 flush
 constexpr int64_t kRowMin = 32;         // inner >= kRowMin: row path; else column path
 constexpr int64_t kSegment = 16384;     // a long row is cut into runs of at most this many values
 constexpr int64_t kParts = 64;          // reductions are cut into about this many parts
@@ -225,7 +224,6 @@ template <class E> inline int64_t spaced(int64_t W) {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 
 // ---------------------------------------------------------------------------------------------
@@ -283,20 +281,40 @@ template <class U> U* aligned_in(const Scratch& s, size_t offset_bytes) {
 // The run kernel k: k.begin(State&, c, off) starts a run at value offset off; k.add(State&, c,
 // off, len) adds values [off, off + len) of channel c; k.end(State&, count) returns its Part;
 // Kernel::kRowValueBytes is the bytes it reads per value.
+// Runs of whole rows are read in memory order with per-channel states (segments of long rows are
+// in memory order as they come).
+template <class Kernel> bool row_memory_order(const pybn_view& v) {
+    return row_runs(v).nseg == 1 && v.inner * Kernel::kRowValueBytes >= kMemoryOrderBytes;
+}
+
+// The temporaries of reduce_rows for channel groups of up to G channels on nt threads, allocated
+// by its caller before any output is written: the parts and the per-thread run states.
+template <class Part, class Kernel> struct RowScratch {
+    int nt;
+    Scratch parts, states;
+    RowScratch(const pybn_view& v, int64_t G, int threads)
+        : nt(threads), parts(sizeof(Part) * size_t(G * row_split(v))), states(state_bytes(v, G, threads)) {}
+    // per thread: the states of the largest block and one more, room for the alignment
+    static size_t state_bytes(const pybn_view& v, int64_t G, int nt) {
+        if (!row_memory_order<Kernel>(v)) return 0;
+        const int64_t nb = min64(G, ceil_div(kParts, row_split(v)));
+        return sizeof(typename Kernel::State) * size_t(ceil_div(G, nb) + 1) * size_t(nt);
+    }
+};
+
 template <class Part, class Kernel>
-void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, Part* parts, Part* out, const Kernel& k) {
+void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, const RowScratch<Part, Kernel>& scratch, Part* out,
+                 const Kernel& k) {
     using State = typename Kernel::State;
     const int64_t C = v.channels, inner = v.inner, nc = c1 - c0;
     const RowRuns rr = row_runs(v);
     const int64_t split = row_split(v);
     const int64_t nb = min64(nc, ceil_div(kParts, split));  // channel blocks
-    // runs of whole rows read in memory order, with per-channel states (segments of long rows are
-    // in memory order as they come)
-    const bool memory_order = rr.nseg == 1 && inner * Kernel::kRowValueBytes >= kMemoryOrderBytes;
-    const int nt = num_threads();
+    const bool memory_order = row_memory_order<Kernel>(v);
+    const int nt = scratch.nt;
     const int64_t per_block = ceil_div(nc, nb);
-    // per thread: per_block states and one more, room for the alignment
-    Scratch states(memory_order ? sizeof(State) * size_t(per_block + 1) * size_t(nt) : 0);
+    Part* parts = scratch.parts.template as<Part>();
+    const Scratch& states = scratch.states;
     parallel_for(nb * split, v.outer * nc * inner, nt, [&](int64_t p, int t) {
         // neighbouring items: neighbouring channel blocks of the same rows
         const int64_t b = p % nb, s = p / nb;
@@ -495,8 +513,8 @@ void batch_stats_t(const pybn_view& v, const void* xv, double* mean, double* m2)
     Scratch result(sizeof(Moments) * size_t(C));
     Moments* mom = result.as<Moments>();
     if (v.inner >= kRowMin) {
-        Scratch parts(sizeof(Moments) * size_t(C * row_split(v)));
-        reduce_rows<Moments>(v, 0, C, parts.as<Moments>(), mom, MomentsRun<T>{x});
+        const RowScratch<Moments, MomentsRun<T>> scratch(v, C, num_threads());
+        reduce_rows(v, 0, C, scratch, mom, MomentsRun<T>{x});
     } else {
         const int nt = num_threads();
         const int64_t R = kTileRows;
@@ -656,8 +674,8 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
     Scratch result(sizeof(Sums) * size_t(C));
     Sums* sums = result.as<Sums>();
     if (inner >= kRowMin) {
-        Scratch parts(sizeof(Sums) * size_t(C * row_split(v)));
-        reduce_rows<Sums>(v, 0, C, parts.as<Sums>(), sums, SumsRun<T>{dy, x, mean});
+        const RowScratch<Sums, SumsRun<T>> scratch(v, C, num_threads());
+        reduce_rows(v, 0, C, scratch, sums, SumsRun<T>{dy, x, mean});
     } else {
         const int nt = num_threads();
         const int64_t R = kTileRows;
@@ -807,14 +825,20 @@ PYBN_INLINE void write_cols(T* out, int64_t n, int64_t P, bool stream, VecF vf, 
     for (; i < n; ++i, step(1)) out[i] = store<T>(sf(i, j));
 }
 
+// The normalisation y = ((x - hi) - lo) * scale + shift, written once for vectors and scalars,
+// row and column paths. (The backward's dx = a dy + b (x - m) + c stays written out in its two
+// loops: as a function GCC contracts it into FMAs differently for 16-bit data, which changed
+// the last bit of some float16 dx values; bench/NOTES.md, step 23.)
+template <class V> PYBN_INLINE V normalized(V x, V hi, V lo, V scale, V shift) { return ((x - hi) - lo) * scale + shift; }
+
 // Row path: one channel's run of n values with scalar coefficients (h[0] ... b[0]).
 template <class T>
 PYBN_INLINE void normalize_values(const T* x, T* y, int64_t n, bool stream, const acc_t<T>* h, const acc_t<T>* l,
                                   const acc_t<T>* a, const acc_t<T>* b) {
     using A = acc_t<T>;
     const vec<A> H = vsplat(h[0]), Lo = vsplat(l[0]), S = vsplat(a[0]), B = vsplat(b[0]);
-    write_run<T>(y, n, stream, [&](int64_t i) { return ((vload_as(x + i) - H) - Lo) * S + B; },
-                 [&](int64_t i) { return ((load(x[i]) - h[0]) - l[0]) * a[0] + b[0]; });
+    write_run<T>(y, n, stream, [&](int64_t i) { return normalized(vload_as(x + i), H, Lo, S, B); },
+                 [&](int64_t i) { return normalized(load(x[i]), h[0], l[0], a[0], b[0]); });
 }
 
 // dx = a dy + b (x - m) + c, or a dy when x is null (inference), over one channel's run.
@@ -838,9 +862,9 @@ void normalize_cols(const T* x, T* y, int64_t n, const ColumnCoefs<acc_t<T>>& e,
     const acc_t<T> *h = e[0], *l = e[1], *a = e[2], *b = e[3];
     write_cols<T>(y, n, e.P, stream,
         [&](int64_t i, int64_t k) {
-            return ((vload_as(x + i) - vload(h + k)) - vload(l + k)) * vload(a + k) + vload(b + k);
+            return normalized(vload_as(x + i), vload(h + k), vload(l + k), vload(a + k), vload(b + k));
         },
-        [&](int64_t i, int64_t k) { return ((load(x[i]) - h[k]) - l[k]) * a[k] + b[k]; });
+        [&](int64_t i, int64_t k) { return normalized(load(x[i]), h[k], l[k], a[k], b[k]); });
 }
 
 // dx = a dy + b (x - m) + c, or a dy when x is null (inference).
@@ -900,9 +924,9 @@ void backward_elementwise_t(const pybn_view& v, const void* dyv, const void* xv,
 
 // ---------------------------------------------------------------------------------------------
 // Fused kernels. Row path: channel groups whose data fits in half the last-level cache are
-// reduced, handed to the hook and swept again while still cached (2 passes over memory for the
-// forward instead of 3, 3 for the backward instead of 5). Column path: one group (all channels
-// share every row).
+// reduced, handed to the epilogue and swept again while still cached (2 passes over memory for
+// the forward instead of 3, 3 for the backward instead of 5). Column path: one group (all
+// channels share every row). Every temporary is allocated before the first group writes.
 
 inline int64_t channel_group(const pybn_view& v, int64_t bytes_per_value) {
     if (v.inner < kRowMin) return v.channels;
@@ -911,13 +935,13 @@ inline int64_t channel_group(const pybn_view& v, int64_t bytes_per_value) {
 }
 
 template <class T>
-void forward_train_t(const pybn_view& v, const void* xv, void* yv, const ChannelHook& hook) {
+void forward_train_t(const pybn_view& v, const void* xv, void* yv, const ForwardEpilogue& epilogue) {
     using A = acc_t<T>;
     const int64_t C = v.channels;
     Scratch coef(sizeof(A) * 4 * size_t(C)), mean(sizeof(double) * size_t(C)), m2(sizeof(double) * size_t(C));
     if (v.inner < kRowMin) {
         batch_stats_t<T>(v, xv, mean.as<double>(), m2.as<double>());
-        hook.fn(hook.ctx, 0, C, mean.as<double>(), m2.as<double>(), nullptr, coef.as<A>());
+        epilogue(0, C, mean.as<double>(), m2.as<double>(), coef.as<A>());
         normalize_t<T>(v, xv, coef.as<A>(), yv);
         return;
     }
@@ -925,16 +949,17 @@ void forward_train_t(const pybn_view& v, const void* xv, void* yv, const Channel
     T* y = static_cast<T*>(yv);
     const int64_t G = channel_group(v, sizeof(T));
     const bool stream = stream_output(v.outer * C * v.inner * int64_t(sizeof(T)));
-    Scratch parts(sizeof(Moments) * size_t(G * row_split(v))), mom(sizeof(Moments) * size_t(G));
+    const RowScratch<Moments, MomentsRun<T>> scratch(v, G, num_threads());
+    Scratch mom(sizeof(Moments) * size_t(G));
     const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows<Moments>(v, c0, c1, parts.as<Moments>(), mom.as<Moments>(), MomentsRun<T>{x});
+        reduce_rows(v, c0, c1, scratch, mom.as<Moments>(), MomentsRun<T>{x});
         for (int64_t c = 0; c < c1 - c0; ++c) {
             mean.as<double>()[c] = mom.as<Moments>()[c].mean();
             m2.as<double>()[c] = mom.as<Moments>()[c].m2;
         }
-        hook.fn(hook.ctx, c0, c1, mean.as<double>(), m2.as<double>(), nullptr, coef.as<A>());
+        epilogue(c0, c1, mean.as<double>(), m2.as<double>(), coef.as<A>());
         elementwise_rows(v, c0, c1, [&](int64_t off, int64_t len, int64_t c) {
             normalize_values(x + off, y + off, len, stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c);
         });
@@ -942,16 +967,16 @@ void forward_train_t(const pybn_view& v, const void* xv, void* yv, const Channel
 }
 
 template <class T>
-void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void* meanv, bool x_in_dx,
-                void* dxv, const ChannelHook& hook) {
+void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void* meanv, bool dx_reads_x,
+                void* dxv, const BackwardEpilogue& epilogue) {
     using A = acc_t<T>;
     const int64_t C = v.channels;
     Scratch coef(sizeof(A) * 4 * size_t(C)), sums(sizeof(double) * 3 * size_t(C));
-    double *s0 = sums.as<double>(), *s1 = s0 + C, *s2 = s0 + 2 * C;
+    double *sum_dy = sums.as<double>(), *sum_dy_xmu = sum_dy + C, *sum_xmu = sum_dy + 2 * C;
     if (v.inner < kRowMin) {
-        backward_reduce_t<T>(v, dyv, xv, meanv, s0, s1, s2);
-        hook.fn(hook.ctx, 0, C, s0, s1, s2, coef.as<A>());
-        if (dxv) backward_elementwise_t<T>(v, dyv, x_in_dx ? xv : nullptr, coef.as<A>(), dxv);
+        backward_reduce_t<T>(v, dyv, xv, meanv, sum_dy, sum_dy_xmu, sum_xmu);
+        epilogue(0, C, sum_dy, sum_dy_xmu, sum_xmu, coef.as<A>());
+        if (dxv) backward_elementwise_t<T>(v, dyv, dx_reads_x ? xv : nullptr, coef.as<A>(), dxv);
         return;
     }
     const T* dy = static_cast<const T*>(dyv);
@@ -960,46 +985,48 @@ void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void*
     T* dx = static_cast<T*>(dxv);
     const int64_t G = channel_group(v, 2 * sizeof(T));
     const bool stream = stream_output(v.outer * C * v.inner * int64_t(sizeof(T)));
-    Scratch parts(sizeof(Sums) * size_t(G * row_split(v))), red(sizeof(Sums) * size_t(G));
+    const RowScratch<Sums, SumsRun<T>> scratch(v, G, num_threads());
+    Scratch red(sizeof(Sums) * size_t(G));
     const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows<Sums>(v, c0, c1, parts.as<Sums>(), red.as<Sums>(), SumsRun<T>{dy, x, mean});
+        reduce_rows(v, c0, c1, scratch, red.as<Sums>(), SumsRun<T>{dy, x, mean});
         for (int64_t c = 0; c < c1 - c0; ++c) {
-            s0[c] = red.as<Sums>()[c].dy;
-            s1[c] = red.as<Sums>()[c].dy_xmu;
-            s2[c] = red.as<Sums>()[c].xmu;
+            sum_dy[c] = red.as<Sums>()[c].dy;
+            sum_dy_xmu[c] = red.as<Sums>()[c].dy_xmu;
+            sum_xmu[c] = red.as<Sums>()[c].xmu;
         }
-        hook.fn(hook.ctx, c0, c1, s0, s1, s2, coef.as<A>());
+        epilogue(c0, c1, sum_dy, sum_dy_xmu, sum_xmu, coef.as<A>());
         if (!dx) continue;
         elementwise_rows(v, c0, c1, [&](int64_t off, int64_t len, int64_t c) {
-            backward_values(dy + off, x_in_dx ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c,
+            backward_values(dy + off, dx_reads_x ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c,
                             k + 2 * C + c, k + 3 * C + c);
         });
     }
 }
 
 // Type-erased entry points: one per operation, dispatching on the view's dtype.
-void batch_stats(const pybn_view& v, const void* x, double* mean, double* m2) {
-    with_dtype(v.dtype, [&](auto t) { batch_stats_t<decltype(t)>(v, x, mean, m2); });
+pybn_status batch_stats(const pybn_view& v, const void* x, double* mean, double* m2) {
+    return visit_dtype<HostStorage>(v.dtype, [&](auto t) { batch_stats_t<decltype(t)>(v, x, mean, m2); });
 }
-void normalize(const pybn_view& v, const void* x, const void* coef, void* y) {
-    with_dtype(v.dtype, [&](auto t) { normalize_t<decltype(t)>(v, x, coef, y); });
+pybn_status normalize(const pybn_view& v, const void* x, const void* coef, void* y) {
+    return visit_dtype<HostStorage>(v.dtype, [&](auto t) { normalize_t<decltype(t)>(v, x, coef, y); });
 }
-void backward_reduce(const pybn_view& v, const void* dy, const void* x, const void* mean,
-                     double* s0, double* s1, double* s2) {
-    with_dtype(v.dtype, [&](auto t) { backward_reduce_t<decltype(t)>(v, dy, x, mean, s0, s1, s2); });
+pybn_status backward_reduce(const pybn_view& v, const void* dy, const void* x, const void* mean, double* sum_dy,
+                            double* sum_dy_xmu, double* sum_xmu) {
+    return visit_dtype<HostStorage>(
+        v.dtype, [&](auto t) { backward_reduce_t<decltype(t)>(v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu); });
 }
-void backward_elementwise(const pybn_view& v, const void* dy, const void* x, const void* coef,
-                          void* dx) {
-    with_dtype(v.dtype, [&](auto t) { backward_elementwise_t<decltype(t)>(v, dy, x, coef, dx); });
+pybn_status backward_elementwise(const pybn_view& v, const void* dy, const void* x, const void* coef, void* dx) {
+    return visit_dtype<HostStorage>(v.dtype, [&](auto t) { backward_elementwise_t<decltype(t)>(v, dy, x, coef, dx); });
 }
-void forward_train(const pybn_view& v, const void* x, void* y, const ChannelHook& hook) {
-    with_dtype(v.dtype, [&](auto t) { forward_train_t<decltype(t)>(v, x, y, hook); });
+pybn_status forward_train(const pybn_view& v, const void* x, void* y, const ForwardEpilogue& epilogue) {
+    return visit_dtype<HostStorage>(v.dtype, [&](auto t) { forward_train_t<decltype(t)>(v, x, y, epilogue); });
 }
-void backward(const pybn_view& v, const void* dy, const void* x, const void* mean, bool x_in_dx,
-              void* dx, const ChannelHook& hook) {
-    with_dtype(v.dtype, [&](auto t) { backward_t<decltype(t)>(v, dy, x, mean, x_in_dx, dx, hook); });
+pybn_status backward(const pybn_view& v, const void* dy, const void* x, const void* mean, bool dx_reads_x,
+                     void* dx, const BackwardEpilogue& epilogue) {
+    return visit_dtype<HostStorage>(
+        v.dtype, [&](auto t) { backward_t<decltype(t)>(v, dy, x, mean, dx_reads_x, dx, epilogue); });
 }
 
 }  // namespace

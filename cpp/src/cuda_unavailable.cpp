@@ -48,4 +48,28 @@ pybn_status pybn_cuda_backward(pybn_view, const void*, const void*, const void*,
     return not_compiled("pybn_cuda_backward");
 }
 
+pybn_status pybn_cuda_forward_workspace_size(pybn_view, const pybn_forward_params*, size_t*) {
+    return not_compiled("pybn_cuda_forward_workspace_size");
+}
+pybn_status pybn_cuda_forward_v2(pybn_view, const void*, void*, const pybn_forward_params*, void*, size_t, void*) {
+    return not_compiled("pybn_cuda_forward_v2");
+}
+pybn_status pybn_cuda_backward_workspace_size(pybn_view, const pybn_backward_params*, size_t*) {
+    return not_compiled("pybn_cuda_backward_workspace_size");
+}
+pybn_status pybn_cuda_backward_v2(pybn_view, const void*, const void*, void*, const pybn_backward_params*, void*,
+                                  size_t, void*) {
+    return not_compiled("pybn_cuda_backward_v2");
+}
+pybn_status pybn_cuda_reduce_workspace_size(pybn_view, size_t*) {
+    return not_compiled("pybn_cuda_reduce_workspace_size");
+}
+pybn_status pybn_cuda_batch_stats_v2(pybn_view, const void*, double*, double*, double*, void*, size_t, void*) {
+    return not_compiled("pybn_cuda_batch_stats_v2");
+}
+pybn_status pybn_cuda_backward_reduce_v2(pybn_view, const void*, const void*, const void*, double*, double*, double*,
+                                         void*, size_t, void*) {
+    return not_compiled("pybn_cuda_backward_reduce_v2");
+}
+
 }  // extern "C"

@@ -1,20 +1,15 @@
-// Element types of pybn and the conversions between them. Shared by every CPU kernel file.
+// The CPU's storage types of pybn's element types and the conversions between them. Shared by
+// every CPU kernel file; the facts about each dtype are in numerics.hpp.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
-#include "pybn/pybn.h"
+#include "numerics.hpp"
 
 #if defined(__F16C__)
 #include <immintrin.h>  // hardware float16 conversion
-#endif
-
-// Every inline function here is compiled once per CPU instruction-set unit; the inline
-// namespace gives each unit its own copies, so the linker cannot hand AVX2 code to the baseline.
-#ifndef PYBN_ISA_TAG
-#define PYBN_ISA_TAG common
 #endif
 
 namespace pybn {
@@ -73,9 +68,6 @@ inline bfloat16_t to_bfloat16(float f) {
     return {uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
 }
 
-// Accumulation / parameter type of a storage type: float64 for float64, float32 otherwise.
-template <class T> using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 template <class T> inline acc_t<T> load(const T& v) {
     if constexpr (std::is_same_v<T, half_t> || std::is_same_v<T, bfloat16_t>) return to_float(v);
     else return v;
@@ -87,32 +79,12 @@ template <class T> inline T store(acc_t<T> v) {
     else return v;
 }
 
-inline bool dtype_known(int32_t dtype) {
-    return dtype == PYBN_FLOAT32 || dtype == PYBN_FLOAT64 || dtype == PYBN_FLOAT16 ||
-           dtype == PYBN_BFLOAT16;
-}
-
-inline int64_t dtype_size(int32_t dtype) { return dtype == PYBN_FLOAT64 ? 8 : dtype == PYBN_FLOAT32 ? 4 : 2; }
-
-inline const char* dtype_name(int32_t dtype) {
-    switch (dtype) {
-        case PYBN_FLOAT32: return "float32";
-        case PYBN_FLOAT64: return "float64";
-        case PYBN_FLOAT16: return "float16";
-        case PYBN_BFLOAT16: return "bfloat16";
-        default: return "unknown";
-    }
-}
-
-// Calls f(T{}) with T the storage type of `dtype` (which must be known).
-template <class F> decltype(auto) with_dtype(int32_t dtype, F&& f) {
-    switch (dtype) {
-        case PYBN_FLOAT64: return f(double{});
-        case PYBN_FLOAT16: return f(half_t{});
-        case PYBN_BFLOAT16: return f(bfloat16_t{});
-        default: return f(float{});
-    }
-}
+// The CPU storage type of each dtype code (numerics.hpp's visit_dtype<HostStorage>).
+template <int32_t D> struct HostStorage;
+template <> struct HostStorage<PYBN_FLOAT32> { using type = float; };
+template <> struct HostStorage<PYBN_FLOAT64> { using type = double; };
+template <> struct HostStorage<PYBN_FLOAT16> { using type = half_t; };
+template <> struct HostStorage<PYBN_BFLOAT16> { using type = bfloat16_t; };
 
 }  // namespace PYBN_ISA_TAG
 }  // namespace pybn

@@ -6,17 +6,8 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PYBN_HD __host__ __device__ inline
-#else
-#define PYBN_HD inline
-#endif
-
-// Every inline function here is compiled once per CPU instruction-set unit; the inline
-// namespace gives each unit its own copies, so the linker cannot hand AVX2 code to the baseline.
-#ifndef PYBN_ISA_TAG
-#define PYBN_ISA_TAG common
-#endif
+#include "numerics.hpp"
+#include "pybn/pybn.h"
 
 namespace pybn {
 inline namespace PYBN_ISA_TAG {
@@ -71,100 +62,101 @@ PYBN_HD double invstd_of(double count, double m2, double eps) {
 // True for finite values (NaN - NaN and Inf - Inf are NaN); the same on host and device.
 PYBN_HD bool finite(double v) { return v - v == 0.0; }
 
-// Exponential moving average, PyTorch's convention (running_var takes the unbiased variance).
+// Exponential moving average of a running statistic (pybn's momentum: the batch's weight).
 PYBN_HD double ema(double running, double batch, double momentum) {
     return (1.0 - momentum) * running + momentum * batch;
 }
 
-template <class P> PYBN_HD double value_or(const P* p, int64_t c, double fallback) {
-    return p ? double(p[c]) : fallback;
+template <class P> PYBN_HD double value_or(const void* p, int64_t c, double fallback) {
+    return p ? double(static_cast<const P*>(p)[c]) : fallback;
 }
 
 // Normalisation coefficients, struct-of-arrays coef[4*C] = [hi | lo | scale | shift]:
 // y = ((x - hi) - lo) * scale + shift, with hi + lo the float64 mean split into two P values so
 // that x - hi is exact for x near the mean: the mean survives rounding to P.
+// `p` is the caller's parameter block as the kernels see it (its pointers may be redirected to
+// copies that are written back after the kernel).
 template <class P> struct NormalizeArgs {
     int64_t channels;
-    const double *count, *mean, *m2;
-    const P *gamma, *beta;  // may be null
-    double eps;
-    P *running_mean, *running_var;  // may be null
-    double momentum;
-    P *save_mean, *save_invstd;  // may be null
-    P* coef;                     // 4 * channels
+    pybn_forward_params p;
+    P* coef;  // 4 * channels
 };
 
 template <class P>
 PYBN_HD void normalize_channel(const NormalizeArgs<P>& a, int64_t c, double count, double mean,
                                double m2) {
     const int64_t C = a.channels;
-    const double invstd = invstd_of(count, m2, a.eps);
+    const double invstd = invstd_of(count, m2, a.p.eps);
     const P hi = P(mean);
     a.coef[c] = hi;
     a.coef[C + c] = P(mean - double(hi));
-    a.coef[2 * C + c] = P(value_or(a.gamma, c, 1.0) * invstd);
-    a.coef[3 * C + c] = P(value_or(a.beta, c, 0.0));
+    a.coef[2 * C + c] = P(value_or<P>(a.p.gamma, c, 1.0) * invstd);
+    a.coef[3 * C + c] = P(value_or<P>(a.p.beta, c, 0.0));
     // Non-finite data policy: a channel whose batch statistics are not finite (NaN / Inf in its
     // values, or a sum that overflowed) leaves its running statistics as they were, and so does
     // an update that would overflow them; the batch's own outputs carry the NaN / Inf.
     const bool batch_finite = finite(mean) && finite(m2);
-    if (a.running_mean) {
-        const P rm = P(ema(double(a.running_mean[c]), mean, a.momentum));
-        if (batch_finite && finite(double(rm))) a.running_mean[c] = rm;
+    if (a.p.running_mean) {
+        P* rmean = static_cast<P*>(a.p.running_mean);
+        const P rm = P(ema(double(rmean[c]), mean, a.p.momentum));
+        if (batch_finite && finite(double(rm))) rmean[c] = rm;
     }
-    if (a.running_var) {
-        const P rv = P(ema(double(a.running_var[c]), m2 / (count - 1), a.momentum));
-        if (batch_finite && finite(double(rv))) a.running_var[c] = rv;
+    if (a.p.running_var) {
+        // running_var_correction 1: unbiased M2 / (n - 1) (PyTorch); 0: biased M2 / n (ONNX, Keras)
+        P* rvar = static_cast<P*>(a.p.running_var);
+        const P rv = P(ema(double(rvar[c]), m2 / (count - double(a.p.running_var_correction)), a.p.momentum));
+        if (batch_finite && finite(double(rv))) rvar[c] = rv;
     }
-    if (a.save_mean) a.save_mean[c] = P(mean);
-    if (a.save_invstd) a.save_invstd[c] = P(invstd);
+    if (a.p.save_mean) static_cast<P*>(a.p.save_mean)[c] = P(mean);
+    if (a.p.save_invstd) static_cast<P*>(a.p.save_invstd)[c] = P(invstd);
 }
 
-template <class P>
-PYBN_HD void infer_channel(int64_t C, int64_t c, const P* running_mean, const P* running_var,
-                           const P* gamma, const P* beta, double eps, P* coef) {
-    coef[c] = running_mean[c];
-    coef[C + c] = P(0);
-    coef[2 * C + c] = P(value_or(gamma, c, 1.0) / std::sqrt(double(running_var[c]) + eps));
-    coef[3 * C + c] = P(value_or(beta, c, 0.0));
+// Inference: the running statistics are the statistics (only read).
+template <class P> PYBN_HD void infer_channel(const NormalizeArgs<P>& a, int64_t c) {
+    const int64_t C = a.channels;
+    const P mean = static_cast<const P*>(a.p.running_mean)[c];
+    const double var = double(static_cast<const P*>(a.p.running_var)[c]);
+    a.coef[c] = mean;
+    a.coef[C + c] = P(0);
+    a.coef[2 * C + c] = P(value_or<P>(a.p.gamma, c, 1.0) / std::sqrt(var + a.p.eps));
+    a.coef[3 * C + c] = P(value_or<P>(a.p.beta, c, 0.0));
+    if (a.p.save_mean) static_cast<P*>(a.p.save_mean)[c] = mean;
+    if (a.p.save_invstd) static_cast<P*>(a.p.save_invstd)[c] = P(1.0 / std::sqrt(var + a.p.eps));
 }
 
 // Backward coefficients coef[4*C] = [mean | a | b | c]: dx = a * dy + b * (x - mean) + c,
-// and the parameter gradients.
+// and the parameter gradients. `p` as the kernels see it; count_all: values per channel when
+// p.count is null.
 template <class P> struct BackwardArgs {
     int64_t channels;
-    const P *mean, *invstd, *gamma;  // mean may be null when !training; gamma may be null
-    bool training;
-    const double* count;  // per channel; null: count_all for every channel
+    pybn_backward_params p;
     double count_all;
-    const double *sum_dy, *sum_dy_xmu, *sum_xmu;
-    P *dgamma, *dbeta;                                     // may be null
-    P* coef;                                               // 4 * channels
+    P* coef;  // 4 * channels
 };
 
 template <class P>
 PYBN_HD void backward_channel(const BackwardArgs<P>& a, int64_t c, double sum_dy,
                               double sum_dy_xmu, double sum_xmu) {
     const int64_t C = a.channels;
-    const double invstd = double(a.invstd[c]);
-    const double ga = value_or(a.gamma, c, 1.0) * invstd;
-    double b = 0, c0 = 0, dgamma = invstd * sum_dy_xmu;
-    if (a.training) {
+    const double invstd = double(static_cast<const P*>(a.p.invstd)[c]);
+    const double ga = value_or<P>(a.p.gamma, c, 1.0) * invstd;
+    double b = 0, offset = 0, dgamma = invstd * sum_dy_xmu;
+    if (a.p.training) {
         // d: the part of the batch mean that `mean` (rounded to P) lost; s: sum(dy * (x - mean))
         // about the true batch mean.
-        const double n = a.count ? a.count[c] : a.count_all;
+        const double n = a.p.count ? a.p.count[c] : a.count_all;
         const double d = sum_xmu / n;
         const double s = sum_dy_xmu - d * sum_dy;
         b = -ga * invstd * invstd * s / n;
-        c0 = -ga * sum_dy / n - b * d;
+        offset = -ga * sum_dy / n - b * d;
         dgamma = invstd * s;
     }
-    a.coef[c] = a.training ? a.mean[c] : P(0);
+    a.coef[c] = a.p.training ? static_cast<const P*>(a.p.mean)[c] : P(0);
     a.coef[C + c] = P(ga);
     a.coef[2 * C + c] = P(b);
-    a.coef[3 * C + c] = P(c0);
-    if (a.dgamma) a.dgamma[c] = P(dgamma);
-    if (a.dbeta) a.dbeta[c] = P(sum_dy);
+    a.coef[3 * C + c] = P(offset);
+    if (a.p.dgamma) static_cast<P*>(a.p.dgamma)[c] = P(dgamma);
+    if (a.p.dbeta) static_cast<P*>(a.p.dbeta)[c] = P(sum_dy);
 }
 
 // Merge of K partial statistics of channel c (K x C row-major): weighted mean first, then M2

@@ -40,13 +40,28 @@
  * ---------------------------------------------------------------------------------------------
  * ABI policy
  * ---------------------------------------------------------------------------------------------
- * PYBN_ABI_VERSION (also pybn_abi_version()) changes only when an existing function's signature
- * or meaning, or an existing struct, changes; a minor release may add functions and append
- * enum values, never remove or reorder them. Enum values are never reused.
+ * The ABI is append-only. No function, struct layout or enum value is ever removed, reordered or
+ * given another meaning; enum values are never reused. PYBN_ABI_VERSION (also
+ * pybn_abi_version()) is the ABI level: it grows by one when a level adds entry points or
+ * parameter blocks, and a library of level N provides every function of levels 1..N, so a
+ * program built against level k runs with any library whose pybn_abi_version() >= k.
+ *   Level 1: the positional entry points (pybn_forward_train, pybn_backward, ...).
+ *   Level 2: parameter blocks (pybn_forward_params, pybn_backward_params) and the *_v2 entry
+ *            points; the running-variance convention (running_var_correction); CUDA entry
+ *            points with a caller-provided workspace (no allocation, CUDA-graph capturable).
+ * Parameter blocks. Each operation family takes one struct whose first field, `size`, is
+ * sizeof() the struct as the caller compiled it (the PYBN_*_PARAMS_INIT initialisers set it and
+ * every documented default). Later levels only append fields: the library reads the first
+ * `size` bytes, gives fields beyond them their documented defaults, and refuses (status
+ * PYBN_ERROR_INVALID_ARGUMENT) a `size` smaller than the level-2 struct, or a larger one whose
+ * bytes past the fields it knows are not all zero (an option this library cannot honour).
+ * Fields of level 2 are documented in the struct; a field marked "reserved" must be 0.
+ * The level-1 entry points are thin wrappers over the level-2 ones (same results, bit for bit).
  */
 #ifndef PYBN_PYBN_H
 #define PYBN_PYBN_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #if defined(_WIN32)
@@ -66,7 +81,7 @@ extern "C" {
 #endif
 
 /** ABI version of this header; compare with pybn_abi_version() of the loaded library. */
-#define PYBN_ABI_VERSION 1
+#define PYBN_ABI_VERSION 2
 
 /** Status of every call. Append-only: values are never reordered or reused. */
 typedef enum pybn_status {
@@ -74,7 +89,7 @@ typedef enum pybn_status {
     PYBN_ERROR_INVALID_ARGUMENT = 1, /* NULL pointer, negative or overflowing size, bad enum   */
     PYBN_ERROR_UNSUPPORTED_DTYPE = 2, /* dtype value unknown to this library                   */
     PYBN_ERROR_INVALID_VALUE = 3,    /* eps < 0 / non-finite, momentum outside [0, 1] or NaN    */
-    PYBN_ERROR_TOO_FEW_VALUES = 4,   /* training needs at least 2 values per channel            */
+    PYBN_ERROR_TOO_FEW_VALUES = 4,   /* too few values per channel (see running_var_correction) */
     PYBN_ERROR_OUT_OF_MEMORY = 5,    /* a temporary buffer could not be allocated               */
     PYBN_ERROR_NOT_COMPILED = 6,     /* a CUDA entry point in a build without CUDA              */
     PYBN_ERROR_CUDA = 7,             /* the CUDA runtime reported an error (detail in message)  */
@@ -253,6 +268,7 @@ PYBN_API pybn_status pybn_backward(pybn_view view, const void* dy, const void* x
                                    int training, void* dx, void* dgamma, void* dbeta);
 
 /* ------------------------------------- CUDA entry points ----------------------------------- */
+/* (level 1; the level-2 forms with a caller workspace are at the end of this header) */
 /* Same arguments and semantics as the CPU functions of the same name, on device pointers, plus
  * the stream last. Statistics and sums (double arrays) are device arrays too. */
 
@@ -289,6 +305,127 @@ PYBN_API pybn_status pybn_cuda_backward(pybn_view view, const void* dy, const vo
                                         const void* mean, const void* invstd, const void* gamma,
                                         int training, void* dx, void* dgamma, void* dbeta,
                                         void* stream);
+
+/* ============================== ABI level 2: parameter blocks ================================ */
+
+/**
+ * Parameters of the forward family: training forward (batch statistics), normalisation with
+ * given statistics (pybn_normalize), inference forward (running statistics).
+ * Initialise with PYBN_FORWARD_PARAMS_INIT, then set what differs. The mode:
+ *   training = 1, count/mean/m2 NULL:  statistics of x itself (pybn_forward_train);
+ *   training = 1, count/mean/m2 given: normalise with those statistics, e.g. merged across
+ *                                      devices (pybn_normalize);
+ *   training = 0:                      normalise with running_mean / running_var, both
+ *                                      required and only read (pybn_forward_infer);
+ *                                      count/mean/m2 must be NULL.
+ */
+typedef struct pybn_forward_params {
+    size_t size;           /* sizeof(pybn_forward_params) (see "Parameter blocks")            */
+    int32_t training;      /* 1: batch statistics (default); 0: running statistics             */
+    /* running_var update: running_var = (1 - momentum) * running_var
+     * + momentum * M2 / (count - running_var_correction), i.e.
+     *   1 (default): unbiased batch variance (PyTorch, cuDNN);
+     *   0:           biased batch variance (ONNX, ONNX Runtime, Keras/TF, Flax, PaddlePaddle).
+     * The normalisation itself always uses the biased variance M2 / count. Training needs
+     * count >= 2 per channel when running_var is updated with correction 1, else count >= 1
+     * (with one value per channel, y = beta). Must be 0 or 1.                                 */
+    int32_t running_var_correction;
+    const void* gamma;     /* C values of the parameter dtype; NULL: 1 (default NULL)          */
+    const void* beta;      /* C values of the parameter dtype; NULL: 0 (default NULL)          */
+    double eps;            /* added to the variance; finite, >= 0 (default 1e-5)               */
+    void* running_mean;    /* parameter dtype, C values. training: updated in place when
+                              non-NULL, (1 - momentum) * running + momentum * mean;
+                              training = 0: required, read only (default NULL)                 */
+    void* running_var;     /* likewise, with the variance convention above (default NULL)      */
+    double momentum;       /* in [0, 1]; used when a running array is updated (default 0.1)    */
+    void* save_mean;       /* parameter dtype, C values, may be NULL: receives the mean used
+                              (batch mean, or running_mean when training = 0) (default NULL)   */
+    void* save_invstd;     /* likewise 1 / sqrt(var + eps), what pybn_backward_v2 takes        */
+    const double* count;   /* given statistics (training = 1 only): C doubles each, from
+                              pybn_batch_stats / pybn_merge_stats; all three or none           */
+    const double* mean;
+    const double* m2;
+} pybn_forward_params;
+
+#define PYBN_FORWARD_PARAMS_INIT \
+    { sizeof(pybn_forward_params), 1, 1, NULL, NULL, 1e-5, NULL, NULL, 0.1, NULL, NULL, NULL, NULL, NULL }
+
+/**
+ * Parameters of the backward family: the fused backward (pybn_backward: it reduces dy and x
+ * itself) or the elementwise step from given sums (pybn_backward_elementwise: sum_dy and
+ * sum_dy_xmu given, e.g. all-reduced across devices). Initialise with PYBN_BACKWARD_PARAMS_INIT.
+ *   training = 1: mean / invstd are the batch statistics saved by the training forward;
+ *   training = 0: they are constants (frozen running statistics): dx = gamma * invstd * dy.
+ */
+typedef struct pybn_backward_params {
+    size_t size;           /* sizeof(pybn_backward_params)                                     */
+    int32_t training;      /* 1 (default) or 0, as above                                       */
+    int32_t reserved;      /* must be 0                                                        */
+    const void* mean;      /* parameter dtype, C values: the saved mean (or running_mean).
+                              Required, except with given sums and training = 0                */
+    const void* invstd;    /* parameter dtype, C values: 1 / sqrt(var + eps). Required         */
+    const void* gamma;     /* parameter dtype, may be NULL (1)                                 */
+    void* dgamma;          /* outputs, parameter dtype, C values; each may be NULL             */
+    void* dbeta;
+    /* Given sums (all NULL: the fused backward computes them). sum_dy and sum_dy_xmu: C doubles
+     * from pybn_backward_reduce; sum_xmu may be NULL (no correction of a rounded mean); count:
+     * C doubles, the values per channel the sums cover (>= 1), required when training = 1.     */
+    const double* count;
+    const double* sum_dy;
+    const double* sum_dy_xmu;
+    const double* sum_xmu;
+} pybn_backward_params;
+
+#define PYBN_BACKWARD_PARAMS_INIT \
+    { sizeof(pybn_backward_params), 1, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL }
+
+/**
+ * Forward, CPU: y from x (`view`) as `params` says (mode, statistics, running-statistics update,
+ * saved mean / invstd). y may be x. Needs n = outer * inner >= 1 per channel in training (>= 2
+ * with an unbiased running_var update) when channels > 0; n = 0 is fine in inference.
+ */
+PYBN_API pybn_status pybn_forward_v2(pybn_view view, const void* x, void* y,
+                                     const pybn_forward_params* params);
+
+/**
+ * Backward, CPU: dx from dy and x (`view`), and dgamma / dbeta, as `params` says. dx may be
+ * NULL (parameter gradients only), dy or x. x may be NULL with given sums and training = 0.
+ */
+PYBN_API pybn_status pybn_backward_v2(pybn_view view, const void* dy, const void* x, void* dx,
+                                      const pybn_backward_params* params);
+
+/**
+ * CUDA, level 2: the same operations on device pointers with a caller-provided device
+ * workspace, so that a call allocates nothing (it can be captured in a CUDA graph, and it
+ * cannot fail for lack of memory once its arguments are checked). Ask the size first: it
+ * depends only on the view (and the mode), is computed on the host, and needs no GPU.
+ * `workspace` must be device memory of at least that many bytes, aligned to 256 bytes (what
+ * cudaMalloc and the CuPy pool return), used only by work queued on `stream`; it may be NULL
+ * when the size is 0. It holds temporaries only: it may be reused once the call's work on
+ * `stream` is done.
+ */
+PYBN_API pybn_status pybn_cuda_forward_workspace_size(pybn_view view,
+                                                      const pybn_forward_params* params,
+                                                      size_t* bytes);
+PYBN_API pybn_status pybn_cuda_forward_v2(pybn_view view, const void* x, void* y,
+                                          const pybn_forward_params* params, void* workspace,
+                                          size_t workspace_bytes, void* stream);
+PYBN_API pybn_status pybn_cuda_backward_workspace_size(pybn_view view,
+                                                       const pybn_backward_params* params,
+                                                       size_t* bytes);
+PYBN_API pybn_status pybn_cuda_backward_v2(pybn_view view, const void* dy, const void* x, void* dx,
+                                           const pybn_backward_params* params, void* workspace,
+                                           size_t workspace_bytes, void* stream);
+/** Workspace of the two reductions below (batch statistics, backward sums) for `view`. */
+PYBN_API pybn_status pybn_cuda_reduce_workspace_size(pybn_view view, size_t* bytes);
+PYBN_API pybn_status pybn_cuda_batch_stats_v2(pybn_view view, const void* x, double* count,
+                                              double* mean, double* m2, void* workspace,
+                                              size_t workspace_bytes, void* stream);
+PYBN_API pybn_status pybn_cuda_backward_reduce_v2(pybn_view view, const void* dy, const void* x,
+                                                  const void* mean, double* sum_dy,
+                                                  double* sum_dy_xmu, double* sum_xmu,
+                                                  void* workspace, size_t workspace_bytes,
+                                                  void* stream);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,128 @@
+"""Bitwise comparison of two libpybn builds through the level-1 C ABI (ctypes, no Python layer).
+
+    python bench/compare_libs.py OLD/libpybn.so NEW/libpybn.so
+
+A restructuring that must not change numerics (bench/NOTES.md) is shown this way: both libraries
+are loaded into one process and called on the same inputs (every dtype, NCHW / NHWC-like views,
+row and column paths, channel groups forced by a small PYBN_CACHE_BUDGET in a second run, every
+ISA path both support), and every output byte must agree. Prints one line per difference (the
+first few) and a summary; exits 1 on any difference.
+"""
+import ctypes as ct
+import itertools
+import sys
+
+import numpy as np
+
+try:
+    import ml_dtypes
+except ImportError:  # bfloat16 needs it
+    ml_dtypes = None
+
+
+class View(ct.Structure):
+    _fields_ = [("outer", ct.c_int64), ("channels", ct.c_int64), ("inner", ct.c_int64), ("dtype", ct.c_int32)]
+
+
+DTYPES = [(0, np.float32), (1, np.float64), (2, np.float16)]
+if ml_dtypes is not None:
+    DTYPES.append((3, np.dtype(ml_dtypes.bfloat16)))
+SHAPES = [(4, 3, 50), (2, 5, 17030), (64, 7, 1), (33, 130, 1), (5, 9, 3), (3, 2, 40000), (1, 64, 1024)]
+P = ct.c_void_p
+
+
+def load(path):
+    lib = ct.CDLL(path)
+    for name in ("pybn_forward_train", "pybn_forward_infer", "pybn_backward", "pybn_batch_stats",
+                 "pybn_backward_reduce", "pybn_normalize", "pybn_backward_elementwise", "pybn_set_cpu_isa"):
+        getattr(lib, name).restype = ct.c_int
+    lib.pybn_cpu_isas.restype = ct.c_char_p
+    return lib
+
+
+def ptr(a):
+    return P(a.ctypes.data) if a is not None else P(0)
+
+
+def calls(rng, code, dt, shape):
+    """(name, inputs) pairs; each call returns its outputs as a list of arrays."""
+    outer, C, inner = shape
+    pd = np.float64 if code == 1 else np.float32
+    x = (rng.standard_normal(shape) * 3 + 100).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    gamma = rng.uniform(0.5, 2, C).astype(pd)
+    beta = rng.standard_normal(C).astype(pd)
+    rmean = rng.standard_normal(C).astype(pd)
+    rvar = rng.uniform(0.5, 2, C).astype(pd)
+    view = View(outer, C, inner, code)
+
+    def forward_train(lib):
+        y = np.empty_like(x)
+        rm, rv, sm, si = rmean.copy(), rvar.copy(), np.empty(C, pd), np.empty(C, pd)
+        st = lib.pybn_forward_train(view, ptr(x), ptr(gamma), ptr(beta), ct.c_double(1e-5), ptr(rm), ptr(rv),
+                                    ct.c_double(0.1), ptr(y), ptr(sm), ptr(si))
+        return st, [y, rm, rv, sm, si]
+
+    def forward_infer(lib):
+        y = np.empty_like(x)
+        st = lib.pybn_forward_infer(view, ptr(x), ptr(rmean), ptr(rvar), ptr(gamma), ptr(beta),
+                                    ct.c_double(1e-3), ptr(y))
+        return st, [y]
+
+    def backward(lib, training):
+        mean = x.astype(np.float64).mean(axis=(0, 2)).astype(pd)
+        invstd = (1 / np.sqrt(x.astype(np.float64).var(axis=(0, 2)) + 1e-5)).astype(pd)
+        dx, dg, db = np.empty_like(x), np.empty(C, pd), np.empty(C, pd)
+        st = lib.pybn_backward(view, ptr(dy), ptr(x), ptr(mean), ptr(invstd), ptr(gamma), training, ptr(dx),
+                               ptr(dg), ptr(db))
+        return st, [dx, dg, db]
+
+    def stats_then_normalize(lib):
+        count, mean, m2 = (np.empty(C) for _ in range(3))
+        st = lib.pybn_batch_stats(view, ptr(x), ptr(count), ptr(mean), ptr(m2))
+        y, rm, rv = np.empty_like(x), rmean.copy(), rvar.copy()
+        sm, si = np.empty(C, pd), np.empty(C, pd)
+        st |= lib.pybn_normalize(view, ptr(x), ptr(count), ptr(mean), ptr(m2), ptr(gamma), ptr(beta),
+                                 ct.c_double(1e-5), ptr(y), ptr(rm), ptr(rv), ct.c_double(0.2), ptr(sm), ptr(si))
+        return st, [count, mean, m2, y, rm, rv, sm, si]
+
+    def reduce_then_elementwise(lib):
+        mean = x.astype(np.float64).mean(axis=(0, 2)).astype(pd)
+        invstd = (1 / np.sqrt(x.astype(np.float64).var(axis=(0, 2)) + 1e-5)).astype(pd)
+        s = [np.empty(C) for _ in range(3)]
+        st = lib.pybn_backward_reduce(view, ptr(dy), ptr(x), ptr(mean), *(ptr(a) for a in s))
+        count = np.full(C, float(outer * inner))
+        dx, dg, db = np.empty_like(x), np.empty(C, pd), np.empty(C, pd)
+        st |= lib.pybn_backward_elementwise(view, ptr(dy), ptr(x), ptr(mean), ptr(invstd), ptr(gamma), 1,
+                                            ptr(count), *(ptr(a) for a in s), ptr(dx), ptr(dg), ptr(db))
+        return st, [*s, dx, dg, db]
+
+    return [("forward_train", forward_train), ("forward_infer", forward_infer),
+            ("backward_train", lambda lib: backward(lib, 1)), ("backward_frozen", lambda lib: backward(lib, 0)),
+            ("batch_stats+normalize", stats_then_normalize),
+            ("backward_reduce+elementwise", reduce_then_elementwise)]
+
+
+def main():
+    old, new = load(sys.argv[1]), load(sys.argv[2])
+    isas = [i for i in old.pybn_cpu_isas().decode().split(",") if i in new.pybn_cpu_isas().decode().split(",")]
+    compared = differ = 0
+    for isa in isas:
+        for lib in (old, new):
+            assert lib.pybn_set_cpu_isa(isa.encode()) == 0
+        for (code, dt), shape in itertools.product(DTYPES, SHAPES):
+            rng = np.random.default_rng(hash((code, shape)) % 2**32)
+            for name, call in calls(rng, code, dt, shape):
+                (sa, outs_a), (sb, outs_b) = call(old), call(new)
+                compared += 1
+                same = sa == sb and all(a.tobytes() == b.tobytes() for a, b in zip(outs_a, outs_b))
+                if not same:
+                    differ += 1
+                    if differ <= 10:
+                        print(f"DIFFERS {isa} {np.dtype(dt).name} {shape} {name}: status {sa} vs {sb}")
+    print(f"{compared} calls on ISA paths {isas}: {differ} differ")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
