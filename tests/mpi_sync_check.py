@@ -134,14 +134,21 @@ close(m, m_ref, np.float32, "float16 mean")
 close(dg, dg_ref, np.float32, "float16 dgamma")
 close(db, db_ref, np.float32, "float16 dbeta")
 
-# a global count of 1 is an error on every rank, even the empty ones
+# a global count of 1 with an unbiased running_var update is an error on every rank, even the
+# empty ones; with the biased convention (or no running_var) it is valid and y = beta
 one = np.ones((1 if rank == 0 else 0, 4), np.float32)
+rm1, rv1 = to_dev(np.zeros(4, np.float32)), to_dev(np.ones(4, np.float32))
 try:
-    sync_batchnorm_forward(to_dev(one), comm=comm)
+    sync_batchnorm_forward(to_dev(one), None, None, rm1, rv1, comm=comm)
     raise AssertionError(f"rank {rank}: a global count of 1 was accepted")
 except ValueError as e:
     assert "over all ranks" in str(e), str(e)
     checks += 1
+assert (to_host(rv1) == 1).all()
+y1, _, _ = sync_batchnorm_forward(to_dev(one), None, to_dev(np.full(4, 2.0, np.float32)), rm1, rv1, comm=comm,
+                                  momentum=1.0, running_var_correction=0)
+assert (to_host(y1) == 2).all() and (to_host(rv1) == 0).all() and (to_host(rm1) == 1).all()
+checks += 1
 
 # an argument error on the last rank: raised there, reported on the others, nothing changed
 bn = SyncBatchNorm(4, comm=comm, device=device)

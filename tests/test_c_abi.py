@@ -83,7 +83,7 @@ def test_forward_train_through_the_c_abi():
     (dict(eps=float("nan")), INVALID_VALUE, "eps must be a finite number >= 0, got nan"),
     (dict(eps=-1.0), INVALID_VALUE, "eps must be a finite number >= 0, got -1"),
     (dict(momentum=2.0, rm=True), INVALID_VALUE, "momentum must be in [0, 1], got 2"),
-    (dict(view=View(1, 3, 1, F32), rm=True), TOO_FEW_VALUES, "at least 2 values per channel when running_var"),
+    (dict(view=View(1, 3, 1, F32), rm=True), TOO_FEW_VALUES, "at least 2 values per channel, got 1"),
     (dict(view=View(0, 3, 1, F32)), TOO_FEW_VALUES, "at least 1 value per channel, got 0"),
 ])
 def test_forward_train_errors_write_nothing(case, status, message):

@@ -161,7 +161,7 @@ def test_c_level_errors_are_per_thread():
         try:
             pybn.merge_stats(*(np.zeros((i + 1, 2)),) * 3)  # valid: no error
             barrier.wait()
-            pybn.batchnorm(np.ones((1, 2 + i), np.float32))
+            pybn.batchnorm(np.ones((0, 2 + i), np.float32))  # no value per channel
         except ValueError as e:
             msg = str(e)
         return msg

@@ -41,7 +41,7 @@ def build_examples(tmp_path, pybn_dir):
     sh(["cmake", "--build", str(build)])
     out = sh(["ctest", "--output-on-failure"], cwd=build)
     assert "100% tests passed" in out
-    for exe in ("train_step_c", "train_step_cpp"):
+    for exe in ("train_step_c", "train_step_v1_c", "train_step_cpp"):
         assert sh([str(build / exe)]).strip().endswith("OK")
 
 

@@ -63,11 +63,11 @@ pybn_status check_merge_sizes(const char* fn, int64_t k, int64_t channels) {
 pybn_status check_train_count(const char* fn, const pybn_view& v, int64_t minimum) {
     if (v.channels > 0 && v.outer * v.inner < minimum)
         return fail(PYBN_ERROR_TOO_FEW_VALUES,
-                    "%s: training needs at least %lld value%s per channel%s, got %lld "
-                    "(outer=%lld x inner=%lld)", fn, (long long)minimum, minimum == 1 ? "" : "s",
+                    "%s: training needs at least %lld value%s per channel, got %lld "
+                    "(outer=%lld x inner=%lld)%s", fn, (long long)minimum, minimum == 1 ? "" : "s",
+                    (long long)(v.outer * v.inner), (long long)v.outer, (long long)v.inner,
                     minimum == 2 ? " when running_var is updated with the unbiased variance "
-                                   "(running_var_correction = 1)" : "",
-                    (long long)(v.outer * v.inner), (long long)v.outer, (long long)v.inner);
+                                   "(running_var_correction = 1; 0 allows one value)" : "");
     return PYBN_SUCCESS;
 }
 

@@ -1,4 +1,5 @@
-/* A training forward and backward through the C ABI on a small buffer, checked against values
+/* Level 1 (positional entry points, kept for existing programs; train_step.c is the level-2
+ * form). A training forward and backward through the C ABI on a small buffer, checked against values
  * worked out by hand. x is (N=2, C=1, L=2) = {1, 2, 3, 6}: mean 3, biased variance 3.5. */
 #include <math.h>
 #include <stdio.h>

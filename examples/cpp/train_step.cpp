@@ -26,9 +26,11 @@ struct Batch {  // (N, C, L) float32 tensors with their per-channel statistics
     Batch(int64_t n, int64_t c, int64_t l, std::vector<float> data)
         : view{n, c, l, PYBN_FLOAT32}, x(std::move(data)), y(x.size()), mean(size_t(c)), invstd(size_t(c)) {}
     void forward(double eps) {
-        check(pybn_forward_train(view, x.data(), nullptr, nullptr, eps, nullptr, nullptr, 0.1, y.data(),
-                                 mean.data(), invstd.data()),
-              "pybn_forward_train");
+        pybn_forward_params p = PYBN_FORWARD_PARAMS_INIT;
+        p.eps = eps;
+        p.save_mean = mean.data();
+        p.save_invstd = invstd.data();
+        check(pybn_forward_v2(view, x.data(), y.data(), &p), "pybn_forward_v2");
     }
 };
 
@@ -45,14 +47,17 @@ int main() {
     for (size_t i = 0; i < b.x.size(); ++i) ok = ok && close(b.y[i], (b.x[i] - 3.0) * r);
 
     std::vector<float> dy{1, 0, 0, 0}, dx(4), dgamma(1), dbeta(1);
-    check(pybn_backward(b.view, dy.data(), b.x.data(), b.mean.data(), b.invstd.data(), nullptr, 1, dx.data(),
-                        dgamma.data(), dbeta.data()),
-          "pybn_backward");
+    pybn_backward_params bp = PYBN_BACKWARD_PARAMS_INIT;
+    bp.mean = b.mean.data();
+    bp.invstd = b.invstd.data();
+    bp.dgamma = dgamma.data();
+    bp.dbeta = dbeta.data();
+    check(pybn_backward_v2(b.view, dy.data(), b.x.data(), dx.data(), &bp), "pybn_backward_v2");
     ok = ok && close(dbeta[0], 1.0) && close(dgamma[0], -2.0 * r);
 
     try {  // errors arrive as statuses; the wrapper turns them into exceptions
         Batch bad(1, 1, 1, {1.0f});
-        bad.forward(1e-5);
+        bad.forward(-1.0);  // eps < 0
         ok = false;
     } catch (const std::runtime_error& e) {
         std::printf("expected error: %s\n", e.what());
@@ -60,9 +65,13 @@ int main() {
 
     // The device entry point takes device pointers and a cudaStream_t as void*. Host memory is
     // refused with a status (or "not compiled" in a build without CUDA) ...
-    const pybn_status st = pybn_cuda_forward_train(b.view, b.x.data(), nullptr, nullptr, 1e-5, nullptr, nullptr,
-                                                   0.1, b.y.data(), nullptr, nullptr, /*stream=*/nullptr);
-    std::printf("pybn_cuda_forward_train on host memory: %s\n", pybn_status_string(st));
+    // The level-2 CUDA entry points take a workspace whose size the library computes on the host.
+    const pybn_forward_params fp = PYBN_FORWARD_PARAMS_INIT;
+    size_t ws_bytes = 0;
+    const pybn_status sq = pybn_cuda_forward_workspace_size(b.view, &fp, &ws_bytes);
+    std::printf("CUDA workspace for this view: %s, %zu bytes\n", pybn_status_string(sq), ws_bytes);
+    const pybn_status st = pybn_cuda_forward_v2(b.view, b.x.data(), b.y.data(), &fp, nullptr, 0, /*stream=*/nullptr);
+    std::printf("pybn_cuda_forward_v2 on host memory: %s\n", pybn_status_string(st));
     ok = ok && st != PYBN_SUCCESS;
 #if defined(PYBN_EXAMPLE_CUDA)
     // ... and with a GPU the same step runs on device memory, queued on our own stream.
@@ -74,9 +83,13 @@ int main() {
         cudaMalloc(&dx_in, 4 * sizeof(float));
         cudaMalloc(&dy_out, 4 * sizeof(float));
         cudaMemcpyAsync(dx_in, b.x.data(), 4 * sizeof(float), cudaMemcpyHostToDevice, stream);
-        check(pybn_cuda_forward_train(b.view, dx_in, nullptr, nullptr, 0.0, nullptr, nullptr, 0.1, dy_out, nullptr,
-                                      nullptr, stream),
-              "pybn_cuda_forward_train");
+        pybn_forward_params gp = PYBN_FORWARD_PARAMS_INIT;
+        gp.eps = 0.0;
+        void* ws = nullptr;
+        check(pybn_cuda_forward_workspace_size(b.view, &gp, &ws_bytes), "pybn_cuda_forward_workspace_size");
+        cudaMallocAsync(&ws, ws_bytes, stream);  // or any allocator's memory; reusable after the call
+        check(pybn_cuda_forward_v2(b.view, dx_in, dy_out, &gp, ws, ws_bytes, stream), "pybn_cuda_forward_v2");
+        cudaFreeAsync(ws, stream);
         std::vector<float> y(4);
         cudaMemcpyAsync(y.data(), dy_out, 4 * sizeof(float), cudaMemcpyDeviceToHost, stream);
         cudaStreamSynchronize(stream);

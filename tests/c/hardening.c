@@ -89,7 +89,8 @@ static void expect(const Case* k, pybn_status got) {
 static void bad_call_table(void) {
     const pybn_view v = view_of(2, C, 4, PYBN_FLOAT32);
     const double nan = NAN, inf = INFINITY;
-    pybn_view neg = v, huge = v, dt = v, one = view_of(1, C, 1, PYBN_FLOAT32);
+    pybn_view neg = v, huge = v, dt = v, one = view_of(1, C, 1, PYBN_FLOAT32),
+               none = view_of(0, C, 1, PYBN_FLOAT32);
     neg.inner = -4;
     huge.outer = (int64_t)1 << 40;
     huge.inner = (int64_t)1 << 40;
@@ -155,8 +156,10 @@ static void bad_call_table(void) {
         pybn_forward_train(v, x, g, NULL, -1.0, rm, rv, 0.1, y, mean_f, invstd_f));
     RUN("infer running_var NULL", PYBN_ERROR_INVALID_ARGUMENT, "running_var must not be NULL",
         pybn_forward_infer(v, x, rm, NULL, g, NULL, 1e-5, y));
-    RUN("backward too few", PYBN_ERROR_TOO_FEW_VALUES, "at least 2 values",
-        pybn_backward(one, dy, x, mean_f, invstd_f, g, 1, dx, dg, db));
+    RUN("backward too few", PYBN_ERROR_TOO_FEW_VALUES, "at least 1 value per channel, got 0",
+        pybn_backward(none, dy, x, mean_f, invstd_f, g, 1, dx, dg, db));
+    RUN("train none", PYBN_ERROR_TOO_FEW_VALUES, "at least 1 value per channel, got 0",
+        pybn_forward_train(none, x, g, NULL, 1e-5, rm, NULL, 0.1, y, mean_f, invstd_f));
     RUN("backward invstd NULL", PYBN_ERROR_INVALID_ARGUMENT, "invstd must not be NULL",
         pybn_backward(v, dy, x, mean_f, NULL, g, 1, dx, dg, db));
     /* CUDA twins in a build without CUDA (with CUDA they check pointers first) */

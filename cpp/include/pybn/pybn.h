@@ -12,7 +12,8 @@
  *   shape (outer, channels, inner). NCHW is (N, C, H*W); channels-last NHWC is (N*H*W, C, 1);
  *   (N, C) is (N, C, 1); a channel axis k of any shape is (prod(shape[:k]), shape[k],
  *   prod(shape[k+1:])). The count of values per channel is n = outer * inner.
- * Data types. x, y, dy and dx have the view's dtype. Per-channel "parameter" arrays (gamma,
+ * Data types. x, y, dy and dx have the view's dtype (PYBN_FLOAT32, PYBN_FLOAT64, PYBN_FLOAT16 or
+ *   PYBN_BFLOAT16; any other value is PYBN_ERROR_UNSUPPORTED_DTYPE). Per-channel "parameter" arrays (gamma,
  *   beta, running_mean, running_var, saved mean and invstd, dgamma, dbeta) are float32, or
  *   float64 when the view's dtype is PYBN_FLOAT64. Statistics arrays (count, mean, M2) and the
  *   backward sums are always float64 ("double"): they are what crosses a process boundary in
@@ -235,8 +236,10 @@ PYBN_API pybn_status pybn_backward_elementwise(pybn_view view, const void* dy, c
 
 /**
  * Training forward: batch statistics, normalisation, optional running-statistics update and
- * optional saving of mean/invstd, in one call (pybn_batch_stats + pybn_normalize).
- *   view      layout and dtype of x and y; needs n = outer*inner >= 2 when channels > 0.
+ * optional saving of mean/invstd, in one call (pybn_batch_stats + pybn_normalize). The running
+ * variance takes the unbiased batch variance (PyTorch); pybn_forward_v2 has the other convention.
+ *   view      layout and dtype of x and y; needs n = outer*inner >= 2 when channels > 0 and
+ *             running_var is given, else n >= 1 (one value per channel: y = beta).
  *   x         input.  gamma, beta: parameter dtype, may be NULL.  eps: finite, >= 0.
  *   running_mean, running_var, momentum, save_mean, save_invstd: as in pybn_normalize.
  *   y         output, may be x.
@@ -259,7 +262,8 @@ PYBN_API pybn_status pybn_forward_infer(pybn_view view, const void* x, const voi
 /**
  * Backward of pybn_forward_train (training=1, mean/invstd as saved by it) or of
  * pybn_forward_infer (training=0, mean = running_mean, invstd = 1/sqrt(running_var + eps)):
- * pybn_backward_reduce + pybn_backward_elementwise with count = outer*inner.
+ * pybn_backward_reduce + pybn_backward_elementwise with count = outer*inner. In training it
+ * needs n = outer*inner >= 1 when channels > 0.
  *   dy, x     inputs, `view`.  mean, invstd: parameter dtype.  gamma: may be NULL.
  *   dx        output, may be NULL, dy or x.  dgamma, dbeta: parameter dtype, each may be NULL.
  */

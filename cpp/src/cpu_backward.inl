@@ -1,0 +1,180 @@
+// Backward: the reduction (sum dy, sum dy (x - mean), sum (x - mean)), the elementwise dx and the
+// fused backward.
+// Part of cpu_kernels.inl (included inside its namespaces, once per instruction-set unit).
+
+// ---------------------------------------------------------------------------------------------
+// Backward reduction: sum(dy), sum(dy * (x - mean)), sum(x - mean) in one sweep.
+
+// The terms of the backward sums, for the row runs (run_sums) and the column tiles
+// (tile_reduce): dy, dy * (x - mean), x - mean; row blocks of kDepth vectors.
+struct SumTerms {
+    static constexpr int kSums = 3, kInputs = 2, kUnroll = 1;
+    static constexpr bool kAssignFirst = false;
+    template <class V> static PYBN_INLINE void row(V (&t)[3], const V (&in)[2], V mean) {
+        const V d = in[1] - mean;
+        t[0] = in[0];
+        t[1] = in[0] * d;
+        t[2] = d;
+    }
+};
+
+// Backward sums of the runs of a channel (reduce_rows).
+template <class T> struct SumsRun {
+    using A = acc_t<T>;
+    static constexpr int64_t kRowValueBytes = 2 * sizeof(T);  // bytes read per value of a row
+    struct State {
+        WideSums<3> w;
+    };
+    const T *dy, *x;
+    const A* mean;
+    PYBN_INLINE void begin(State& s, int64_t, int64_t) const { zero(s.w); }
+    PYBN_INLINE void add(State& s, int64_t c, int64_t off, int64_t len) const {
+        WideSums<3> w = s.w;  // in registers for the row (the state may live in memory)
+        run_sums<SumTerms>({dy + off, x + off}, len, mean[c], w);
+        s.w = w;
+    }
+    Sums end(const State& s, int64_t) const {
+        Sums r;
+        r.dy = s.w.total(0);
+        r.dy_xmu = s.w.total(1);
+        r.xmu = s.w.total(2);
+        return r;
+    }
+};
+
+template <class T>
+void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, const void* meanv,
+                       double* sum_dy, double* sum_dy_xmu, double* sum_xmu) {
+    using A = acc_t<T>;
+    const T* dy = static_cast<const T*>(dyv);
+    const T* x = static_cast<const T*>(xv);
+    const A* mean = static_cast<const A*>(meanv);
+    const int64_t C = v.channels, inner = v.inner, W = C * inner;
+    Scratch result(sizeof(Sums) * size_t(C));
+    Sums* sums = result.as<Sums>();
+    if (inner >= kRowMin) {
+        const RowScratch<Sums, SumsRun<T>> scratch(v, C, num_threads());
+        reduce_rows(v, 0, C, scratch, sums, SumsRun<T>{dy, x, mean});
+    } else {
+        const int nt = num_threads();
+        const int64_t R = kTileRows;
+        Scratch mcol(sizeof(A) * size_t(W));
+        const int64_t wa = spaced<A>(W), wd = spaced<double>(W);
+        const bool ahead = fetch_ahead<T>(v, 2);
+        Scratch dsum(sizeof(double) * 3 * size_t(wd) * size_t(nt)), asum(sizeof(A) * 3 * size_t(wa) * size_t(nt));
+        A* m = mcol.as<A>();
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t i = 0; i < inner; ++i) m[c * inner + i] = mean[c];
+        reduce_cols<Sums>(v, nt, sums, [&](int64_t o0, int64_t o1, Sums* cols, int t) {
+            double* D = dsum.as<double>(size_t(3 * wd * t));
+            for (int64_t j = 0; j < 3 * wd; ++j) D[j] = 0;
+            for (int64_t r0 = o0; r0 < o1; r0 += R) {
+                const int64_t rows = min64(R, o1 - r0);
+                tile_reduce<SumTerms>({dy + r0 * W, x + r0 * W}, W, rows, m, asum.as<A>(size_t(3 * wa * t)), wa, D, wd,
+                                      ahead);
+            }
+            for (int64_t j = 0; j < W; ++j) {
+                cols[j].dy = D[j];
+                cols[j].dy_xmu = D[wd + j];
+                cols[j].xmu = D[2 * wd + j];
+            }
+        });
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        sum_dy[c] = sums[c].dy;
+        sum_dy_xmu[c] = sums[c].dy_xmu;
+        if (sum_xmu) sum_xmu[c] = sums[c].xmu;
+    }
+}
+
+// dx = a dy + b (x - m) + c, or a dy when x is null (inference), over one channel's run.
+template <class T>
+PYBN_INLINE void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool stream, const acc_t<T>* m,
+                                 const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* c) {
+    using A = acc_t<T>;
+    const vec<A> Av = vsplat(a[0]), Bv = vsplat(b[0]), Mv = vsplat(m[0]), Cv = vsplat(c[0]);
+    if (x == nullptr)
+        write_run<T>(dx, n, stream, [&](int64_t i) { return Av * vload_as(dy + i); },
+                     [&](int64_t i) { return a[0] * load(dy[i]); });
+    else
+        write_run<T>(dx, n, stream,
+                     [&](int64_t i) { return Av * vload_as(dy + i) + Bv * (vload_as(x + i) - Mv) + Cv; },
+                     [&](int64_t i) { return a[0] * load(dy[i]) + b[0] * (load(x[i]) - m[0]) + c[0]; });
+}
+
+// dx = a dy + b (x - m) + c, or a dy when x is null (inference).
+template <class T>
+void backward_cols(const T* dy, const T* x, T* dx, int64_t n, const ColumnCoefs<acc_t<T>>& e, bool stream) {
+    const acc_t<T> *m = e[0], *a = e[1], *b = e[2], *c = e[3];
+    if (x == nullptr) {
+        write_cols<T>(dx, n, e.P, stream, [&](int64_t i, int64_t k) { return vload(a + k) * vload_as(dy + i); },
+                      [&](int64_t i, int64_t k) { return a[k] * load(dy[i]); });
+        return;
+    }
+    write_cols<T>(dx, n, e.P, stream,
+        [&](int64_t i, int64_t k) {
+            return vload(a + k) * vload_as(dy + i) + vload(b + k) * (vload_as(x + i) - vload(m + k)) + vload(c + k);
+        },
+        [&](int64_t i, int64_t k) { return a[k] * load(dy[i]) + b[k] * (load(x[i]) - m[k]) + c[k]; });
+}
+
+template <class T>
+void backward_elementwise_t(const pybn_view& v, const void* dyv, const void* xv, const void* coefv,
+                            void* dxv) {
+    using A = acc_t<T>;
+    const T* dy = static_cast<const T*>(dyv);
+    const T* x = static_cast<const T*>(xv);
+    T* dx = static_cast<T*>(dxv);
+    const A* k = static_cast<const A*>(coefv);
+    const int64_t C = v.channels, W = C * v.inner;
+    const bool stream = stream_output(v.outer * W * int64_t(sizeof(T)));
+    const ColumnCoefs<A> e(k, C, v.inner, v.inner < kRowMin);
+    elementwise(
+        v,
+        [&](int64_t off, int64_t len, int64_t c) {
+            backward_values(dy + off, x ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c, k + 2 * C + c,
+                            k + 3 * C + c);
+        },
+        [&](int64_t off, int64_t rows) {
+            backward_cols<T>(dy + off, x ? x + off : nullptr, dx + off, rows * W, e, stream);
+        });
+}
+
+template <class T>
+void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void* meanv, bool dx_reads_x,
+                void* dxv, const BackwardEpilogue& epilogue) {
+    using A = acc_t<T>;
+    const int64_t C = v.channels;
+    Scratch coef(sizeof(A) * 4 * size_t(C)), sums(sizeof(double) * 3 * size_t(C));
+    double *sum_dy = sums.as<double>(), *sum_dy_xmu = sum_dy + C, *sum_xmu = sum_dy + 2 * C;
+    if (v.inner < kRowMin) {
+        backward_reduce_t<T>(v, dyv, xv, meanv, sum_dy, sum_dy_xmu, sum_xmu);
+        epilogue(0, C, sum_dy, sum_dy_xmu, sum_xmu, coef.as<A>());
+        if (dxv) backward_elementwise_t<T>(v, dyv, dx_reads_x ? xv : nullptr, coef.as<A>(), dxv);
+        return;
+    }
+    const T* dy = static_cast<const T*>(dyv);
+    const T* x = static_cast<const T*>(xv);
+    const A* mean = static_cast<const A*>(meanv);
+    T* dx = static_cast<T*>(dxv);
+    const int64_t G = channel_group(v, 2 * sizeof(T));
+    const bool stream = stream_output(v.outer * C * v.inner * int64_t(sizeof(T)));
+    const RowScratch<Sums, SumsRun<T>> scratch(v, G, num_threads());
+    Scratch red(sizeof(Sums) * size_t(G));
+    const A* k = coef.as<A>();
+    for (int64_t c0 = 0; c0 < C; c0 += G) {
+        const int64_t c1 = min64(C, c0 + G);
+        reduce_rows(v, c0, c1, scratch, red.as<Sums>(), SumsRun<T>{dy, x, mean});
+        for (int64_t c = 0; c < c1 - c0; ++c) {
+            sum_dy[c] = red.as<Sums>()[c].dy;
+            sum_dy_xmu[c] = red.as<Sums>()[c].dy_xmu;
+            sum_xmu[c] = red.as<Sums>()[c].xmu;
+        }
+        epilogue(c0, c1, sum_dy, sum_dy_xmu, sum_xmu, coef.as<A>());
+        if (!dx) continue;
+        elementwise_rows(v, c0, c1, [&](int64_t off, int64_t len, int64_t c) {
+            backward_values(dy + off, dx_reads_x ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c,
+                            k + 2 * C + c, k + 3 * C + c);
+        });
+    }
+}
