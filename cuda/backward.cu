@@ -35,26 +35,11 @@ template <class P> struct GivenSumsStep {
     }
 };
 
-// The temporaries of a backward, in workspace order: coefficients, then the reduction's partials.
-template <class T> struct BackwardTemps {
-    acc_t<T>* coef;
-    Sums* parts;
-};
-template <class T> BackwardTemps<T> backward_temps(const pybn_view& v, BackwardMode mode, Workspace& ws) {
-    if (v.channels == 0) return {nullptr, nullptr};
-    BackwardTemps<T> t{ws.take<acc_t<T>>(size_t(4 * v.channels)), nullptr};
-    if (mode == BackwardMode::fused) t.parts = reduce_parts<SumsReducer<T>>(v, ws);
-    return t;
-}
-
 size_t backward_workspace(const pybn_view& v, BackwardMode mode) {
-    size_t bytes = 0;
-    visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
-        Workspace sizing(nullptr, 0);
-        backward_temps<decltype(t)>(v, mode, sizing);
-        bytes = sizing.used();
+    return workspace_bytes(v, [&](auto t, Workspace& ws) {
+        using T = decltype(t);
+        carve_temps<T, SumsReducer<T>>(v, mode == BackwardMode::fused, ws);
     });
-    return bytes;
 }
 
 pybn_status launch_backward(const char* fn, const pybn_view& v, const void* dy, const void* x, void* dx,
@@ -66,7 +51,7 @@ pybn_status launch_backward(const char* fn, const pybn_view& v, const void* dy, 
         using P = acc_t<T>;
         if (v.channels == 0) return;
         Workspace ws(workspace, bytes);
-        const BackwardTemps<T> tmp = backward_temps<T>(v, mode, ws);
+        const auto tmp = carve_temps<T, SumsReducer<T>>(v, mode == BackwardMode::fused, ws);
         const BackwardArgs<P> args{v.channels, p, double(v.outer * v.inner), tmp.coef};
         if (mode == BackwardMode::fused) {
             const typename SumsReducer<T>::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),

@@ -243,6 +243,31 @@ pybn_status run_reduce(const char* fn, const pybn_view& v, const typename R::Inp
     return launched(fn);
 }
 
+// The temporaries of a forward or backward, in workspace order: the coefficients (4 x C), then,
+// when the call reduces, the partials of reducer R.
+template <class T, class R> struct Temps {
+    acc_t<T>* coef = nullptr;
+    typename R::Part* parts = nullptr;
+};
+template <class T, class R> Temps<T, R> carve_temps(const pybn_view& v, bool reduces, Workspace& ws) {
+    Temps<T, R> t;
+    if (v.channels == 0) return t;
+    t.coef = ws.take<acc_t<T>>(size_t(4 * v.channels));
+    if (reduces) t.parts = reduce_parts<R>(v, ws);
+    return t;
+}
+
+// Bytes that carve(T{}, Workspace&) takes for the view's dtype (a sizing run: nothing is touched).
+template <class Carve> size_t workspace_bytes(const pybn_view& v, Carve carve) {
+    size_t bytes = 0;
+    visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
+        Workspace sizing(nullptr, 0);
+        carve(t, sizing);
+        bytes = sizing.used();
+    });
+    return bytes;
+}
+
 // ---- elementwise -------------------------------------------------------------------------------
 // op(element_index, channel) for every element of the view, grid-stride.
 template <class Op>

@@ -36,26 +36,11 @@ template <class P> struct InferStep {
     __device__ void operator()(int64_t c) const { infer_channel(args, c); }
 };
 
-// The temporaries of a forward, in workspace order: coefficients, then the reduction's partials.
-template <class T> struct ForwardTemps {
-    acc_t<T>* coef;
-    Moments* parts;
-};
-template <class T> ForwardTemps<T> forward_temps(const pybn_view& v, ForwardMode mode, Workspace& ws) {
-    if (v.channels == 0) return {nullptr, nullptr};
-    ForwardTemps<T> t{ws.take<acc_t<T>>(size_t(4 * v.channels)), nullptr};
-    if (mode == ForwardMode::train) t.parts = reduce_parts<StatsReducer<T>>(v, ws);
-    return t;
-}
-
 size_t forward_workspace(const pybn_view& v, ForwardMode mode) {
-    size_t bytes = 0;
-    visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
-        Workspace sizing(nullptr, 0);
-        forward_temps<decltype(t)>(v, mode, sizing);
-        bytes = sizing.used();
+    return workspace_bytes(v, [&](auto t, Workspace& ws) {
+        using T = decltype(t);
+        carve_temps<T, StatsReducer<T>>(v, mode == ForwardMode::train, ws);
     });
-    return bytes;
 }
 
 pybn_status launch_forward(const char* fn, const pybn_view& v, const void* x, void* y, const pybn_forward_params& p,
@@ -66,7 +51,7 @@ pybn_status launch_forward(const char* fn, const pybn_view& v, const void* x, vo
         using P = acc_t<T>;
         if (v.channels == 0) return;
         Workspace ws(workspace, bytes);
-        const ForwardTemps<T> tmp = forward_temps<T>(v, mode, ws);
+        const auto tmp = carve_temps<T, StatsReducer<T>>(v, mode == ForwardMode::train, ws);
         const NormalizeArgs<P> args{v.channels, p, tmp.coef};
         if (mode == ForwardMode::train)
             st = run_reduce<StatsReducer<T>>(fn, v, {static_cast<const T*>(x)}, TrainEpilogue<P>{args}, tmp.parts,

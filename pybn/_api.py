@@ -166,13 +166,15 @@ class _ForwardCall:
         smean = sinvstd = None
         if self.save:
             smean, sinvstd = _per_channel_out(cx), _per_channel_out(cx)
-        a = functools.partial(address, be)
+        a = be.address
         params = _core.ForwardParams(
-            training=self.training, running_var_correction=self.correction, gamma=a(self.g), beta=a(self.b),
-            eps=self.eps, running_mean=a(self.rm), running_var=a(self.rv), momentum=self.momentum,
-            save_mean=a(smean), save_invstd=a(sinvstd),
-            **({"count": be.address(stats[0]), "mean": be.address(stats[1]), "m2": be.address(stats[2])}
-               if stats else {}))
+            training=self.training, running_var_correction=self.correction,
+            gamma=0 if self.g is None else a(self.g), beta=0 if self.b is None else a(self.b),
+            eps=self.eps, running_mean=0 if self.rm is None else a(self.rm),
+            running_var=0 if self.rv is None else a(self.rv), momentum=self.momentum,
+            save_mean=0 if smean is None else a(smean), save_invstd=0 if sinvstd is None else a(sinvstd))
+        if stats:
+            params.given_statistics(a(stats[0]), a(stats[1]), a(stats[2]))
         _run_forward(cx, self.y.data, params)
         if self.running is not None:
             self.running.write_back()

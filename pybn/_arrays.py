@@ -62,7 +62,11 @@ class HostBackend:
 
     @staticmethod
     def may_share_memory(a: Any, b: Any) -> bool:
-        return bool(np.may_share_memory(HostBackend.adopt(a), HostBackend.adopt(b)))
+        if not isinstance(a, np.ndarray):
+            a = HostBackend.adopt(a)
+        if not isinstance(b, np.ndarray):
+            b = HostBackend.adopt(b)
+        return bool(np.may_share_memory(a, b))
 
     @staticmethod
     def adopt(a: Any) -> Any:

@@ -27,6 +27,7 @@ class ForwardParams:
                  beta: int = ..., eps: float = ..., running_mean: int = ..., running_var: int = ...,
                  momentum: float = ..., save_mean: int = ..., save_invstd: int = ..., count: int = ...,
                  mean: int = ..., m2: int = ...) -> None: ...
+    def given_statistics(self, count: int, mean: int, m2: int) -> None: ...
 
 class BackwardParams:
     def __init__(self, *, training: bool = ..., mean: int = ..., invstd: int = ..., gamma: int = ...,

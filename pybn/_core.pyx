@@ -227,6 +227,12 @@ cdef class ForwardParams:
     """pybn_forward_params: one field per header field (addresses as ints, 0 for NULL)."""
     cdef pybn_forward_params p
 
+    def given_statistics(self, uintptr_t count, uintptr_t mean, uintptr_t m2):
+        """Sets count / mean / m2 (the mode "normalise with given statistics")."""
+        self.p.count = <const double*>count
+        self.p.mean = <const double*>mean
+        self.p.m2 = <const double*>m2
+
     def __init__(self, *, bint training=True, int running_var_correction=1, uintptr_t gamma=0,
                  uintptr_t beta=0, double eps=1e-5, uintptr_t running_mean=0,
                  uintptr_t running_var=0, double momentum=0.1, uintptr_t save_mean=0,
