@@ -8,15 +8,22 @@ using namespace pybn::cuda;
 
 namespace {
 
-// dx = a * dy + b * (x - mean) + c, coef = [mean | a | b | c]; x == nullptr: dx = a * dy.
+// dx = a * g + b * (x - mean) + c, coef = [mean | a | b | c]; x == nullptr: dx = a * g. g = dy,
+// masked by y > 0 behind a ReLU (y != nullptr); dres (may be null) receives g; dx may be null.
 template <class T> struct BackwardOp {
     const T *dy, *x;
     T* dx;
     const acc_t<T>* coef;
     int64_t C;
+    const T* y;
+    T* dres;
     __device__ void operator()(int64_t e, int64_t c) const {
-        const acc_t<T> g = coef[C + c] * load(dy[e]);
-        dx[e] = store<T>(x ? g + coef[2 * C + c] * (load(x[e]) - coef[c]) + coef[3 * C + c] : g);
+        acc_t<T> g = load(dy[e]);
+        if (y && !(load(y[e]) > acc_t<T>(0))) g = acc_t<T>(0);
+        if (dres) dres[e] = store<T>(g);
+        if (!dx) return;
+        const acc_t<T> ag = coef[C + c] * g;
+        dx[e] = store<T>(x ? ag + coef[2 * C + c] * (load(x[e]) - coef[c]) + coef[3 * C + c] : ag);
     }
 };
 
@@ -45,6 +52,7 @@ size_t backward_workspace(const pybn_view& v, BackwardMode mode) {
 pybn_status launch_backward(const char* fn, const pybn_view& v, const void* dy, const void* x, void* dx,
                             const pybn_backward_params& p, BackwardMode mode, void* workspace, size_t bytes,
                             cudaStream_t stream) {
+    clear_stale_error();
     pybn_status st = PYBN_SUCCESS;
     PYBN_CHECK(visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
         using T = decltype(t);
@@ -54,15 +62,18 @@ pybn_status launch_backward(const char* fn, const pybn_view& v, const void* dy, 
         const auto tmp = carve_temps<T, SumsReducer<T>>(v, mode == BackwardMode::fused, ws);
         const BackwardArgs<P> args{v.channels, p, double(v.outer * v.inner), tmp.coef};
         if (mode == BackwardMode::fused) {
-            const typename SumsReducer<T>::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
-                                                     static_cast<const P*>(p.mean)};
+            const typename SumsReducer<T>::Inputs in{
+                static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const P*>(p.mean),
+                p.activation == PYBN_ACTIVATION_RELU ? static_cast<const T*>(p.y) : nullptr};
             st = run_reduce<SumsReducer<T>>(fn, v, in, SumsEpilogue<P>{args}, tmp.parts, stream);
         } else {
             st = run_per_channel(fn, v.channels, GivenSumsStep<P>{args}, stream);
         }
-        if (st != PYBN_SUCCESS || dx == nullptr) return;
+        if (st != PYBN_SUCCESS || (dx == nullptr && p.dresidual == nullptr)) return;
         const BackwardOp<T> op{static_cast<const T*>(dy), p.training ? static_cast<const T*>(x) : nullptr,
-                               static_cast<T*>(dx), tmp.coef, v.channels};
+                               static_cast<T*>(dx), tmp.coef, v.channels,
+                               p.activation == PYBN_ACTIVATION_RELU ? static_cast<const T*>(p.y) : nullptr,
+                               static_cast<T*>(p.dresidual)};
         st = run_elementwise(fn, v, op, stream);
     }));
     return st;

@@ -12,13 +12,12 @@
 #include "checks.hpp"
 #include "formulas.hpp"
 #include "numerics.hpp"
+#include "plan.hpp"
 #include "pybn/pybn.h"
 
 namespace pybn::cuda {
 
-constexpr int kThreads = 256;     // threads of every reduction and elementwise block
 constexpr int kChunk = 64;        // values of one thread sharing a shift (as on the CPU)
-constexpr int64_t kValuesPerBlock = 16384;  // target values of one channel per reduction block
 
 // ---- dtypes (the table is numerics.hpp's) -------------------------------------------------------
 template <int32_t D> struct DeviceStorage;
@@ -39,7 +38,25 @@ template <class T> __device__ inline T store(acc_t<T> v) {
 }
 
 // ---- errors -------------------------------------------------------------------------------
+// A CUDA error as a status. The runtime's last-error slot is cleared (cudaGetLastError), so that
+// a failure here (e.g. an allocation) is not reported again by the next call after its own work
+// ran; a sticky error (a fault that poisoned the context) stays with the context regardless.
 inline pybn_status cuda_fail(const char* fn, const char* what, cudaError_t e) {
+    cudaGetLastError();
+    if (e == cudaErrorMemoryAllocation)
+        return fail(PYBN_ERROR_OUT_OF_MEMORY, "%s: %s failed: out of device memory (%s)", fn, what,
+                    cudaGetErrorName(e));
+    if (e == cudaErrorInsufficientDriver || e == cudaErrorCallRequiresNewerDriver) {
+        int driver = 0;
+        cudaDriverGetVersion(&driver);
+        return fail(PYBN_ERROR_CUDA,
+                    "%s: %s failed: %s: this libpybn links the CUDA %d.%d runtime, which needs an NVIDIA "
+                    "driver for CUDA %d.%d or newer (CUDA 13: driver r580+, CUDA 12: r525+); the installed "
+                    "driver supports CUDA %d.%d. Update the driver, or build pybn with the CUDA toolkit "
+                    "the driver supports (README, \"GPU\")", fn, what, cudaGetErrorName(e), CUDART_VERSION / 1000,
+                    CUDART_VERSION % 1000 / 10, CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10, driver / 1000,
+                    driver % 1000 / 10);
+    }
     return fail(PYBN_ERROR_CUDA, "%s: %s failed: %s (%s)", fn, what, cudaGetErrorName(e),
                 cudaGetErrorString(e));
 }
@@ -53,6 +70,10 @@ inline pybn_status cuda_fail(const char* fn, const char* what, cudaError_t e) {
 // Pointer rules of the CUDA entry points: a non-NULL pointer must be device-accessible (a host
 // pointer would fault inside a kernel and poison the CUDA context, so it is refused instead).
 extern const PointerRules kDevicePointers;
+
+// Clears an error left in the runtime's last-error slot by earlier, unrelated work, so that
+// launched() reports only this call's launches. Called before a call's first launch.
+inline void clear_stale_error() { cudaGetLastError(); }
 
 // The status of the launches just queued (configuration errors; faults surface later).
 inline pybn_status launched(const char* fn) {
@@ -117,7 +138,7 @@ __global__ void per_channel_kernel(int64_t channels, F f) {
 template <class F>
 pybn_status run_per_channel(const char* fn, int64_t channels, F f, cudaStream_t stream) {
     if (channels == 0) return PYBN_SUCCESS;
-    per_channel_kernel<<<unsigned(ceil_div(channels, kThreads)), kThreads, 0, stream>>>(channels, f);
+    per_channel_kernel<<<unsigned(per_channel_blocks(channels)), kThreads, 0, stream>>>(channels, f);
     return launched(fn);
 }
 
@@ -201,24 +222,6 @@ __global__ void reduce_finish(const typename R::Part* parts, int64_t chunks, Epi
     if (threadIdx.x == 0) epilogue(c, sh[0]);
 }
 
-// Shape of stage 1 for a view: rows per chunk and number of chunks (a function of the shape).
-struct ReducePlan {
-    bool cols;
-    int64_t rows, chunks;
-};
-
-inline ReducePlan plan_reduce(const pybn_view& v) {
-    if (v.outer == 0 || v.inner == 0) return {false, 1, 0};  // nothing to reduce (and no division by 0)
-    if (v.inner == 1) {
-        // about kValuesPerBlock values per block of 32 channels x 8 row-threads, grid.y <= 65535
-        int64_t rows = kValuesPerBlock / 32 > 1 ? kValuesPerBlock / 32 : 1;
-        if (ceil_div(v.outer, rows) > 65535) rows = ceil_div(v.outer, 65535);
-        return {true, rows, v.outer > 0 ? ceil_div(v.outer, rows) : 0};
-    }
-    const int64_t rows = v.inner >= kValuesPerBlock ? 1 : ceil_div(kValuesPerBlock, v.inner);
-    return {false, rows, ceil_div(v.outer, rows)};
-}
-
 // The partials of stage 1, from the workspace.
 template <class R> typename R::Part* reduce_parts(const pybn_view& v, Workspace& ws) {
     return ws.template take<typename R::Part>(size_t(v.channels * plan_reduce(v).chunks));
@@ -230,13 +233,15 @@ pybn_status run_reduce(const char* fn, const pybn_view& v, const typename R::Inp
                        Epilogue epilogue, typename R::Part* parts, cudaStream_t stream) {
     if (v.channels == 0) return PYBN_SUCCESS;
     const ReducePlan plan = plan_reduce(v);
+    if (!plan_fits(plan))
+        return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: view of %lld x %lld x %lld is too large for one launch", fn,
+                    (long long)v.outer, (long long)v.channels, (long long)v.inner);
     if (plan.chunks > 0) {
         if (plan.cols) {
-            const dim3 grid(unsigned(ceil_div(v.channels, 32)), unsigned(plan.chunks));
+            const dim3 grid(unsigned(plan.grid_x), unsigned(plan.grid_y));
             reduce_cols<R><<<grid, dim3(32, 8), 0, stream>>>(v, in, plan.rows, plan.chunks, parts);
         } else {
-            reduce_rows<R><<<unsigned(v.channels * plan.chunks), kThreads, 0, stream>>>(
-                v, in, plan.rows, plan.chunks, parts);
+            reduce_rows<R><<<unsigned(plan.grid_x), kThreads, 0, stream>>>(v, in, plan.rows, plan.chunks, parts);
         }
     }
     reduce_finish<R><<<unsigned(v.channels), kThreads, 0, stream>>>(parts, plan.chunks, epilogue);
@@ -290,15 +295,10 @@ __global__ void elementwise_flat(pybn_view v, Op op) {
 
 template <class Op>
 pybn_status run_elementwise(const char* fn, const pybn_view& v, Op op, cudaStream_t stream) {
-    const int64_t total = v.outer * v.channels * v.inner;
-    if (total == 0) return PYBN_SUCCESS;
-    if (v.inner >= kThreads) {
-        const int64_t rows = v.outer * v.channels;
-        elementwise_rows<<<unsigned(rows < (1 << 20) ? rows : (1 << 20)), kThreads, 0, stream>>>(v, op);
-    } else {
-        const int64_t blocks = ceil_div(total, kThreads);
-        elementwise_flat<<<unsigned(blocks < (1 << 20) ? blocks : (1 << 20)), kThreads, 0, stream>>>(v, op);
-    }
+    const ElementwisePlan plan = plan_elementwise(v);
+    if (plan.blocks == 0) return PYBN_SUCCESS;
+    if (plan.rows) elementwise_rows<<<unsigned(plan.blocks), kThreads, 0, stream>>>(v, op);
+    else elementwise_flat<<<unsigned(plan.blocks), kThreads, 0, stream>>>(v, op);
     return launched(fn);
 }
 
@@ -349,14 +349,15 @@ template <class T> struct StatsReducer {
 template <class T> struct SumsReducer {
     using A = acc_t<T>;
     using Part = Sums;
-    struct Inputs { const T* dy; const T* x; const A* mean; };
+    struct Inputs { const T* dy; const T* x; const A* mean; const T* y = nullptr; };  // y: ReLU mask
     __device__ static void merge(Part& a, const Part& b) { a.merge(b); }
     struct Thread {
         const T *dy, *x;
         A m, s0 = 0, s1 = 0, s2 = 0;
         Sums total{};
         int depth = 0;
-        __device__ Thread(const Inputs& in, int64_t c) : dy(in.dy), x(in.x), m(in.mean[c]) {}
+        const T* y;
+        __device__ Thread(const Inputs& in, int64_t c) : dy(in.dy), x(in.x), m(in.mean[c]), y(in.y) {}
         __device__ void flush() {
             total.dy += double(s0);
             total.dy_xmu += double(s1);
@@ -365,7 +366,9 @@ template <class T> struct SumsReducer {
             depth = 0;
         }
         __device__ void add(int64_t e) {
-            const A g = load(dy[e]), d = load(x[e]) - m;
+            A g = load(dy[e]);
+            if (y && !(load(y[e]) > A(0))) g = A(0);  // behind a ReLU: the masked gradient
+            const A d = load(x[e]) - m;
             s0 += g;
             s1 += g * d;
             s2 += d;

@@ -7,14 +7,20 @@ using namespace pybn::cuda;
 
 namespace {
 
-// y = ((x - hi) - lo) * scale + shift, coef = [hi | lo | scale | shift] (see formulas.hpp)
+// y = activation(((x - hi) - lo) * scale + shift + z), coef = [hi | lo | scale | shift] (see
+// formulas.hpp); z: the residual, or nullptr; relu: max(0, v) with NaN kept (as on the CPU).
 template <class T> struct NormalizeOp {
     const T* x;
     T* y;
     const acc_t<T>* coef;
     int64_t C;
+    const T* z;
+    bool relu;
     __device__ void operator()(int64_t e, int64_t c) const {
-        y[e] = store<T>(((load(x[e]) - coef[c]) - coef[C + c]) * coef[2 * C + c] + coef[3 * C + c]);
+        acc_t<T> v = ((load(x[e]) - coef[c]) - coef[C + c]) * coef[2 * C + c] + coef[3 * C + c];
+        if (z) v = v + load(z[e]);
+        if (relu && v < acc_t<T>(0)) v = acc_t<T>(0);
+        y[e] = store<T>(v);
     }
 };
 
@@ -45,6 +51,7 @@ size_t forward_workspace(const pybn_view& v, ForwardMode mode) {
 
 pybn_status launch_forward(const char* fn, const pybn_view& v, const void* x, void* y, const pybn_forward_params& p,
                            ForwardMode mode, void* workspace, size_t bytes, cudaStream_t stream) {
+    clear_stale_error();
     pybn_status st = PYBN_SUCCESS;
     PYBN_CHECK(visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
         using T = decltype(t);
@@ -61,8 +68,9 @@ pybn_status launch_forward(const char* fn, const pybn_view& v, const void* x, vo
         else
             st = run_per_channel(fn, v.channels, InferStep<P>{args}, stream);
         if (st != PYBN_SUCCESS) return;
-        st = run_elementwise(fn, v, NormalizeOp<T>{static_cast<const T*>(x), static_cast<T*>(y), tmp.coef, v.channels},
-                             stream);
+        const NormalizeOp<T> op{static_cast<const T*>(x), static_cast<T*>(y), tmp.coef, v.channels,
+                                static_cast<const T*>(p.residual), p.activation == PYBN_ACTIVATION_RELU};
+        st = run_elementwise(fn, v, op, stream);
     }));
     return st;
 }

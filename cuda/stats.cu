@@ -42,6 +42,7 @@ size_t reduce_workspace(const pybn_view& v) {
 
 pybn_status launch_batch_stats(const char* fn, const pybn_view& v, const void* x, double* count, double* mean,
                                double* m2, void* workspace, size_t bytes, cudaStream_t stream) {
+    clear_stale_error();
     pybn_status st = PYBN_SUCCESS;
     PYBN_CHECK(visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
         using R = StatsReducer<decltype(t)>;
@@ -55,6 +56,7 @@ pybn_status launch_batch_stats(const char* fn, const pybn_view& v, const void* x
 pybn_status launch_backward_reduce(const char* fn, const pybn_view& v, const void* dy, const void* x,
                                    const void* mean, double* sum_dy, double* sum_dy_xmu, double* sum_xmu,
                                    void* workspace, size_t bytes, cudaStream_t stream) {
+    clear_stale_error();
     pybn_status st = PYBN_SUCCESS;
     PYBN_CHECK(visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
         using T = decltype(t);
@@ -136,6 +138,7 @@ pybn_status pybn_cuda_merge_stats(int64_t k, int64_t channels, const double* cou
     const char* fn = "pybn_cuda_merge_stats";
     return guarded(fn, [&] {
         PYBN_CHECK(validate_merge_stats(fn, kDevicePointers, k, channels, counts, means, m2s, count, mean, m2));
+        clear_stale_error();
         return run_per_channel(fn, channels, MergeChannel{k, channels, counts, means, m2s, count, mean, m2},
                                static_cast<cudaStream_t>(stream));
     });

@@ -57,8 +57,33 @@ def check_correction(correction: Any) -> int:
     return int(correction)
 
 
+_ACTIVATIONS = {None: _core.ACTIVATION_NONE, "relu": _core.ACTIVATION_RELU}
+
+
+def check_activation(activation: Any) -> int:
+    """activation=None or "relu" as the library's code."""
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"activation must be None or 'relu', got {type(activation).__name__}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return _ACTIVATIONS[activation]
+
+
 def _train_minimum(running_var: Any, correction: int) -> int:
     return 2 if running_var is not None and correction == 1 else 1
+
+
+def _check_device_counts(backend: Any, name: str, count: Array, minimum: float) -> None:
+    """The CPU library reads the counts of given statistics and refuses count < minimum itself;
+    on a GPU it cannot read them without a synchronisation, so the Python layer checks device
+    arrays here (one small copy to the host) and both devices give the same ValueError."""
+    if backend.name != "cuda" or count.size == 0:
+        return
+    bad = backend.xp.flatnonzero(~(count >= minimum))
+    if bad.size:
+        c = int(bad[0])
+        where = f"[{c}]" if count.ndim == 1 else "".join(f"[{i}]" for i in np.unravel_index(c, count.shape))
+        raise ValueError(f"{name}{where} must be >= {minimum:g}, got {float(count.reshape(-1)[c]):g}")
 
 
 def _per_channel_out(cx: Canonical) -> Array:
@@ -132,9 +157,11 @@ class _ForwardCall:
     returns (y, mean, invstd) with nothing written before the library call succeeds."""
 
     def __init__(self, x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
-                 correction, save, given_stats=False):
+                 correction, save, given_stats=False, activation=None, residual=None):
         self.cx = cx = _prepare(x, axis, (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
-                                          ("running_var", running_var), ("out", out)))
+                                          ("running_var", running_var), ("out", out), ("residual", residual)))
+        self.activation = check_activation(activation)
+        self.z = None if residual is None else cx.like_x("residual", residual)
         self.training = _training_flag(training)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)
@@ -154,15 +181,17 @@ class _ForwardCall:
             self.rm = cx.per_channel("running_mean", running_mean)
             self.rv = cx.per_channel("running_var", running_var)
         self.y = cx.output(out, (("x", x), ("gamma", gamma), ("beta", beta),
-                                 ("running_mean", running_mean), ("running_var", running_var)),
-                           in_place=(x,))
+                                 ("running_mean", running_mean), ("running_var", running_var),
+                                 ("residual", residual)),
+                           in_place=(x, residual))
         self.save = save
 
     def run(self, count=None, mean=None, m2=None):
         cx, be = self.cx, self.cx.backend
         stats = ()
-        if self.given_stats:  # the library checks the counts (channel and value in its message)
+        if self.given_stats:  # the CPU library checks the counts (channel and value in its message)
             stats = [_stats_array(cx, n, a) for n, a in (("count", count), ("mean", mean), ("m2", m2))]
+            _check_device_counts(be, "count", stats[0], _train_minimum(self.rv, self.correction))
         smean = sinvstd = None
         if self.save:
             smean, sinvstd = _per_channel_out(cx), _per_channel_out(cx)
@@ -172,7 +201,8 @@ class _ForwardCall:
             gamma=0 if self.g is None else a(self.g), beta=0 if self.b is None else a(self.b),
             eps=self.eps, running_mean=0 if self.rm is None else a(self.rm),
             running_var=0 if self.rv is None else a(self.rv), momentum=self.momentum,
-            save_mean=0 if smean is None else a(smean), save_invstd=0 if sinvstd is None else a(sinvstd))
+            save_mean=0 if smean is None else a(smean), save_invstd=0 if sinvstd is None else a(sinvstd),
+            activation=self.activation, residual=0 if self.z is None else a(self.z))
         if stats:
             params.given_statistics(a(stats[0]), a(stats[1]), a(stats[2]))
         _run_forward(cx, self.y.data, params)
@@ -185,7 +215,8 @@ class _ForwardCall:
 def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = None,
               running_mean: Optional[Array] = None, running_var: Optional[Array] = None, *,
               training: bool = True, momentum: float = 0.1, eps: float = 1e-5, axis: int = 1,
-              out: Optional[Array] = None, running_var_correction: int = 1) -> Array:
+              out: Optional[Array] = None, running_var_correction: int = 1,
+              activation: Optional[str] = None, residual: Optional[Array] = None) -> Array:
     """Batch normalisation of x over every axis but `axis`; returns y (x's dtype).
 
     training=True normalises with the batch statistics and, when running_mean / running_var are
@@ -194,10 +225,15 @@ def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = N
     (PyTorch, the default) or the biased M2 / n when 0 (ONNX, Keras/TF, Flax, PaddlePaddle,
     whose momentum m is 1 - m here). training=False normalises with running_mean / running_var
     (both required). gamma / beta default to 1 / 0. out (x's shape and dtype) receives y; it may
-    be x itself.
+    be x itself (or the residual).
+
+    Fused epilogue, in the same sweep (no extra pass): residual (x's shape and dtype) is added
+    after the affine step and activation="relu" applies max(0, .) last:
+    y = relu(gamma * x_hat + beta + residual). NaN stays NaN.
     """
     return _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
-                        running_var_correction, save=False).run()[0]
+                        running_var_correction, save=False, activation=activation,
+                        residual=residual).run()[0]
 
 
 @_on_device
@@ -205,20 +241,26 @@ def batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Optional[Ar
                       running_mean: Optional[Array] = None, running_var: Optional[Array] = None, *,
                       training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
                       axis: int = 1, out: Optional[Array] = None,
-                      running_var_correction: int = 1) -> Tuple[Array, Array, Array]:
+                      running_var_correction: int = 1, activation: Optional[str] = None,
+                      residual: Optional[Array] = None) -> Tuple[Array, Array, Array]:
     """Like batchnorm, also returning (mean, invstd) for batchnorm_backward: the batch mean and
     1/sqrt(var + eps) in training, running_mean and 1/sqrt(running_var + eps) otherwise."""
     return _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
-                        running_var_correction, save=True).run()
+                        running_var_correction, save=True, activation=activation, residual=residual).run()
 
 
 class _BackwardCall:
     """A checked backward: every argument but given sums validated and dx allocated;
     run(count, sum_dy, sum_dy_xmu, sum_xmu) (all None: the fused backward) -> (dx, dgamma, dbeta)."""
 
-    def __init__(self, dy, x, mean, invstd, gamma, training, axis, out, given_sums=False):
+    def __init__(self, dy, x, mean, invstd, gamma, training, axis, out, given_sums=False, activation=None,
+                 y=None, dresidual=None):
         self.cx = cx = _prepare(x, axis, (("dy", dy), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
-                                          ("out", out)))
+                                          ("out", out), ("y", y), ("dresidual", dresidual)))
+        self.activation = check_activation(activation)
+        if self.activation != _core.ACTIVATION_NONE and y is None:
+            raise ValueError(f"activation={activation!r} needs y, the forward's output (the mask is y > 0)")
+        self.ymask = None if self.activation == _core.ACTIVATION_NONE else cx.like_x("y", y)
         self.training = _training_flag(training)
         self.dy = cx.like_x("dy", dy)
         if mean is None or invstd is None:
@@ -230,33 +272,51 @@ class _BackwardCall:
         if self.training and not given_sums:
             _check_training_count(cx, 1, "training-mode backward")
         self.dx = cx.output(out, (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
-                                  ("gamma", gamma)), in_place=(dy, x))
+                                  ("gamma", gamma), ("y", y), ("dresidual", dresidual)), in_place=(dy, x))
+        # dresidual: its own output (may be dy itself, unless dx is written there too)
+        self.dres = None if dresidual is None else cx.output(
+            dresidual, (("dy", dy if out is not dy else None), ("x", x), ("y", y), ("out", out),
+                        ("mean", mean), ("invstd", invstd), ("gamma", gamma)), in_place=(dy,), name="dresidual")
 
     def run(self, count=None, sum_dy=None, sum_dy_xmu=None, sum_xmu=None):
         cx, be = self.cx, self.cx.backend
         sums = {}
         if self.given_sums:
-            sums = {n: be.address(_stats_array(cx, n, a)) for n, a in
-                    (("count", count), ("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu))}
+            arrays = {n: _stats_array(cx, n, a) for n, a in
+                      (("count", count), ("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu))}
+            if self.training:
+                _check_device_counts(be, "count", arrays["count"], 1)
+            sums = {n: be.address(a) for n, a in arrays.items()}
             sums["sum_xmu"] = 0 if sum_xmu is None else be.address(_stats_array(cx, "sum_xmu", sum_xmu))
         dgamma, dbeta = _per_channel_out(cx), _per_channel_out(cx)
         params = _core.BackwardParams(training=self.training, mean=be.address(self.m), invstd=be.address(self.r),
                                       gamma=address(be, self.g), dgamma=be.address(dgamma),
-                                      dbeta=be.address(dbeta), **sums)
+                                      dbeta=be.address(dbeta), activation=self.activation,
+                                      y=address(be, self.ymask),
+                                      dresidual=0 if self.dres is None else be.address(self.dres.data), **sums)
         _run_backward(cx, self.dy, self.dx.data, params)
+        if self.dres is not None:
+            self.dres.finish()
         return self.dx.finish(), dgamma, dbeta
 
 
 @_on_device
 def batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
                        gamma: Optional[Array] = None, *, training: bool = True, axis: int = 1,
-                       out: Optional[Array] = None) -> Tuple[Array, Array, Array]:
+                       out: Optional[Array] = None, activation: Optional[str] = None,
+                       y: Optional[Array] = None,
+                       dresidual: Optional[Array] = None) -> Tuple[Array, Array, Array]:
     """Gradients (dx, dgamma, dbeta) of batchnorm given dy and what batchnorm_forward returned.
 
     training=True differentiates through the batch statistics; training=False treats mean and
     invstd as constants (frozen statistics). out receives dx; it may be dy itself.
+
+    Behind a fused epilogue: activation="relu" takes y, the forward's output, and uses
+    dy * (y > 0) (0 where y == 0, as PyTorch's ReLU), in the same sweeps; dresidual (x's shape
+    and dtype; may be dy when out is not) receives the residual's gradient, that masked dy.
     """
-    return _BackwardCall(dy, x, mean, invstd, gamma, training, axis, out).run()
+    return _BackwardCall(dy, x, mean, invstd, gamma, training, axis, out, activation=activation, y=y,
+                         dresidual=dresidual).run()
 
 
 # ------------------------------------ composable primitives ------------------------------------
@@ -300,6 +360,7 @@ def merge_stats(count: Array, mean: Array, m2: Array) -> Tuple[Array, Array, Arr
     k, channels = (int(s) for s in count.shape)
     if k < 1:
         raise ValueError("merge_stats needs at least one partial (count.shape[0] >= 1)")
+    _check_device_counts(backend, "counts", parts[0], 0)
     res = [backend.xp.empty((channels,), dtype=np.float64) for _ in range(3)]
     _core.merge_stats(k, channels, *(backend.address(a) for a in parts),
                       *(backend.address(a) for a in res), backend.stream())
@@ -307,12 +368,13 @@ def merge_stats(count: Array, mean: Array, m2: Array) -> Tuple[Array, Array, Arr
 
 
 def _normalize_call(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out,
-                    running_var_correction=1):
+                    running_var_correction=1, activation=None, residual=None):
     """Checks every argument of normalize except the statistics and allocates the outputs;
     returns (cx, run(count, mean, m2) -> (y, mean, invstd)). Synchronised BN checks before its
     collective and runs after it."""
     call = _ForwardCall(x, gamma, beta, running_mean, running_var, True, momentum, eps, axis, out,
-                        running_var_correction, save=True, given_stats=True)
+                        running_var_correction, save=True, given_stats=True, activation=activation,
+                        residual=residual)
     return call.cx, call.run
 
 

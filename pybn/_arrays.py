@@ -58,7 +58,7 @@ class HostBackend:
 
     @staticmethod
     def writable(a: Any) -> bool:
-        return bool(a.flags.writeable)
+        return bool(HostBackend.adopt(a).flags.writeable)
 
     @staticmethod
     def may_share_memory(a: Any, b: Any) -> bool:
@@ -123,11 +123,15 @@ class CudaBackend:
         if a is None:
             return None
         if not isinstance(a, self.xp.ndarray):
-            # CuPy honours the producer's stream: CAI v3 "stream", DLPack's stream argument
+            # DLPack first: cupy.from_dlpack passes CuPy's current stream to the producer's
+            # __dlpack__(stream=...), so a producer that wrote on another stream (a PyTorch side
+            # stream) orders its work before ours; PyTorch's __cuda_array_interface__ (v2) has no
+            # stream and would race. CAI only for producers without __dlpack__ (CAI v3 "stream").
             try:
-                a = self.xp.asarray(a) if hasattr(a, "__cuda_array_interface__") else self.xp.from_dlpack(a)
-            except (TypeError, ValueError, NotImplementedError, BufferError) as e:
-                raise TypeError(f"cannot use {type(a).__name__} as a CUDA array through CuPy: {e}") from None
+                a = self.xp.from_dlpack(a) if hasattr(a, "__dlpack__") else self.xp.asarray(a)
+            except (TypeError, ValueError, NotImplementedError, BufferError, RuntimeError) as e:
+                hint = " (a tensor that requires grad: pass tensor.detach())" if "grad" in str(e) else ""
+                raise TypeError(f"cannot use {type(a).__name__} as a CUDA array through CuPy: {e}{hint}") from None
         if a.device.id != self.device:
             raise TypeError(f"all arrays of one call must live on the same device, got devices "
                             f"{self.device} and {a.device.id}")
@@ -146,9 +150,13 @@ class CudaBackend:
         """Device temporaries of one library call, from CuPy's memory pool (256-byte aligned)."""
         return self.xp.empty(int(nbytes), dtype=self.xp.uint8)
 
-    @staticmethod
-    def writable(a: Any) -> bool:
-        return True
+    def writable(self, a: Any) -> bool:
+        """False for a producer that marks its memory read-only (CAI "data": (ptr, True));
+        CuPy arrays are always writable."""
+        if isinstance(a, self.xp.ndarray):
+            return True
+        cai = getattr(a, "__cuda_array_interface__", None)
+        return not (cai is not None and bool(cai["data"][1]))
 
     def may_share_memory(self, a: Any, b: Any) -> bool:
         return bool(self.xp.may_share_memory(self.adopt(a), self.adopt(b)))
@@ -183,10 +191,12 @@ def device_context(arrays: Sequence[Any], stream: Any = None) -> Any:
 def _device_id(cp: Any, a: Any) -> int:
     if isinstance(a, cp.ndarray):
         return int(a.device.id)
+    if hasattr(a, "__dlpack_device__"):
+        return int(a.__dlpack_device__()[1])
     if hasattr(a, "__cuda_array_interface__"):
         ptr = a.__cuda_array_interface__["data"][0]
         return int(cp.cuda.runtime.pointerGetAttributes(ptr).device) if ptr else cp.cuda.Device().id
-    return int(a.__dlpack_device__()[1])
+    return cp.cuda.Device().id
 
 
 def _is_cuda_array(a: Any) -> bool:
@@ -349,7 +359,7 @@ class Canonical:
         """Validated per-channel array; returns its contiguous data (a copy if it was strided)."""
         if a is None:
             return None
-        a = self.backend.adopt(a)
+        given, a = a, self.backend.adopt(a)
         if np.dtype(a.dtype) != self.pdtype:
             raise TypeError(
                 f"{name} must have dtype {self.pdtype.name} (per-channel dtype for {self.dtype.name} x), "
@@ -357,11 +367,12 @@ class Canonical:
             )
         if tuple(a.shape) != (self.channels,):
             raise ValueError(f"{name} must have shape ({self.channels},) (one value per channel), got {tuple(a.shape)}")
-        if writable and not self.backend.writable(a):
+        if writable and not self.backend.writable(given):
             raise ValueError(f"{name} is read-only; it is updated in place and must be writable")
         return self.backend.contiguous(a)
 
-    def output(self, out: Any, inputs: Sequence[Tuple[str, Any]], in_place: Sequence[Any] = ()) -> "Output":
+    def output(self, out: Any, inputs: Sequence[Tuple[str, Any]], in_place: Sequence[Any] = (),
+               name: str = "out") -> "Output":
         """The elementwise output of a call (y or dx), laid out like x.
 
         out=None allocates. Otherwise out must match x's shape and dtype, be writable and overlap
@@ -372,17 +383,19 @@ class Canonical:
             return Output(*self.empty())
         given, out = out, self.backend.adopt(out)
         if np.dtype(out.dtype) != self.dtype:
-            raise ValueError(f"out must have the dtype of x ({self.dtype.name}), got {dtype_name(out.dtype)}")
+            raise ValueError(f"{name} must have the dtype of x ({self.dtype.name}), got {dtype_name(out.dtype)}")
         if tuple(out.shape) != self.shape:
-            raise ValueError(f"out must have the shape of x {self.shape}, got {tuple(out.shape)}")
-        if not self.backend.writable(out):
-            raise ValueError("out is read-only")
-        for name, a in inputs:
+            raise ValueError(f"{name} must have the shape of x {self.shape}, got {tuple(out.shape)}")
+        if not self.backend.writable(given):
+            raise ValueError(f"{name} is read-only")
+        out_name = name
+        for in_name, a in inputs:
             if a is None or not self.backend.may_share_memory(out, a):
                 continue
             if any(a is b for b in in_place) and _same_memory(out, a, self.backend):
                 continue
-            raise ValueError(f"out overlaps the input {name}; only exact in-place use is supported")
+            raise ValueError(f"{out_name} overlaps {'the input ' if in_name != 'out' else ''}{in_name}; only exact "
+                             "in-place use is supported")
         if self.is_arranged(out):
             return Output(given, out.transpose(self.perm))
         return Output(given, self.empty()[1], inv_perm=self.inv_perm, target=out)

@@ -8,6 +8,8 @@ FLOAT64: int
 FLOAT16: int
 BFLOAT16: int
 ABI_VERSION: int
+ACTIVATION_NONE: int
+ACTIVATION_RELU: int
 
 class PybnError(RuntimeError):
     status: int
@@ -26,13 +28,14 @@ class ForwardParams:
     def __init__(self, *, training: bool = ..., running_var_correction: int = ..., gamma: int = ...,
                  beta: int = ..., eps: float = ..., running_mean: int = ..., running_var: int = ...,
                  momentum: float = ..., save_mean: int = ..., save_invstd: int = ..., count: int = ...,
-                 mean: int = ..., m2: int = ...) -> None: ...
+                 mean: int = ..., m2: int = ..., activation: int = ..., residual: int = ...) -> None: ...
     def given_statistics(self, count: int, mean: int, m2: int) -> None: ...
 
 class BackwardParams:
     def __init__(self, *, training: bool = ..., mean: int = ..., invstd: int = ..., gamma: int = ...,
                  dgamma: int = ..., dbeta: int = ..., count: int = ..., sum_dy: int = ...,
-                 sum_dy_xmu: int = ..., sum_xmu: int = ...) -> None: ...
+                 sum_dy_xmu: int = ..., sum_xmu: int = ..., activation: int = ..., y: int = ...,
+                 dresidual: int = ...) -> None: ...
 
 def host_address(a: object) -> int: ...
 def forward_workspace_size(view: View, params: ForwardParams) -> int: ...

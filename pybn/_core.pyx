@@ -46,10 +46,13 @@ cdef extern from "pybn/pybn.h" nogil:
         const double* count
         const double* mean
         const double* m2
+        int32_t activation
+        int32_t reserved
+        const void* residual
     ctypedef struct pybn_backward_params:
         size_t size
         int32_t training
-        int32_t reserved
+        int32_t activation
         const void* mean
         const void* invstd
         const void* gamma
@@ -59,6 +62,8 @@ cdef extern from "pybn/pybn.h" nogil:
         const double* sum_dy
         const double* sum_dy_xmu
         const double* sum_xmu
+        const void* y
+        void* dresidual
 
     const char* pybn_status_string(pybn_status status)
     const char* pybn_last_error()
@@ -153,6 +158,8 @@ FLOAT64 = PYBN_FLOAT64
 FLOAT16 = PYBN_FLOAT16
 BFLOAT16 = PYBN_BFLOAT16
 ABI_VERSION = PYBN_ABI_VERSION
+ACTIVATION_NONE = 0
+ACTIVATION_RELU = 1
 
 
 class PybnError(RuntimeError):
@@ -236,7 +243,8 @@ cdef class ForwardParams:
     def __init__(self, *, bint training=True, int running_var_correction=1, uintptr_t gamma=0,
                  uintptr_t beta=0, double eps=1e-5, uintptr_t running_mean=0,
                  uintptr_t running_var=0, double momentum=0.1, uintptr_t save_mean=0,
-                 uintptr_t save_invstd=0, uintptr_t count=0, uintptr_t mean=0, uintptr_t m2=0):
+                 uintptr_t save_invstd=0, uintptr_t count=0, uintptr_t mean=0, uintptr_t m2=0,
+                 int activation=0, uintptr_t residual=0):
         self.p.size = sizeof(pybn_forward_params)
         self.p.training = training
         self.p.running_var_correction = running_var_correction
@@ -251,6 +259,9 @@ cdef class ForwardParams:
         self.p.count = <const double*>count
         self.p.mean = <const double*>mean
         self.p.m2 = <const double*>m2
+        self.p.activation = activation
+        self.p.reserved = 0
+        self.p.residual = <const void*>residual
 
 
 cdef class BackwardParams:
@@ -259,10 +270,13 @@ cdef class BackwardParams:
 
     def __init__(self, *, bint training=True, uintptr_t mean=0, uintptr_t invstd=0,
                  uintptr_t gamma=0, uintptr_t dgamma=0, uintptr_t dbeta=0, uintptr_t count=0,
-                 uintptr_t sum_dy=0, uintptr_t sum_dy_xmu=0, uintptr_t sum_xmu=0):
+                 uintptr_t sum_dy=0, uintptr_t sum_dy_xmu=0, uintptr_t sum_xmu=0, int activation=0,
+                 uintptr_t y=0, uintptr_t dresidual=0):
         self.p.size = sizeof(pybn_backward_params)
         self.p.training = training
-        self.p.reserved = 0
+        self.p.activation = activation
+        self.p.y = <const void*>y
+        self.p.dresidual = <void*>dresidual
         self.p.mean = <const void*>mean
         self.p.invstd = <const void*>invstd
         self.p.gamma = <const void*>gamma

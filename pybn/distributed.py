@@ -177,7 +177,8 @@ def sync_batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Option
                            axis: int = 1, out: Optional[Array] = None,
                            cuda_aware: Optional[bool] = None,
                            num_features: Optional[int] = None,
-                           running_var_correction: int = 1) -> Tuple[Array, Array, Array]:
+                           running_var_correction: int = 1, activation: Optional[str] = None,
+                           residual: Optional[Array] = None) -> Tuple[Array, Array, Array]:
     """batchnorm_forward over the union of every rank's x (same arguments, plus comm): returns
     (y, mean, invstd) with the global batch statistics. Every rank of comm must call it, with
     the same channel count, training flag and momentum; a rank may hold zero samples.
@@ -189,7 +190,8 @@ def sync_batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Option
     correction = _api.check_correction(running_var_correction)
     if not training:
         return _api.batchnorm_forward(x, gamma, beta, running_mean, running_var, training=False,
-                                      momentum=momentum, eps=eps, axis=axis, out=out)
+                                      momentum=momentum, eps=eps, axis=axis, out=out,
+                                      activation=activation, residual=residual)
     minimum = _api._train_minimum(running_var, correction)
     channels = _channels(x, axis) if num_features is None else int(num_features)
     xp, error, rows, run = np, None, None, None
@@ -198,7 +200,7 @@ def sync_batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Option
         _check_channels(x, axis, channels)
         with device_context((x,)):
             _, run = _api._normalize_call(x, gamma, beta, running_mean, running_var, momentum,
-                                           eps, axis, out, correction)
+                                           eps, axis, out, correction, activation, residual)
             rows = list(_api.batch_stats(x, axis=axis))  # count, mean, M2
     except (TypeError, ValueError) as e:
         error = e
@@ -219,23 +221,28 @@ def sync_batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array
                    comm: Any, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
                    axis: int = 1, out: Optional[Array] = None,
                    cuda_aware: Optional[bool] = None, num_features: Optional[int] = None,
-                   running_var_correction: int = 1) -> Array:
+                   running_var_correction: int = 1, activation: Optional[str] = None,
+                   residual: Optional[Array] = None) -> Array:
     """batchnorm over the union of every rank's x; see sync_batchnorm_forward."""
     return sync_batchnorm_forward(x, gamma, beta, running_mean, running_var, comm=comm,
                                   training=training, momentum=momentum, eps=eps, axis=axis,
                                   out=out, cuda_aware=cuda_aware, num_features=num_features,
-                                  running_var_correction=running_var_correction)[0]
+                                  running_var_correction=running_var_correction,
+                                  activation=activation, residual=residual)[0]
 
 
 def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
                             gamma: Optional[Array] = None, *, comm: Any, training: bool = True,
                             axis: int = 1, out: Optional[Array] = None,
                             cuda_aware: Optional[bool] = None,
-                            num_features: Optional[int] = None) -> Tuple[Array, Array, Array]:
+                            num_features: Optional[int] = None, activation: Optional[str] = None,
+                            y: Optional[Array] = None,
+                            dresidual: Optional[Array] = None) -> Tuple[Array, Array, Array]:
     """batchnorm_backward over the union of every rank's batch: dx for this rank's x, and
     dgamma / dbeta summed over all ranks (identical on every rank). training=False treats
     mean/invstd as constants (dx is local) but still sums dgamma / dbeta over the ranks.
-    num_features: as in sync_batchnorm_forward."""
+    num_features: as in sync_batchnorm_forward. activation="relu" with y, and dresidual: as in
+    pybn.batchnorm_backward (here the masked gradient is formed first, one extra pass)."""
     coll = _collective(comm, cuda_aware)
     channels = _channels(x, axis) if num_features is None else int(num_features)
     xp, error, rows, run = np, None, None, None
@@ -243,6 +250,12 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
         training = _api._training_flag(training)
         xp = backend_of((("x", x),)).xp
         _check_channels(x, axis, channels)
+        if _api.check_activation(activation) != 0:
+            if y is None:
+                raise ValueError(f"activation={activation!r} needs y, the forward's output (the mask is y > 0)")
+            dy = xp.where(backend_of((("y", y),)).adopt(y) > 0, backend_of((("dy", dy),)).adopt(dy), 0).astype(dy.dtype)
+        elif dresidual is not None and out is dy:  # dx overwrites dy: keep the residual's gradient
+            dy = backend_of((("dy", dy),)).adopt(dy).copy()
         with device_context((x,)):
             cx, run = _api._backward_elementwise_call(dy, x, mean, invstd, gamma, training, axis,
                                                       out)
@@ -258,8 +271,11 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
                              f"all ranks, got {total:g}")
         sums = _in_rank_order(gathered)
         count = xp.ascontiguousarray(sums[3])
-        return run(count, xp.ascontiguousarray(sums[0]), xp.ascontiguousarray(sums[1]),
-                   xp.ascontiguousarray(sums[2]))
+        result = run(count, xp.ascontiguousarray(sums[0]), xp.ascontiguousarray(sums[1]),
+                     xp.ascontiguousarray(sums[2]))
+        if dresidual is not None:  # the residual's gradient: the (masked) dy
+            backend_of((("dresidual", dresidual),)).adopt(dresidual)[...] = dy
+        return result
 
 
 # --------------------------------------------- layer ---------------------------------------------
@@ -282,12 +298,14 @@ class SyncBatchNorm(BatchNorm):
                                       comm=self.comm, training=training, momentum=momentum,
                                       eps=self.eps, axis=self.axis, cuda_aware=self.cuda_aware,
                                       num_features=self.num_features,
-                                      running_var_correction=self.running_var_correction)
+                                      running_var_correction=self.running_var_correction,
+                                      activation=self.activation)
 
-    def _backward_call(self, dy, x, mean, invstd, training):
+    def _backward_call(self, dy, x, mean, invstd, training, y=None):
         return sync_batchnorm_backward(dy, x, mean, invstd, self.gamma, comm=self.comm,
                                        training=training, axis=self.axis,
-                                       cuda_aware=self.cuda_aware, num_features=self.num_features)
+                                       cuda_aware=self.cuda_aware, num_features=self.num_features,
+                                       activation=self.activation, y=y)
 
     def __repr__(self) -> str:
         return "Sync" + super().__repr__() + f" over {self._coll.size} ranks"

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ._api import batchnorm_backward, batchnorm_forward, check_correction
+from ._api import batchnorm_backward, batchnorm_forward, check_activation, check_correction
 from ._arrays import _cupy, check_eps, check_momentum, dtype_name
 from ._core import has_cuda
 
@@ -21,17 +21,21 @@ class BatchNorm:
     track_running_stats=False normalises with batch statistics in training and in eval.
     running_var_correction=1 updates running_var with the unbiased batch variance (PyTorch),
     0 with the biased one (Keras/TF, Flax, PaddlePaddle, ONNX; their momentum m is 1 - m here).
+    activation="relu" fuses a ReLU into the layer (forward and backward, no extra pass).
     """
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, axis: int = 1,
-                 dtype: Any = np.float32, device: str = "cpu", running_var_correction: int = 1):
+                 dtype: Any = np.float32, device: str = "cpu", running_var_correction: int = 1,
+                 activation: Optional[str] = None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
         self.eps = check_eps(eps)
         self.running_var_correction = check_correction(running_var_correction)
+        check_activation(activation)
+        self.activation = activation
         self.momentum = None if momentum is None else check_momentum(momentum)
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
@@ -85,15 +89,15 @@ class BatchNorm:
             0.0 if momentum is None else momentum)
         if update:
             self.num_batches_tracked += 1
-        self._saved = (x, mean, invstd, batch)
+        self._saved = (x, mean, invstd, batch, y if self.activation else None)
         return y
 
     def backward(self, dy: Array) -> Array:
         """dx for the last forward; sets grad_gamma and grad_beta (None when affine=False)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() call first")
-        x, mean, invstd, batch = self._saved
-        dx, dgamma, dbeta = self._backward_call(dy, x, mean, invstd, batch)
+        x, mean, invstd, batch, y = self._saved
+        dx, dgamma, dbeta = self._backward_call(dy, x, mean, invstd, batch, y)
         if self.affine:
             self.grad_gamma, self.grad_beta = dgamma, dbeta
         return dx
@@ -102,11 +106,12 @@ class BatchNorm:
     def _forward_call(self, x, running_mean, running_var, training, momentum):
         return batchnorm_forward(x, self.gamma, self.beta, running_mean, running_var,
                                  training=training, momentum=momentum, eps=self.eps,
-                                 axis=self.axis, running_var_correction=self.running_var_correction)
+                                 axis=self.axis, running_var_correction=self.running_var_correction,
+                                 activation=self.activation)
 
-    def _backward_call(self, dy, x, mean, invstd, training):
+    def _backward_call(self, dy, x, mean, invstd, training, y=None):
         return batchnorm_backward(dy, x, mean, invstd, self.gamma, training=training,
-                                  axis=self.axis)
+                                  axis=self.axis, activation=self.activation, y=y)
 
     def state_dict(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {}
@@ -146,4 +151,4 @@ class BatchNorm:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype={self.dtype.name}, "
-                f"running_var_correction={self.running_var_correction})")
+                f"running_var_correction={self.running_var_correction}, activation={self.activation!r})")

@@ -32,12 +32,14 @@ class View(ctypes.Structure):
 class ForwardParams(ctypes.Structure):
     _fields_ = [("size", SZ), ("training", I32), ("running_var_correction", I32), ("gamma", P), ("beta", P),
                 ("eps", D), ("running_mean", P), ("running_var", P), ("momentum", D), ("save_mean", P),
-                ("save_invstd", P), ("count", P), ("mean", P), ("m2", P)]
+                ("save_invstd", P), ("count", P), ("mean", P), ("m2", P), ("activation", I32), ("reserved", I32),
+                ("residual", P)]
 
 
 class BackwardParams(ctypes.Structure):
-    _fields_ = [("size", SZ), ("training", I32), ("reserved", I32), ("mean", P), ("invstd", P), ("gamma", P),
-                ("dgamma", P), ("dbeta", P), ("count", P), ("sum_dy", P), ("sum_dy_xmu", P), ("sum_xmu", P)]
+    _fields_ = [("size", SZ), ("training", I32), ("activation", I32), ("mean", P), ("invstd", P), ("gamma", P),
+                ("dgamma", P), ("dbeta", P), ("count", P), ("sum_dy", P), ("sum_dy_xmu", P), ("sum_xmu", P),
+                ("y", P), ("dresidual", P)]
 
 
 for name, args in {
@@ -86,16 +88,16 @@ def test_struct_layouts_match_the_header():
     src = HERE / "_sizes.c"
     exe = HERE / "_sizes"
     src.write_text('#include <stdio.h>\n#include <stddef.h>\n#include <pybn/pybn.h>\nint main(void) {\n'
-                   '  printf("%zu %zu %zu %zu\\n", sizeof(pybn_forward_params), offsetof(pybn_forward_params, m2),'
-                   ' sizeof(pybn_backward_params), offsetof(pybn_backward_params, sum_xmu)); return 0; }\n')
+                   '  printf("%zu %zu %zu %zu\\n", sizeof(pybn_forward_params), offsetof(pybn_forward_params, residual),'
+                   ' sizeof(pybn_backward_params), offsetof(pybn_backward_params, dresidual)); return 0; }\n')
     try:
         subprocess.run(["cc", "-std=c99", f"-I{pybn.get_include()}", str(src), "-o", str(exe)], check=True)
         got = [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True).stdout.split()]
     finally:
         src.unlink(missing_ok=True)
         exe.unlink(missing_ok=True)
-    assert got == [ctypes.sizeof(ForwardParams), ForwardParams.m2.offset, ctypes.sizeof(BackwardParams),
-                   BackwardParams.sum_xmu.offset]
+    assert got == [ctypes.sizeof(ForwardParams), ForwardParams.residual.offset, ctypes.sizeof(BackwardParams),
+                   BackwardParams.dresidual.offset]
 
 
 def test_v2_forward_and_backward_are_bitwise_the_level_1_calls(rng):
@@ -171,6 +173,8 @@ def test_parameter_block_sizes():
     ("running_var_correction", 2, INVALID_VALUE, "running_var_correction must be 0 or 1, got 2"),
     ("training", 5, INVALID_VALUE, "training must be 0 or 1, got 5"),
     ("eps", -1.0, INVALID_VALUE, "eps must be a finite number >= 0"),
+    ("activation", 7, INVALID_VALUE, "activation must be PYBN_ACTIVATION_NONE (0) or PYBN_ACTIVATION_RELU (1)"),
+    ("reserved", 1, INVALID_ARGUMENT, "reserved must be 0"),
 ])
 def test_v2_forward_field_checks(field, value, status, message):
     x = np.ones((2, 3, 4), np.float32)
@@ -185,9 +189,12 @@ def test_v2_backward_field_checks():
     x = np.ones((2, 3, 4), np.float32)
     one = np.ones(3, np.float32)
     dx = np.full_like(x, 7)
-    p = backward_params(mean=one, invstd=one, reserved=1)
+    p = backward_params(mean=one, invstd=one, activation=3)
+    assert LIB.pybn_backward_v2(View(2, 3, 4, 0), addr(x), addr(x), addr(dx), ctypes.byref(p)) == INVALID_VALUE
+    assert "activation must be PYBN_ACTIVATION_NONE (0) or PYBN_ACTIVATION_RELU (1), got 3" in last_error()
+    p = backward_params(mean=one, invstd=one, activation=1)  # ReLU without y
     assert LIB.pybn_backward_v2(View(2, 3, 4, 0), addr(x), addr(x), addr(dx), ctypes.byref(p)) == INVALID_ARGUMENT
-    assert "reserved must be 0" in last_error()
+    assert "y must not be NULL" in last_error()
     p = backward_params(mean=one, invstd=one, sum_dy=np.zeros(3))  # given sums: sum_dy_xmu missing
     assert LIB.pybn_backward_v2(View(2, 3, 4, 0), addr(x), addr(x), addr(dx), ctypes.byref(p)) == INVALID_ARGUMENT
     assert "sum_dy_xmu must not be NULL" in last_error()

@@ -212,3 +212,124 @@ def test_gpu_more_than_2_31_elements():
     x[::2, 0] = 3  # channel 0 alternates 3, 1: mean 2, var 1
     y = pybn.batchnorm(x, eps=0.0)
     assert float(y[0, 0]) == 1.0 and float(y[1, 0]) == -1.0 and float(y[-1, 0]) == -1.0
+
+
+# ---- ABI level 2, conventions and the review's defects (issue 15) ------------------------------
+
+@pytest.mark.parametrize("correction", [0, 1])
+@pytest.mark.parametrize("shape,axis", [((6, 5, 40), 1), ((700, 40), 1), ((4, 3, 3, 37), -1)])
+def test_gpu_matches_cpu_every_op(rng, shape, axis, correction):
+    """Same method on both devices: agreement to a few float32 ulps on every op."""
+    xh = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+    dyh = rng.standard_normal(shape).astype(np.float32)
+    c = shape[axis]
+    gh, bh = rng.uniform(0.5, 2, c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    outs = {}
+    for dev, xp in (("cpu", np), ("gpu", cp)):
+        x, dy, g, b = (xp.asarray(a) for a in (xh, dyh, gh, bh))
+        rm, rv = xp.zeros(c, np.float32), xp.ones(c, np.float32)
+        y, mean, invstd = pybn.batchnorm_forward(x, g, b, rm, rv, axis=axis, running_var_correction=correction)
+        dx, dg, db = pybn.batchnorm_backward(dy, x, mean, invstd, g, axis=axis)
+        yi = pybn.batchnorm(x, g, b, rm, rv, training=False, axis=axis)
+        dxf, _, _ = pybn.batchnorm_backward(dy, x, rm, invstd, g, training=False, axis=axis)
+        stats = pybn.batch_stats(x, axis=axis)
+        sums = pybn.backward_reduce(dy, x, mean, axis=axis)
+        outs[dev] = [host(a) if dev == "gpu" else a for a in (y, mean, invstd, rm, rv, dx, dg, db, yi, dxf, *stats, *sums)]
+    for i, (a, b) in enumerate(zip(outs["cpu"], outs["gpu"])):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=f"output {i}")
+
+
+def test_gpu_work_is_captured_on_a_non_default_stream(rng):
+    """A CUDA graph captured on a side stream replays the whole training step: every launch and
+    no allocation went to that stream (capture fails otherwise)."""
+    x = cp.asarray(rng.standard_normal((8, 4, 50)).astype(np.float32))
+    rm, rv = cp.zeros(4, cp.float32), cp.ones(4, cp.float32)
+    y = cp.empty_like(x)
+    ref_y = pybn.batchnorm(x)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        # warm-up on the capture stream: CuPy's pool then holds a workspace block for it, so the
+        # captured call allocates no device memory
+        pybn.batchnorm(x, out=y)
+        stream.synchronize()
+        stream.begin_capture()
+        pybn.batchnorm(x, None, None, rm, rv, out=y)
+        graph = stream.end_capture()
+    y[...] = 0
+    graph.launch(stream)
+    stream.synchronize()
+    cp.testing.assert_array_equal(y, ref_y)
+    assert float(rv.sum()) != 4.0
+
+
+def test_gpu_torch_side_stream_producer_through_dlpack(rng):
+    torch = pytest.importorskip("torch")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        t = torch.randn(16, 3, 1000, device="cuda")
+        t.mul_(3).add_(1)  # still running on the side stream when pybn is called
+    y = pybn.batchnorm(t)  # DLPack stream handshake: CuPy's stream waits for `side`
+    np.testing.assert_allclose(host(y), host(pybn.batchnorm(cp.asarray(t.cpu().numpy()))), atol=1e-5)
+
+
+def test_gpu_requires_grad_tensor_is_a_clear_type_error():
+    torch = pytest.importorskip("torch")
+    t = torch.randn(4, 3, device="cuda", requires_grad=True)
+    with pytest.raises(TypeError, match="detach"):
+        pybn.batchnorm(t)
+
+
+def test_gpu_read_only_cuda_array_interface_output_is_refused(rng):
+    x = cp.asarray(rng.standard_normal((4, 3)).astype(np.float32))
+
+    class ReadOnly:
+        def __init__(self, a):
+            self.a = a
+            cai = dict(a.__cuda_array_interface__)
+            cai["data"] = (cai["data"][0], True)
+            self.__cuda_array_interface__ = cai
+
+    out = cp.zeros_like(x)
+    with pytest.raises(ValueError, match="out is read-only"):
+        pybn.batchnorm(x, out=ReadOnly(out))
+    rv = cp.ones(3, cp.float32)
+    with pytest.raises(ValueError, match="running_var is read-only"):
+        pybn.batchnorm(x, None, None, cp.zeros(3, cp.float32), ReadOnly(rv))
+
+
+def test_gpu_count_checks_match_the_cpu(rng):
+    x = cp.asarray(rng.standard_normal((1, 3, 1)).astype(np.float32))
+    count, mean, m2 = pybn.batch_stats(x)
+    with pytest.raises(ValueError, match=r"count\[0\] must be >= 2, got 1"):
+        pybn.normalize(x, count, mean, m2, running_var=cp.ones(3, cp.float32))
+    pybn.normalize(x, count, mean, m2, running_var=cp.ones(3, cp.float32), running_var_correction=0)
+    with pytest.raises(ValueError, match=r"counts\[1\]\[2\] must be >= 0"):
+        bad = cp.ones((2, 3))
+        bad[1, 2] = -1
+        pybn.merge_stats(bad, cp.zeros((2, 3)), cp.zeros((2, 3)))
+
+
+def test_gpu_zero_inner_with_channels_does_not_divide_by_zero():
+    x = cp.zeros((4, 3, 0), cp.float32)
+    count, mean, m2 = pybn.batch_stats(x)
+    assert host(count).tolist() == [0, 0, 0]
+    sums = pybn.backward_reduce(x, x, cp.zeros(3, cp.float32))
+    assert all(host(s).tolist() == [0, 0, 0] for s in sums)
+    dx, dg, db = pybn.batchnorm_backward(x, x, cp.zeros(3, cp.float32), cp.ones(3, cp.float32), training=False)
+    assert dx.shape == (4, 3, 0) and host(db).tolist() == [0, 0, 0]
+
+
+def test_gpu_out_of_memory_is_memory_error_and_changes_nothing():
+    pool = cp.get_default_memory_pool()
+    free = cp.cuda.runtime.memGetInfo()[0]
+    x = cp.ones((2, 1 << 20, 1), cp.float32)  # the workspace grows with C x chunks
+    rm, rv = cp.zeros(1 << 20, cp.float32), cp.ones(1 << 20, cp.float32)
+    limit = pool.get_limit()
+    try:
+        pool.set_limit(size=pool.used_bytes() + 1024)
+        with pytest.raises(MemoryError):
+            pybn.batchnorm(x, None, None, rm, rv, out=x)
+    finally:
+        pool.set_limit(size=limit)
+    assert float(rm.sum()) == 0 and float(rv.sum()) == 1 << 20 and float(x.sum()) == 2 << 20
+    assert free > 0

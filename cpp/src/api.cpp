@@ -94,9 +94,10 @@ pybn_status forward_impl(const char* fn, const pybn_view& v, const void* x, void
     const int64_t C = v.channels;
     if (mode == ForwardMode::given_stats) PYBN_CHECK(check_counts(fn, C, p.count, double(train_minimum(p))));
     ForwardOutputs<P> outputs(C, p, mode);
+    const cpu::OutputOps ops{p.activation, p.residual};
     if (mode == ForwardMode::train) {
         const TrainEpilogue<P> epilogue(outputs.args(C, nullptr), double(per_channel(v)));
-        if (C > 0) PYBN_CHECK(cpu::kernels().forward_train(v, x, y, epilogue));
+        if (C > 0) PYBN_CHECK(cpu::kernels().forward_train(v, x, y, epilogue, ops));
     } else {
         std::vector<P> coef(static_cast<size_t>(4 * C));
         const NormalizeArgs<P> args = outputs.args(C, coef.data());
@@ -104,7 +105,7 @@ pybn_status forward_impl(const char* fn, const pybn_view& v, const void* x, void
             if (mode == ForwardMode::infer) infer_channel(args, c);
             else normalize_channel(args, c, p.count[c], p.mean[c], p.m2[c]);
         }
-        if (has_values(v)) PYBN_CHECK(cpu::kernels().normalize(v, x, coef.data(), y));
+        if (has_values(v)) PYBN_CHECK(cpu::kernels().normalize(v, x, coef.data(), y, ops));
     }
     outputs.finish();
     return PYBN_SUCCESS;
@@ -119,10 +120,11 @@ pybn_status backward_impl(const char* fn, const pybn_view& v, const void* dy, co
     BackwardArgs<P> args{C, p, mode == BackwardMode::fused ? double(per_channel(v)) : 0.0, nullptr};
     args.p.dgamma = dg.data();  // written back after the kernel
     args.p.dbeta = db.data();
+    const cpu::GradOps ops{p.activation, p.y, p.dresidual};
     if (mode == BackwardMode::fused) {
         const SumsEpilogue<P> epilogue(args);
         if (has_values(v)) {
-            PYBN_CHECK(cpu::kernels().backward(v, dy, x, p.mean, p.training != 0, dx, epilogue));
+            PYBN_CHECK(cpu::kernels().backward(v, dy, x, p.mean, p.training != 0, dx, epilogue, ops));
         } else if (C > 0) {  // nothing to reduce: zero sums give the parameter gradients
             std::vector<double> zero(static_cast<size_t>(C), 0.0);
             coef.resize(static_cast<size_t>(4 * C));
@@ -133,8 +135,8 @@ pybn_status backward_impl(const char* fn, const pybn_view& v, const void* dy, co
         args.coef = coef.data();
         for (int64_t c = 0; c < C; ++c)
             backward_channel(args, c, p.sum_dy[c], p.sum_dy_xmu[c], p.sum_xmu ? p.sum_xmu[c] : 0.0);
-        if (dx && has_values(v))
-            PYBN_CHECK(cpu::kernels().backward_elementwise(v, dy, p.training ? x : nullptr, coef.data(), dx));
+        if ((dx || p.dresidual) && has_values(v))
+            PYBN_CHECK(cpu::kernels().backward_elementwise(v, dy, p.training ? x : nullptr, coef.data(), dx, ops));
     }
     copy_out(dg, p.dgamma);
     copy_out(db, p.dbeta);

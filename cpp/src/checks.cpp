@@ -101,6 +101,14 @@ pybn_status read_block(const char* fn, const char* type, const Params* given, Pa
     return PYBN_SUCCESS;
 }
 
+pybn_status check_activation(const char* fn, int32_t activation) {
+    if (activation != PYBN_ACTIVATION_NONE && activation != PYBN_ACTIVATION_RELU)
+        return fail(PYBN_ERROR_INVALID_VALUE,
+                    "%s: activation must be PYBN_ACTIVATION_NONE (0) or PYBN_ACTIVATION_RELU (1), got %d", fn,
+                    int(activation));
+    return PYBN_SUCCESS;
+}
+
 pybn_status check_flag(const char* fn, const char* name, int32_t value) {
     if (value != 0 && value != 1)
         return fail(PYBN_ERROR_INVALID_VALUE, "%s: %s must be 0 or 1, got %d", fn, name, int(value));
@@ -196,6 +204,10 @@ pybn_status validate_forward(const char* fn, const PointerRules& rules, const py
     if (mode != ForwardMode::infer && (p.running_mean || p.running_var)) PYBN_CHECK(check_momentum(fn, p.momentum));
     PYBN_CHECK(check_flag(fn, "running_var_correction", p.running_var_correction));
     PYBN_CHECK(check_eps(fn, p.eps));
+    PYBN_CHECK(check_activation(fn, p.activation));
+    PYBN_CHECK(rules.optional(fn, "residual", p.residual));
+    if (p.reserved != 0)
+        return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: params->reserved must be 0, got %d", fn, int(p.reserved));
     return mode == ForwardMode::train ? check_train_count(fn, v, train_minimum(p)) : PYBN_SUCCESS;
 }
 
@@ -225,8 +237,12 @@ pybn_status validate_backward(const char* fn, const PointerRules& rules, const p
     PYBN_CHECK(rules.optional(fn, "dgamma", p.dgamma));
     PYBN_CHECK(rules.optional(fn, "dbeta", p.dbeta));
     PYBN_CHECK(check_flag(fn, "training", p.training));
-    if (p.reserved != 0)
-        return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: params->reserved must be 0, got %d", fn, int(p.reserved));
+    PYBN_CHECK(check_activation(fn, p.activation));
+    if (p.activation == PYBN_ACTIVATION_RELU && dx) PYBN_CHECK(rules.required(fn, "y", p.y));
+    if (p.activation == PYBN_ACTIVATION_RELU && mode == BackwardMode::fused) PYBN_CHECK(rules.required(fn, "y", p.y));
+    PYBN_CHECK(rules.optional(fn, "dresidual", p.dresidual));
+    if (p.dresidual && p.activation == PYBN_ACTIVATION_RELU) PYBN_CHECK(rules.required(fn, "y", p.y));
+    if (p.dresidual) PYBN_CHECK(rules.required(fn, "dy", dy));
     return mode == BackwardMode::fused && p.training ? check_train_count(fn, v, 1) : PYBN_SUCCESS;
 }
 

@@ -18,19 +18,36 @@ struct SumTerms {
     }
 };
 
-// Backward sums of the runs of a channel (reduce_rows).
-template <class T> struct SumsRun {
+// The same behind a ReLU: the gradient reaching the BN is dy where the forward's output y > 0,
+// else 0 (0 at the tie y == 0 and for a NaN y).
+template <class V> PYBN_INLINE V relu_masked(V dy, V y) { return (y > V{}) ? dy : V{}; }
+struct ReluSumTerms {
+    static constexpr int kSums = 3, kInputs = 3, kUnroll = 1;
+    static constexpr bool kAssignFirst = false;
+    template <class V> static PYBN_INLINE void row(V (&t)[3], const V (&in)[3], V mean) {
+        const V d = in[1] - mean;
+        const V g = relu_masked(in[0], in[2]);
+        t[0] = g;
+        t[1] = g * d;
+        t[2] = d;
+    }
+};
+
+// Backward sums of the runs of a channel (reduce_rows); Terms: SumTerms (dy, x) or
+// ReluSumTerms (dy, x, y).
+template <class T, class Terms = SumTerms> struct SumsRun {
     using A = acc_t<T>;
-    static constexpr int64_t kRowValueBytes = 2 * sizeof(T);  // bytes read per value of a row
+    static constexpr int64_t kRowValueBytes = Terms::kInputs * sizeof(T);  // bytes read per value of a row
     struct State {
         WideSums<3> w;
     };
-    const T *dy, *x;
+    const T *dy, *x, *y;
     const A* mean;
     PYBN_INLINE void begin(State& s, int64_t, int64_t) const { zero(s.w); }
     PYBN_INLINE void add(State& s, int64_t c, int64_t off, int64_t len) const {
         WideSums<3> w = s.w;  // in registers for the row (the state may live in memory)
-        run_sums<SumTerms>({dy + off, x + off}, len, mean[c], w);
+        if constexpr (Terms::kInputs == 3) run_sums<Terms>({dy + off, x + off, y + off}, len, mean[c], w);
+        else run_sums<Terms>({dy + off, x + off}, len, mean[c], w);
         s.w = w;
     }
     Sums end(const State& s, int64_t) const {
@@ -42,25 +59,26 @@ template <class T> struct SumsRun {
     }
 };
 
-template <class T>
+template <class T, class Terms = SumTerms>
 void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, const void* meanv,
-                       double* sum_dy, double* sum_dy_xmu, double* sum_xmu) {
+                       double* sum_dy, double* sum_dy_xmu, double* sum_xmu, const void* yv = nullptr) {
     using A = acc_t<T>;
     const T* dy = static_cast<const T*>(dyv);
     const T* x = static_cast<const T*>(xv);
+    const T* y = static_cast<const T*>(yv);
     const A* mean = static_cast<const A*>(meanv);
     const int64_t C = v.channels, inner = v.inner, W = C * inner;
     Scratch result(sizeof(Sums) * size_t(C));
     Sums* sums = result.as<Sums>();
     if (inner >= kRowMin) {
-        const RowScratch<Sums, SumsRun<T>> scratch(v, C, num_threads());
-        reduce_rows(v, 0, C, scratch, sums, SumsRun<T>{dy, x, mean});
+        const RowScratch<Sums, SumsRun<T, Terms>> scratch(v, C, num_threads());
+        reduce_rows(v, 0, C, scratch, sums, SumsRun<T, Terms>{dy, x, y, mean});
     } else {
         const int nt = num_threads();
         const int64_t R = kTileRows;
         Scratch mcol(sizeof(A) * size_t(W));
         const int64_t wa = spaced<A>(W), wd = spaced<double>(W);
-        const bool ahead = fetch_ahead<T>(v, 2);
+        const bool ahead = fetch_ahead<T>(v, Terms::kInputs);
         Scratch dsum(sizeof(double) * 3 * size_t(wd) * size_t(nt)), asum(sizeof(A) * 3 * size_t(wa) * size_t(nt));
         A* m = mcol.as<A>();
         for (int64_t c = 0; c < C; ++c)
@@ -70,8 +88,11 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
             for (int64_t j = 0; j < 3 * wd; ++j) D[j] = 0;
             for (int64_t r0 = o0; r0 < o1; r0 += R) {
                 const int64_t rows = min64(R, o1 - r0);
-                tile_reduce<SumTerms>({dy + r0 * W, x + r0 * W}, W, rows, m, asum.as<A>(size_t(3 * wa * t)), wa, D, wd,
-                                      ahead);
+                A* acc = asum.as<A>(size_t(3 * wa * t));
+                if constexpr (Terms::kInputs == 3)
+                    tile_reduce<Terms>({dy + r0 * W, x + r0 * W, y + r0 * W}, W, rows, m, acc, wa, D, wd, ahead);
+                else
+                    tile_reduce<Terms>({dy + r0 * W, x + r0 * W}, W, rows, m, acc, wa, D, wd, ahead);
             }
             for (int64_t j = 0; j < W; ++j) {
                 cols[j].dy = D[j];
@@ -87,7 +108,10 @@ void backward_reduce_t(const pybn_view& v, const void* dyv, const void* xv, cons
     }
 }
 
-// dx = a dy + b (x - m) + c, or a dy when x is null (inference), over one channel's run.
+// Without an activation or a residual gradient: dx = a dy + b (x - m) + c, or a dy when x is
+// null (frozen statistics), over one channel's run. Kept as written before the fused epilogues
+// (below): expressed through Grad, GCC contracts it into FMAs differently for float16 data and
+// changes last bits (bench/NOTES.md, step 24).
 template <class T>
 PYBN_INLINE void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool stream, const acc_t<T>* m,
                                  const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* c) {
@@ -118,6 +142,104 @@ void backward_cols(const T* dy, const T* x, T* dx, int64_t n, const ColumnCoefs<
         [&](int64_t i, int64_t k) { return a[k] * load(dy[i]) + b[k] * (load(x[i]) - m[k]) + c[k]; });
 }
 
+// The gradient reaching the BN, g = dy (masked by y > 0 behind a ReLU: kRelu), and the
+// residual's gradient dres = g (kRes), for a vector at i / a value at i.
+template <class T, bool kRelu, bool kRes> struct Grad {
+    using A = acc_t<T>;
+    const T *dy, *y;
+    T* dres;
+    PYBN_INLINE vec<A> at(int64_t i) const {
+        vec<A> g = vload_as(dy + i);
+        if constexpr (kRelu) g = relu_masked(g, vload_as(y + i));
+        if constexpr (kRes) vstore_as(dres + i, g);
+        return g;
+    }
+    PYBN_INLINE A one(int64_t i) const {
+        A g = load(dy[i]);
+        if constexpr (kRelu) g = relu_masked(g, load(y[i]));
+        if constexpr (kRes) dres[i] = store<T>(g);
+        return g;
+    }
+};
+
+// With the fused epilogues (kRelu / kRes): dx = a g + b (x - m) + c, or a g when x is null
+// (frozen statistics), over one channel's run; with dx null only dres = g is written.
+template <class T, bool kRelu, bool kRes>
+PYBN_INLINE void backward_values_fused(const Grad<T, kRelu, kRes>& g, const T* x, T* dx, int64_t n, bool stream,
+                                 const acc_t<T>* m, const acc_t<T>* a, const acc_t<T>* b, const acc_t<T>* c) {
+    using A = acc_t<T>;
+    const vec<A> Av = vsplat(a[0]), Bv = vsplat(b[0]), Mv = vsplat(m[0]), Cv = vsplat(c[0]);
+    if (dx == nullptr) {  // the residual's gradient alone
+        const Grad<T, kRelu, false> only{g.dy, g.y, nullptr};
+        write_run<T>(g.dres, n, false, [&](int64_t i) { return only.at(i); }, [&](int64_t i) { return only.one(i); });
+    } else if (x == nullptr) {
+        write_run<T>(dx, n, stream, [&](int64_t i) { return Av * g.at(i); }, [&](int64_t i) { return a[0] * g.one(i); });
+    } else {
+        write_run<T>(dx, n, stream,
+                     [&](int64_t i) { return Av * g.at(i) + Bv * (vload_as(x + i) - Mv) + Cv; },
+                     [&](int64_t i) { return a[0] * g.one(i) + b[0] * (load(x[i]) - m[0]) + c[0]; });
+    }
+}
+
+// The same with per-column coefficients (column path), n values of whole rows.
+template <class T, bool kRelu, bool kRes>
+void backward_cols_fused(const Grad<T, kRelu, kRes>& g, const T* x, T* dx, int64_t n, const ColumnCoefs<acc_t<T>>& e,
+                   bool stream) {
+    const acc_t<T> *m = e[0], *a = e[1], *b = e[2], *c = e[3];
+    if (dx == nullptr) {
+        const Grad<T, kRelu, false> only{g.dy, g.y, nullptr};
+        write_cols<T>(g.dres, n, e.P, false, [&](int64_t i, int64_t) { return only.at(i); },
+                      [&](int64_t i, int64_t) { return only.one(i); });
+    } else if (x == nullptr) {
+        write_cols<T>(dx, n, e.P, stream, [&](int64_t i, int64_t k) { return vload(a + k) * g.at(i); },
+                      [&](int64_t i, int64_t k) { return a[k] * g.one(i); });
+    } else {
+        write_cols<T>(dx, n, e.P, stream,
+            [&](int64_t i, int64_t k) {
+                return vload(a + k) * g.at(i) + vload(b + k) * (vload_as(x + i) - vload(m + k)) + vload(c + k);
+            },
+            [&](int64_t i, int64_t k) { return a[k] * g.one(i) + b[k] * (load(x[i]) - m[k]) + c[k]; });
+    }
+}
+
+// The elementwise sweep of a backward over the row path's rows [c0, c1) (row_only) or the whole
+// view, with the activation and residual gradient of `ops`.
+template <class T>
+void backward_sweep(const pybn_view& v, const T* dy, const T* x, T* dx, const acc_t<T>* k, const GradOps& ops,
+                    bool row_only, int64_t c0, int64_t c1) {
+    using A = acc_t<T>;
+    const int64_t C = v.channels, W = C * v.inner;
+    const bool stream = stream_output(v.outer * W * int64_t(sizeof(T)));
+    const T* y = static_cast<const T*>(ops.y);
+    T* dres = static_cast<T*>(ops.dresidual);
+    with_flags(ops.activation == PYBN_ACTIVATION_RELU, dres != nullptr, [&](auto relu, auto res) {
+        constexpr bool kRelu = decltype(relu)::value, kRes = decltype(res)::value;
+        auto at = [&](int64_t off) {
+            return Grad<T, kRelu, kRes>{dy + off, kRelu ? y + off : nullptr, kRes ? dres + off : nullptr};
+        };
+        auto row = [&](int64_t off, int64_t len, int64_t c) {
+            if constexpr (!kRelu && !kRes)
+                backward_values(dy + off, x ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c, k + 2 * C + c,
+                                k + 3 * C + c);
+            else
+                backward_values_fused<T, kRelu, kRes>(at(off), x ? x + off : nullptr, dx ? dx + off : nullptr, len,
+                                                      stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c);
+        };
+        if (row_only) {
+            elementwise_rows(v, c0, c1, row);
+            return;
+        }
+        const ColumnCoefs<A> e(k, C, v.inner, v.inner < kRowMin);
+        elementwise(v, row, [&](int64_t off, int64_t rows) {
+            if constexpr (!kRelu && !kRes)
+                backward_cols<T>(dy + off, x ? x + off : nullptr, dx + off, rows * W, e, stream);
+            else
+                backward_cols_fused<T, kRelu, kRes>(at(off), x ? x + off : nullptr, dx ? dx + off : nullptr, rows * W,
+                                                    e, stream);
+        });
+    });
+}
+
 template <class T>
 void backward_elementwise_t(const pybn_view& v, const void* dyv, const void* xv, const void* coefv,
                             void* dxv) {
@@ -140,41 +262,49 @@ void backward_elementwise_t(const pybn_view& v, const void* dyv, const void* xv,
         });
 }
 
+// With the fused epilogues (activation mask, residual gradient): a function of its own, so that
+// the plain one above keeps its code.
 template <class T>
+void backward_elementwise_fused_t(const pybn_view& v, const void* dyv, const void* xv, const void* coefv,
+                                  void* dxv, const GradOps& ops) {
+    backward_sweep<T>(v, static_cast<const T*>(dyv), static_cast<const T*>(xv), static_cast<T*>(dxv),
+                      static_cast<const acc_t<T>*>(coefv), ops, false, 0, v.channels);
+}
+
+template <class T, class Terms>
 void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void* meanv, bool dx_reads_x,
-                void* dxv, const BackwardEpilogue& epilogue) {
+                void* dxv, const BackwardEpilogue& epilogue, const GradOps& ops) {
     using A = acc_t<T>;
     const int64_t C = v.channels;
+    const bool sweep = dxv != nullptr || ops.dresidual != nullptr;
     Scratch coef(sizeof(A) * 4 * size_t(C)), sums(sizeof(double) * 3 * size_t(C));
     double *sum_dy = sums.as<double>(), *sum_dy_xmu = sum_dy + C, *sum_xmu = sum_dy + 2 * C;
     if (v.inner < kRowMin) {
-        backward_reduce_t<T>(v, dyv, xv, meanv, sum_dy, sum_dy_xmu, sum_xmu);
+        backward_reduce_t<T, Terms>(v, dyv, xv, meanv, sum_dy, sum_dy_xmu, sum_xmu, ops.y);
         epilogue(0, C, sum_dy, sum_dy_xmu, sum_xmu, coef.as<A>());
-        if (dxv) backward_elementwise_t<T>(v, dyv, dx_reads_x ? xv : nullptr, coef.as<A>(), dxv);
+        if (sweep && ops.activation == PYBN_ACTIVATION_NONE && ops.dresidual == nullptr)
+            backward_elementwise_t<T>(v, dyv, dx_reads_x ? xv : nullptr, coef.as<A>(), dxv);
+        else if (sweep)
+            backward_elementwise_fused_t<T>(v, dyv, dx_reads_x ? xv : nullptr, coef.as<A>(), dxv, ops);
         return;
     }
     const T* dy = static_cast<const T*>(dyv);
     const T* x = static_cast<const T*>(xv);
     const A* mean = static_cast<const A*>(meanv);
     T* dx = static_cast<T*>(dxv);
-    const int64_t G = channel_group(v, 2 * sizeof(T));
-    const bool stream = stream_output(v.outer * C * v.inner * int64_t(sizeof(T)));
-    const RowScratch<Sums, SumsRun<T>> scratch(v, G, num_threads());
+    const int64_t G = channel_group(v, Terms::kInputs * sizeof(T));
+    const RowScratch<Sums, SumsRun<T, Terms>> scratch(v, G, num_threads());
     Scratch red(sizeof(Sums) * size_t(G));
     const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows(v, c0, c1, scratch, red.as<Sums>(), SumsRun<T>{dy, x, mean});
+        reduce_rows(v, c0, c1, scratch, red.as<Sums>(), SumsRun<T, Terms>{dy, x, static_cast<const T*>(ops.y), mean});
         for (int64_t c = 0; c < c1 - c0; ++c) {
             sum_dy[c] = red.as<Sums>()[c].dy;
             sum_dy_xmu[c] = red.as<Sums>()[c].dy_xmu;
             sum_xmu[c] = red.as<Sums>()[c].xmu;
         }
         epilogue(c0, c1, sum_dy, sum_dy_xmu, sum_xmu, coef.as<A>());
-        if (!dx) continue;
-        elementwise_rows(v, c0, c1, [&](int64_t off, int64_t len, int64_t c) {
-            backward_values(dy + off, dx_reads_x ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c,
-                            k + 2 * C + c, k + 3 * C + c);
-        });
+        if (sweep) backward_sweep<T>(v, dy, dx_reads_x ? x : nullptr, dx, k, ops, true, c0, c1);
     }
 }

@@ -32,6 +32,19 @@ class BackwardEpilogue {
     ~BackwardEpilogue() = default;
 };
 
+// The fused epilogue of the forward's elementwise sweep: y = activation(normalised + residual).
+struct OutputOps {
+    int32_t activation;    // pybn_activation
+    const void* residual;  // the view's dtype and layout, or nullptr
+};
+// The backward's use of the activation: the gradient reaching the BN is dy masked by y > 0
+// (PYBN_ACTIVATION_RELU; y required), and that gradient is also written to dresidual.
+struct GradOps {
+    int32_t activation;
+    const void* y;    // the forward's output, or nullptr without an activation
+    void* dresidual;  // or nullptr
+};
+
 // Per-channel coefficient arrays are struct-of-arrays, 4 x C values of the accumulation type of
 // the view's dtype (double for float64 data, float otherwise). Every entry returns
 // PYBN_ERROR_UNSUPPORTED_DTYPE for a dtype it has no kernel for (checked views never do), and
@@ -41,24 +54,27 @@ struct KernelTable {
     const char* isa;
     // mean and M2 (double) of every channel; the view has outer * inner >= 1.
     pybn_status (*batch_stats)(const pybn_view& v, const void* x, double* mean, double* m2);
-    // y = ((x - hi) - lo) * scale + shift, coef = [hi | lo | scale | shift]. y may be x.
-    pybn_status (*normalize)(const pybn_view& v, const void* x, const void* coef, void* y);
+    // y = activation(((x - hi) - lo) * scale + shift + residual), coef = [hi | lo | scale |
+    // shift]. y may be x or the residual.
+    pybn_status (*normalize)(const pybn_view& v, const void* x, const void* coef, void* y, const OutputOps& ops);
     // sum(dy), sum(dy * (x - mean)) and, if sum_xmu != nullptr, sum(x - mean) per channel;
     // mean holds C values of the accumulation type.
     pybn_status (*backward_reduce)(const pybn_view& v, const void* dy, const void* x, const void* mean,
                                    double* sum_dy, double* sum_dy_xmu, double* sum_xmu);
-    // dx = a * dy + b * (x - mean) + c, coef = [mean | a | b | c]; with x == nullptr, dx = a * dy.
-    // dx may be dy or x.
+    // dx = a * g + b * (x - mean) + c, coef = [mean | a | b | c], g = dy (masked by the
+    // activation); with x == nullptr, dx = a * g. dx may be dy or x, or nullptr (only
+    // ops.dresidual = g is written).
     pybn_status (*backward_elementwise)(const pybn_view& v, const void* dy, const void* x,
-                                        const void* coef, void* dx);
+                                        const void* coef, void* dx, const GradOps& ops);
     // Fused training forward: statistics, epilogue, normalisation, channel group by channel
     // group so that a group's data is still in the cache when it is normalised.
-    pybn_status (*forward_train)(const pybn_view& v, const void* x, void* y, const ForwardEpilogue& epilogue);
+    pybn_status (*forward_train)(const pybn_view& v, const void* x, void* y, const ForwardEpilogue& epilogue,
+                                 const OutputOps& ops);
     // Fused backward: reduction, epilogue, elementwise (dx may be nullptr: reduction and
     // epilogue only), by channel groups as above; dx_reads_x: the elementwise step reads x
     // (training), else dx = a * dy.
     pybn_status (*backward)(const pybn_view& v, const void* dy, const void* x, const void* mean,
-                            bool dx_reads_x, void* dx, const BackwardEpilogue& epilogue);
+                            bool dx_reads_x, void* dx, const BackwardEpilogue& epilogue, const GradOps& ops);
 };
 
 // The table in use (the best the CPU supports, or the one PYBN_CPU_ISA / pybn_set_cpu_isa chose).

@@ -60,24 +60,36 @@ constexpr int64_t kChunkValues = 65536; // elementwise work unit
 pybn_status batch_stats(const pybn_view& v, const void* x, double* mean, double* m2) {
     return visit_dtype<HostStorage>(v.dtype, [&](auto t) { batch_stats_t<decltype(t)>(v, x, mean, m2); });
 }
-pybn_status normalize(const pybn_view& v, const void* x, const void* coef, void* y) {
-    return visit_dtype<HostStorage>(v.dtype, [&](auto t) { normalize_t<decltype(t)>(v, x, coef, y); });
+pybn_status normalize(const pybn_view& v, const void* x, const void* coef, void* y, const OutputOps& ops) {
+    return visit_dtype<HostStorage>(v.dtype, [&](auto t) { normalize_t<decltype(t)>(v, x, coef, y, ops); });
 }
 pybn_status backward_reduce(const pybn_view& v, const void* dy, const void* x, const void* mean, double* sum_dy,
                             double* sum_dy_xmu, double* sum_xmu) {
     return visit_dtype<HostStorage>(
         v.dtype, [&](auto t) { backward_reduce_t<decltype(t)>(v, dy, x, mean, sum_dy, sum_dy_xmu, sum_xmu); });
 }
-pybn_status backward_elementwise(const pybn_view& v, const void* dy, const void* x, const void* coef, void* dx) {
-    return visit_dtype<HostStorage>(v.dtype, [&](auto t) { backward_elementwise_t<decltype(t)>(v, dy, x, coef, dx); });
+pybn_status backward_elementwise(const pybn_view& v, const void* dy, const void* x, const void* coef, void* dx,
+                                 const GradOps& ops) {
+    return visit_dtype<HostStorage>(v.dtype, [&](auto t) {
+        if (ops.activation == PYBN_ACTIVATION_NONE && ops.dresidual == nullptr)
+            backward_elementwise_t<decltype(t)>(v, dy, x, coef, dx);
+        else
+            backward_elementwise_fused_t<decltype(t)>(v, dy, x, coef, dx, ops);
+    });
 }
-pybn_status forward_train(const pybn_view& v, const void* x, void* y, const ForwardEpilogue& epilogue) {
-    return visit_dtype<HostStorage>(v.dtype, [&](auto t) { forward_train_t<decltype(t)>(v, x, y, epilogue); });
+pybn_status forward_train(const pybn_view& v, const void* x, void* y, const ForwardEpilogue& epilogue,
+                          const OutputOps& ops) {
+    return visit_dtype<HostStorage>(v.dtype, [&](auto t) { forward_train_t<decltype(t)>(v, x, y, epilogue, ops); });
 }
 pybn_status backward(const pybn_view& v, const void* dy, const void* x, const void* mean, bool dx_reads_x,
-                     void* dx, const BackwardEpilogue& epilogue) {
-    return visit_dtype<HostStorage>(
-        v.dtype, [&](auto t) { backward_t<decltype(t)>(v, dy, x, mean, dx_reads_x, dx, epilogue); });
+                     void* dx, const BackwardEpilogue& epilogue, const GradOps& ops) {
+    return visit_dtype<HostStorage>(v.dtype, [&](auto t) {
+        using T = decltype(t);
+        if (ops.activation == PYBN_ACTIVATION_RELU)  // the reduction reads y for the mask
+            backward_t<T, ReluSumTerms>(v, dy, x, mean, dx_reads_x, dx, epilogue, ops);
+        else
+            backward_t<T, SumTerms>(v, dy, x, mean, dx_reads_x, dx, epilogue, ops);
+    });
 }
 
 }  // namespace

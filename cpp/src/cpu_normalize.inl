@@ -7,59 +7,93 @@
 // the last bit of some float16 dx values; bench/NOTES.md, step 23.)
 template <class V> PYBN_INLINE V normalized(V x, V hi, V lo, V scale, V shift) { return ((x - hi) - lo) * scale + shift; }
 
-// Row path: one channel's run of n values with scalar coefficients (h[0] ... b[0]).
-template <class T>
-PYBN_INLINE void normalize_values(const T* x, T* y, int64_t n, bool stream, const acc_t<T>* h, const acc_t<T>* l,
-                                  const acc_t<T>* a, const acc_t<T>* b) {
+// The fused epilogue, per value: + residual (kRes), then ReLU (kRelu: max(0, v) with NaN kept).
+template <bool kRelu, bool kRes, class V> PYBN_INLINE V epilogue_of(V v, V z) {
+    if constexpr (kRes) v = v + z;
+    if constexpr (kRelu) v = (v < V{}) ? V{} : v;
+    return v;
+}
+
+// Row path: one channel's run of n values with scalar coefficients (h[0] ... b[0]); z: the
+// residual's run (kRes).
+template <class T, bool kRelu, bool kRes>
+PYBN_INLINE void normalize_values(const T* x, const T* z, T* y, int64_t n, bool stream, const acc_t<T>* h,
+                                  const acc_t<T>* l, const acc_t<T>* a, const acc_t<T>* b) {
     using A = acc_t<T>;
     const vec<A> H = vsplat(h[0]), Lo = vsplat(l[0]), S = vsplat(a[0]), B = vsplat(b[0]);
-    write_run<T>(y, n, stream, [&](int64_t i) { return normalized(vload_as(x + i), H, Lo, S, B); },
-                 [&](int64_t i) { return normalized(load(x[i]), h[0], l[0], a[0], b[0]); });
+    write_run<T>(
+        y, n, stream,
+        [&](int64_t i) {
+            return epilogue_of<kRelu, kRes>(normalized(vload_as(x + i), H, Lo, S, B), kRes ? vload_as(z + i) : vec<A>{});
+        },
+        [&](int64_t i) {
+            return epilogue_of<kRelu, kRes>(normalized(load(x[i]), h[0], l[0], a[0], b[0]), kRes ? load(z[i]) : A(0));
+        });
 }
 
 // Column path: n values (whole rows) with per-column coefficients from ColumnCoefs.
-template <class T>
-void normalize_cols(const T* x, T* y, int64_t n, const ColumnCoefs<acc_t<T>>& e, bool stream) {
-    const acc_t<T> *h = e[0], *l = e[1], *a = e[2], *b = e[3];
+template <class T, bool kRelu, bool kRes>
+void normalize_cols(const T* x, const T* z, T* y, int64_t n, const ColumnCoefs<acc_t<T>>& e, bool stream) {
+    using A = acc_t<T>;
+    const A *h = e[0], *l = e[1], *a = e[2], *b = e[3];
     write_cols<T>(y, n, e.P, stream,
         [&](int64_t i, int64_t k) {
-            return normalized(vload_as(x + i), vload(h + k), vload(l + k), vload(a + k), vload(b + k));
+            return epilogue_of<kRelu, kRes>(
+                normalized(vload_as(x + i), vload(h + k), vload(l + k), vload(a + k), vload(b + k)),
+                kRes ? vload_as(z + i) : vec<A>{});
         },
-        [&](int64_t i, int64_t k) { return normalized(load(x[i]), h[k], l[k], a[k], b[k]); });
+        [&](int64_t i, int64_t k) {
+            return epilogue_of<kRelu, kRes>(normalized(load(x[i]), h[k], l[k], a[k], b[k]), kRes ? load(z[i]) : A(0));
+        });
 }
 
+// The elementwise sweep of a forward over the row path's rows [c0, c1) (row_only) or the whole
+// view, with the epilogue of `ops`.
 template <class T>
-void normalize_t(const pybn_view& v, const void* xv, const void* coefv, void* yv) {
+void normalize_sweep(const pybn_view& v, const T* x, T* y, const acc_t<T>* k, const OutputOps& ops, bool row_only,
+                     int64_t c0, int64_t c1) {
     using A = acc_t<T>;
-    const T* x = static_cast<const T*>(xv);
-    T* y = static_cast<T*>(yv);
-    const A* k = static_cast<const A*>(coefv);
     const int64_t C = v.channels, W = C * v.inner;
     const bool stream = stream_output(v.outer * W * int64_t(sizeof(T)));
-    const ColumnCoefs<A> e(k, C, v.inner, v.inner < kRowMin);
-    elementwise(
-        v,
-        [&](int64_t off, int64_t len, int64_t c) {
-            normalize_values(x + off, y + off, len, stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c);
-        },
-        [&](int64_t off, int64_t rows) { normalize_cols<T>(x + off, y + off, rows * W, e, stream); });
+    const T* z = static_cast<const T*>(ops.residual);
+    with_flags(ops.activation == PYBN_ACTIVATION_RELU, z != nullptr, [&](auto relu, auto res) {
+        constexpr bool kRelu = decltype(relu)::value, kRes = decltype(res)::value;
+        auto row = [&](int64_t off, int64_t len, int64_t c) {
+            normalize_values<T, kRelu, kRes>(x + off, kRes ? z + off : nullptr, y + off, len, stream, k + c, k + C + c,
+                                             k + 2 * C + c, k + 3 * C + c);
+        };
+        if (row_only) {
+            elementwise_rows(v, c0, c1, row);
+            return;
+        }
+        const ColumnCoefs<A> e(k, C, v.inner, v.inner < kRowMin);
+        elementwise(v, row, [&](int64_t off, int64_t rows) {
+            normalize_cols<T, kRelu, kRes>(x + off, kRes ? z + off : nullptr, y + off, rows * W, e, stream);
+        });
+    });
 }
 
 template <class T>
-void forward_train_t(const pybn_view& v, const void* xv, void* yv, const ForwardEpilogue& epilogue) {
+void normalize_t(const pybn_view& v, const void* xv, const void* coefv, void* yv, const OutputOps& ops) {
+    normalize_sweep<T>(v, static_cast<const T*>(xv), static_cast<T*>(yv), static_cast<const acc_t<T>*>(coefv), ops,
+                       false, 0, v.channels);
+}
+
+template <class T>
+void forward_train_t(const pybn_view& v, const void* xv, void* yv, const ForwardEpilogue& epilogue,
+                     const OutputOps& ops) {
     using A = acc_t<T>;
     const int64_t C = v.channels;
     Scratch coef(sizeof(A) * 4 * size_t(C)), mean(sizeof(double) * size_t(C)), m2(sizeof(double) * size_t(C));
     if (v.inner < kRowMin) {
         batch_stats_t<T>(v, xv, mean.as<double>(), m2.as<double>());
         epilogue(0, C, mean.as<double>(), m2.as<double>(), coef.as<A>());
-        normalize_t<T>(v, xv, coef.as<A>(), yv);
+        normalize_t<T>(v, xv, coef.as<A>(), yv, ops);
         return;
     }
     const T* x = static_cast<const T*>(xv);
     T* y = static_cast<T*>(yv);
     const int64_t G = channel_group(v, sizeof(T));
-    const bool stream = stream_output(v.outer * C * v.inner * int64_t(sizeof(T)));
     const RowScratch<Moments, MomentsRun<T>> scratch(v, G, num_threads());
     Scratch mom(sizeof(Moments) * size_t(G));
     const A* k = coef.as<A>();
@@ -71,8 +105,6 @@ void forward_train_t(const pybn_view& v, const void* xv, void* yv, const Forward
             m2.as<double>()[c] = mom.as<Moments>()[c].m2;
         }
         epilogue(c0, c1, mean.as<double>(), m2.as<double>(), coef.as<A>());
-        elementwise_rows(v, c0, c1, [&](int64_t off, int64_t len, int64_t c) {
-            normalize_values(x + off, y + off, len, stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c);
-        });
+        normalize_sweep<T>(v, x, y, k, ops, true, c0, c1);
     }
 }

@@ -281,6 +281,21 @@ void tile_reduce(const T* const (&in)[Terms::kInputs], int64_t W, int64_t rows, 
         for (int64_t j = 0; j < W; ++j) D[k * wd + j] += double(acc[k * wa + j]);
 }
 
+// Calls f(Flag<first>{}, Flag<second>{}): two run-time options as compile-time flags (the fused
+// epilogues: activation, residual / residual gradient), four instantiations.
+template <bool B> struct Flag {
+    static constexpr bool value = B;
+};
+template <class F> PYBN_INLINE void with_flags(bool first, bool second, F&& f) {
+    if (first) {
+        if (second) f(Flag<true>{}, Flag<true>{});
+        else f(Flag<true>{}, Flag<false>{});
+    } else {
+        if (second) f(Flag<false>{}, Flag<true>{});
+        else f(Flag<false>{}, Flag<false>{});
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise: rows of one channel (row path) or rows of W columns with per-column coefficients
 // (column path), in chunks of about kChunkValues values.

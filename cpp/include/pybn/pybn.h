@@ -37,6 +37,18 @@
  *   (a cudaStream_t; NULL means the legacy default stream), queues its work on that stream and
  *   returns without synchronising the host. These functions exist in every build; in a build
  *   without CUDA they return PYBN_ERROR_NOT_COMPILED.
+ *   Errors on the GPU: arguments, the workspace and the launch plan (grid sizes, computed on the
+ *   host) are checked before any work is queued, so a call that returns an error has queued
+ *   nothing and written nothing. Out of device memory (level-1 entry points, which allocate their
+ *   workspace) is PYBN_ERROR_OUT_OF_MEMORY; the runtime's last-error slot is cleared, so no later
+ *   call reports it. A fault while the queued work runs (e.g. a pointer to too little memory)
+ *   surfaces at a later synchronisation and leaves every output and running statistic of the
+ *   call undefined. Values in device arrays are not read on the host: the counts of given
+ *   statistics and sums must obey the CPU's rules (count >= 1, >= 2 with an unbiased running_var
+ *   update; merge counts >= 0) - the Python layer checks them for you.
+ *   Driver: a library built with the CUDA 13 toolkit (the wheels) needs an NVIDIA driver r580 or
+ *   newer; with an older driver build from source with the CUDA toolkit it supports (CUDA 12:
+ *   r525+). A too-old driver is PYBN_ERROR_CUDA with a message naming both versions.
  *
  * ---------------------------------------------------------------------------------------------
  * ABI policy
@@ -312,6 +324,14 @@ PYBN_API pybn_status pybn_cuda_backward(pybn_view view, const void* dy, const vo
 
 /* ============================== ABI level 2: parameter blocks ================================ */
 
+/** Activation applied after the affine step (and after adding a residual). Append-only. */
+typedef enum pybn_activation {
+    PYBN_ACTIVATION_NONE = 0,
+    /* y = max(0, v), NaN kept; backward: dy where y > 0, else 0 (0 at the tie y == 0, as in
+     * PyTorch's ReLU) */
+    PYBN_ACTIVATION_RELU = 1
+} pybn_activation;
+
 /**
  * Parameters of the forward family: training forward (batch statistics), normalisation with
  * given statistics (pybn_normalize), inference forward (running statistics).
@@ -349,10 +369,16 @@ typedef struct pybn_forward_params {
                               pybn_batch_stats / pybn_merge_stats; all three or none           */
     const double* mean;
     const double* m2;
+    /* Fused epilogue: y = activation(gamma * x_hat + beta + residual), in the same sweep.       */
+    int32_t activation;    /* a pybn_activation (default PYBN_ACTIVATION_NONE)                 */
+    int32_t reserved;      /* must be 0                                                        */
+    const void* residual;  /* `view` and dtype of x, may be NULL (none); may not overlap y
+                              unless it is y itself (default NULL)                             */
 } pybn_forward_params;
 
 #define PYBN_FORWARD_PARAMS_INIT \
-    { sizeof(pybn_forward_params), 1, 1, NULL, NULL, 1e-5, NULL, NULL, 0.1, NULL, NULL, NULL, NULL, NULL }
+    { sizeof(pybn_forward_params), 1, 1, NULL, NULL, 1e-5, NULL, NULL, 0.1, NULL, NULL, NULL, NULL, NULL, \
+      PYBN_ACTIVATION_NONE, 0, NULL }
 
 /**
  * Parameters of the backward family: the fused backward (pybn_backward: it reduces dy and x
@@ -364,7 +390,8 @@ typedef struct pybn_forward_params {
 typedef struct pybn_backward_params {
     size_t size;           /* sizeof(pybn_backward_params)                                     */
     int32_t training;      /* 1 (default) or 0, as above                                       */
-    int32_t reserved;      /* must be 0                                                        */
+    int32_t activation;    /* the forward's pybn_activation: with PYBN_ACTIVATION_RELU the
+                              gradient reaching the BN is dy * (y > 0), y required             */
     const void* mean;      /* parameter dtype, C values: the saved mean (or running_mean).
                               Required, except with given sums and training = 0                */
     const void* invstd;    /* parameter dtype, C values: 1 / sqrt(var + eps). Required         */
@@ -378,10 +405,15 @@ typedef struct pybn_backward_params {
     const double* sum_dy;
     const double* sum_dy_xmu;
     const double* sum_xmu;
+    const void* y;         /* the forward's output (`view`, x's dtype): required with
+                              PYBN_ACTIVATION_RELU, else ignored (default NULL)                */
+    void* dresidual;       /* `view`, may be NULL: receives the residual's gradient, dy masked
+                              by the activation, in the same sweep as dx (default NULL)        */
 } pybn_backward_params;
 
 #define PYBN_BACKWARD_PARAMS_INIT \
-    { sizeof(pybn_backward_params), 1, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL }
+    { sizeof(pybn_backward_params), 1, PYBN_ACTIVATION_NONE, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+      NULL, NULL, NULL }
 
 /**
  * Forward, CPU: y from x (`view`) as `params` says (mode, statistics, running-statistics update,
@@ -394,6 +426,9 @@ PYBN_API pybn_status pybn_forward_v2(pybn_view view, const void* x, void* y,
 /**
  * Backward, CPU: dx from dy and x (`view`), and dgamma / dbeta, as `params` says. dx may be
  * NULL (parameter gradients only), dy or x. x may be NULL with given sums and training = 0.
+ * With PYBN_ACTIVATION_RELU the fused backward reads y as well (one sweep less than BN
+ * backward after a separate ReLU backward). With given sums the sums must be those of the
+ * masked gradient (sum over dy * (y > 0)); dresidual may be dy.
  */
 PYBN_API pybn_status pybn_backward_v2(pybn_view view, const void* dy, const void* x, void* dx,
                                       const pybn_backward_params* params);
