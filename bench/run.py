@@ -33,7 +33,11 @@ import numpy as np
 
 import pybn
 
-PASSES = {"train": 3, "infer": 2, "backward": 5}
+# passes over memory of the unfused minimum (the roofline's yardstick): training forward reads x
+# twice and writes y; backward reads dy and x twice and writes dx; the fused epilogues add the
+# residual's read (BN + add + ReLU) or y's two reads (ReLU backward: the mask)
+PASSES = {"train": 3, "infer": 2, "backward": 5, "train_relu": 3, "train_add_relu": 4, "backward_relu": 7}
+FUSED = ("train_relu", "train_add_relu", "backward_relu")
 # ResNet-50's BN layers (C, H, W)
 RESNET = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28), (512, 28, 28),
           (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7)]
@@ -96,14 +100,42 @@ def make_inputs(case: Case, xp, rng) -> Dict[str, Any]:
 
 def pybn_ops(a) -> Dict[str, Callable[[], Any]]:
     ax = a["axis"]
-    _, mean, invstd = pybn.batchnorm_forward(a["x"], a["gamma"], a["beta"], axis=ax)
-    y = a["x"].copy()
+    x, g, b, rm, rv, z = a["x"], a["gamma"], a["beta"], a["rm"], a["rv"], a["dy"]  # dy doubles as the residual
+    _, mean, invstd = pybn.batchnorm_forward(x, g, b, axis=ax)
+    a["y_relu"] = pybn.batchnorm(x, g, b, axis=ax, activation="relu")  # the mask of the ReLU backward
+    y = x.copy()
     return {
-        "train": lambda: pybn.batchnorm(a["x"], a["gamma"], a["beta"], a["rm"], a["rv"], axis=ax, out=y),
-        "infer": lambda: pybn.batchnorm(a["x"], a["gamma"], a["beta"], a["rm"], a["rv"], training=False,
-                                        axis=ax, out=y),
-        "backward": lambda: pybn.batchnorm_backward(a["dy"], a["x"], mean, invstd, a["gamma"], axis=ax, out=y),
+        "train": lambda: pybn.batchnorm(x, g, b, rm, rv, axis=ax, out=y),
+        "infer": lambda: pybn.batchnorm(x, g, b, rm, rv, training=False, axis=ax, out=y),
+        "backward": lambda: pybn.batchnorm_backward(a["dy"], x, mean, invstd, g, axis=ax, out=y),
+        "train_relu": lambda: pybn.batchnorm(x, g, b, rm, rv, axis=ax, out=y, activation="relu"),
+        "train_add_relu": lambda: pybn.batchnorm(x, g, b, rm, rv, axis=ax, out=y, residual=z, activation="relu"),
+        "backward_relu": lambda: pybn.batchnorm_backward(a["dy"], x, mean, invstd, g, axis=ax, out=y,
+                                                         activation="relu", y=a["y_relu"]),
     }
+
+
+def separate_ops(a, xp) -> Dict[str, Callable[[], Any]]:
+    """The fused ops as pybn BN plus separate array ops (in place, no extra allocation)."""
+    ax = a["axis"]
+    x, g, b, rm, rv, z = a["x"], a["gamma"], a["beta"], a["rm"], a["rv"], a["dy"]
+    _, mean, invstd = pybn.batchnorm_forward(x, g, b, axis=ax)
+    y, grad = x.copy(), x.copy()
+
+    def train_relu():
+        pybn.batchnorm(x, g, b, rm, rv, axis=ax, out=y)
+        xp.maximum(y, 0, out=y)
+
+    def train_add_relu():
+        pybn.batchnorm(x, g, b, rm, rv, axis=ax, out=y)
+        xp.add(y, z, out=y)
+        xp.maximum(y, 0, out=y)
+
+    def backward_relu():
+        xp.multiply(a["dy"], a["y_relu"] > 0, out=grad)
+        pybn.batchnorm_backward(grad, x, mean, invstd, g, axis=ax, out=y)
+
+    return {"train_relu": train_relu, "train_add_relu": train_add_relu, "backward_relu": backward_relu}
 
 
 def array_ops(a, xp) -> Dict[str, Callable[[], Any]]:
@@ -145,6 +177,15 @@ def torch_ops(a, device: str, cudnn: bool) -> Dict[str, Callable[[], Any]]:
     conv = (lambda t: torch.from_dlpack(t)) if device == "cuda" else torch.from_numpy
     g, b, rm, rv = (conv(a[k]) for k in ("gamma", "beta", "rm", "rv"))
     _, sm, sr = torch.ops.aten.native_batch_norm(x, g, b, rm.clone(), rv.clone(), True, 0.1, 1e-5)
+    z = dy
+    yr = torch.relu(torch.ops.aten.native_batch_norm(x, g, b, rm.clone(), rv.clone(), True, 0.1, 1e-5)[0])
+    # the fused ops as PyTorch runs them: BN, then (in place) add and ReLU; ReLU's backward, then BN's
+    separate = {
+        "train_relu": lambda bn: bn().relu_(),
+        "train_add_relu": lambda bn: bn().add_(z).relu_(),
+    }
+    relu_backward = lambda: torch.ops.aten.native_batch_norm_backward(  # noqa: E731
+        torch.ops.aten.threshold_backward(dy, yr, 0), x, g, rm, rv, sm, sr, True, 1e-5, [True, True, True])
 
     def run(fn):
         def call():
@@ -155,17 +196,23 @@ def torch_ops(a, device: str, cudnn: bool) -> Dict[str, Callable[[], Any]]:
     if cudnn:  # torch's public entry point picks cuDNN where it applies
         import torch.nn.functional as F
         xg = x.detach().requires_grad_(False)
+        bn = lambda: F.batch_norm(xg, rm, rv, g, b, True, 0.1, 1e-5)  # noqa: E731
         return {
-            "train": run(lambda: F.batch_norm(xg, rm, rv, g, b, True, 0.1, 1e-5)),
+            "train": run(bn),
             "infer": run(lambda: F.batch_norm(xg, rm, rv, g, b, False, 0.1, 1e-5)),
             "backward": run(lambda: torch.ops.aten.native_batch_norm_backward(
                 dy, x, g, rm, rv, sm, sr, True, 1e-5, [True, True, True])),
+            **{op: run(lambda f=f: f(bn)) for op, f in separate.items()},
+            "backward_relu": run(relu_backward),
         }
+    bn = lambda: torch.ops.aten.native_batch_norm(x, g, b, rm, rv, True, 0.1, 1e-5)[0]  # noqa: E731
     return {
         "train": run(lambda: torch.ops.aten.native_batch_norm(x, g, b, rm, rv, True, 0.1, 1e-5)),
         "infer": run(lambda: torch.ops.aten.native_batch_norm(x, g, b, rm, rv, False, 0.1, 1e-5)),
         "backward": run(lambda: torch.ops.aten.native_batch_norm_backward(
             dy, x, g, rm, rv, sm, sr, True, 1e-5, [True, True, True])),
+        **{op: run(lambda f=f: f(bn)) for op, f in separate.items()},
+        "backward_relu": run(relu_backward),
     }
 
 
@@ -175,7 +222,7 @@ def _torchable(a: np.ndarray) -> np.ndarray:
 
 def peers_for(case: Case, device: str, a, xp) -> Dict[str, Any]:
     """name -> ops dict, or a string saying why the peer is missing."""
-    peers: Dict[str, Any] = {}
+    peers: Dict[str, Any] = {"pybn_separate": separate_ops(a, xp)}
     if device == "cpu":
         peers["numpy"] = array_ops(a, np) if case.dtype == "float32" else "float32 only"
         peers["torch"] = _try_torch(a, "cpu", cudnn=False)
@@ -340,8 +387,11 @@ def run(args) -> Dict[str, Any]:
                            dtype=case.dtype, op=op, bytes=nbytes, pybn_s=t,
                            roofline=copy_ratio * PASSES[op] / 2, peers={})
                 for name, p in peers.items():
-                    row["peers"][name] = ({"s": timer.median_vs_copy(p[op], copy)[0]}
-                                          if isinstance(p, dict) else {"missing": p})
+                    if isinstance(p, dict) and op not in p:
+                        row["peers"][name] = {"missing": "fused ops only" if op not in FUSED else "unfused ops only"}
+                    else:
+                        row["peers"][name] = ({"s": timer.median_vs_copy(p[op], copy)[0]}
+                                              if isinstance(p, dict) else {"missing": p})
                 rows.append(row)
             del a, ours, peers
     if total:
@@ -359,14 +409,14 @@ def print_table(result: Dict[str, Any]) -> None:
           + f"; PyTorch {env['torch'] or 'missing'}")
     print("copy bandwidth (same run): " + ", ".join(f"{d} {v:.1f} GB/s" for d, v in result["copy_bandwidth_GBps"].items()))
     peer_names = sorted({n for r in result["rows"] if r.get("op") for n in r["peers"]})
-    head = f"{'device':6} {'case':16} {'layout':6} {'dtype':8} {'op':8} {'pybn ms':>9} {'%roof':>6}"
+    head = f"{'device':6} {'case':16} {'layout':6} {'dtype':8} {'op':14} {'pybn ms':>9} {'%roof':>6}"
     print(head + "".join(f" {'vs ' + n:>14}" for n in peer_names))
     missing = {}
     for r in result["rows"]:
         if not r.get("op"):
             print(f"{r['device']:6} {r['case']:16} {r['layout']:6} {r['dtype']:8} skipped: {r['error']}")
             continue
-        line = (f"{r['device']:6} {r['case']:16} {r['layout']:6} {r['dtype']:8} {r['op']:8} "
+        line = (f"{r['device']:6} {r['case']:16} {r['layout']:6} {r['dtype']:8} {r['op']:14} "
                 f"{r['pybn_s'] * 1e3:9.3f} {r['roofline'] * 100:5.0f}%")
         for n in peer_names:
             p = r["peers"].get(n)
@@ -413,7 +463,7 @@ def plot(result: Dict[str, Any], out: str) -> List[str]:
     # 2. % of the copy roofline against tensor size
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for device in sorted({r["device"] for r in rows}):
-        for op, marker in zip(PASSES, "o^s"):
+        for op, marker in zip(PASSES, "o^sDvP"):
             sel = [r for r in rows if r["device"] == device and r["op"] == op]
             if sel:
                 ax.scatter([r["bytes"] / 1e6 for r in sel], [100 * r["roofline"] for r in sel],

@@ -13,6 +13,7 @@ from ._api import (
     batchnorm,
     batchnorm_backward,
     batchnorm_forward,
+    fold,
     merge_stats,
     normalize,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "batchnorm_forward",
     "cpu_isa",
     "cpu_isas",
+    "fold",
     "get_cmake_dir",
     "get_include",
     "get_library_dir",

@@ -426,3 +426,61 @@ def backward_elementwise(dy: Array, x: Array, mean: Array, invstd: Array, gamma:
     backend_of((("x", x),) + sums)  # devices first
     _, run = _backward_elementwise_call(dy, x, mean, invstd, gamma, training, axis, out)
     return run(count, sum_dy, sum_dy_xmu, sum_xmu)  # checks the sums before anything is written
+
+
+# ----------------------------------------- folding -----------------------------------------
+
+def fold(weight: Array, bias: Optional[Array], gamma: Optional[Array], beta: Optional[Array],
+         running_mean: Array, running_var: Array, *, eps: float = 1e-5,
+         axis: int = 0) -> Tuple[Array, Array]:
+    """Inference-mode BN folded into the preceding layer: returns (weight2, bias2) such that
+    layer(x, weight2) + bias2 == batchnorm(layer(x, weight) + bias, training=False).
+
+    axis is the output-channel axis of weight: 0 for conv OIHW and linear (out, in), 1 for
+    transposed conv IOHW, -1 for HWIO / (in, out). bias may be None (0); gamma / beta may be
+    None (1 / 0). Computed in float64, returned in weight's dtype; NumPy or CuPy arrays (all on
+    one device). With s = gamma / sqrt(running_var + eps): weight2 = weight * s along axis,
+    bias2 = (bias - running_mean) * s + beta.
+    """
+    named = (("weight", weight), ("bias", bias), ("gamma", gamma), ("beta", beta),
+             ("running_mean", running_mean), ("running_var", running_var))
+    be = backend_of(tuple((n, a) for n, a in named if a is not None))
+    xp = be.xp
+    w = be.adopt(weight)
+    if w is None:
+        raise ValueError("weight is required")
+    if np.dtype(w.dtype).kind != "f" and dtype_name(w.dtype) != "bfloat16":
+        raise TypeError(f"weight must be a floating-point array, got {dtype_name(w.dtype)}")
+    if w.ndim < 1:
+        raise ValueError("weight must have at least 1 dimension")
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if not -w.ndim <= axis < w.ndim:
+        raise ValueError(f"axis must be in [{-w.ndim}, {w.ndim}) for a {w.ndim}-D weight, got {axis}")
+    ax = int(axis) % w.ndim
+    c = int(w.shape[ax])
+    eps = check_eps(eps)
+
+    def vec(name, a, default):
+        if a is None:
+            if default is None:
+                raise ValueError(f"{name} is required")
+            return xp.full(c, default, dtype=np.float64)
+        a = be.adopt(a)
+        if tuple(a.shape) != (c,):
+            raise ValueError(f"{name} must have shape ({c},) (the size of weight's axis {axis}), got {tuple(a.shape)}")
+        if np.dtype(a.dtype).kind != "f" and dtype_name(a.dtype) != "bfloat16":
+            raise TypeError(f"{name} must be a floating-point array, got {dtype_name(a.dtype)}")
+        return a.astype(np.float64)
+
+    g, b = vec("gamma", gamma, 1.0), vec("beta", beta, 0.0)
+    rm, rv = vec("running_mean", running_mean, None), vec("running_var", running_var, None)
+    bias64 = vec("bias", bias, 0.0)
+    if not bool((rv + eps > 0).all()):
+        raise ValueError("running_var + eps must be > 0 in every channel")
+    s = g / xp.sqrt(rv + eps)
+    shape = [1] * w.ndim
+    shape[ax] = c
+    w2 = (w.astype(np.float64) * s.reshape(shape)).astype(w.dtype)
+    b2 = ((bias64 - rm) * s + b).astype(w.dtype)
+    return w2, b2

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ._api import batchnorm_backward, batchnorm_forward, check_activation, check_correction
+from ._api import batchnorm_backward, batchnorm_forward, check_activation, check_correction, fold
 from ._arrays import _cupy, check_eps, check_momentum, dtype_name
 from ._core import has_cuda
 
@@ -112,6 +112,14 @@ class BatchNorm:
     def _backward_call(self, dy, x, mean, invstd, training, y=None):
         return batchnorm_backward(dy, x, mean, invstd, self.gamma, training=training,
                                   axis=self.axis, activation=self.activation, y=y)
+
+    def fold_into(self, weight: Array, bias: Optional[Array] = None, axis: int = 0) -> tuple:
+        """(weight2, bias2): this layer's inference-mode BN folded into the preceding layer's
+        weight and bias (see pybn.fold; axis is weight's output-channel axis)."""
+        if not self.track_running_stats:
+            raise ValueError("fold_into needs running statistics (track_running_stats=True)")
+        return fold(weight, bias, self.gamma, self.beta, self.running_mean, self.running_var,
+                    eps=self.eps, axis=axis)
 
     def state_dict(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {}

@@ -19,10 +19,12 @@ def test_quick_benchmark_subset_writes_table_json_and_plots(tmp_path):
     assert "copy bandwidth (same run): cpu" in run.stdout
     result = json.loads((tmp_path / "results.json").read_text())
     rows = [r for r in result["rows"] if r.get("op")]
-    assert {(r["case"], r["op"]) for r in rows} == {("32x64x56x56", op) for op in ("train", "infer", "backward")}
+    assert {(r["case"], r["op"]) for r in rows} == {("32x64x56x56", op) for op in (
+        "train", "infer", "backward", "train_relu", "train_add_relu", "backward_relu")}
     for r in rows:
         assert r["pybn_s"] > 0 and r["roofline"] > 0
         assert "numpy" in r["peers"] and "torch" in r["peers"]  # measured, or missing with a reason
+        assert ("s" in r["peers"]["pybn_separate"]) == (r["op"].endswith("relu"))
         assert all(("s" in p) != ("missing" in p) for p in r["peers"].values())
     assert result["environment"]["cpu_isa"] and result["copy_bandwidth_GBps"]["cpu"] > 0
     for png in ("roofline.png", "speedup_cpu.png"):
