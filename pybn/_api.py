@@ -13,7 +13,8 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from . import _core
-from ._arrays import Canonical, address, backend_of, check_eps, check_momentum, device_context, dtype_name
+from ._arrays import (Canonical, address, backend_of, check_eps, check_momentum, check_real, device_context,
+                      dtype_name)
 
 Array = Any
 
@@ -67,6 +68,18 @@ def check_activation(activation: Any) -> int:
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     return _ACTIVATIONS[activation]
+
+
+def check_renorm(renorm: Any) -> Tuple[float, float]:
+    """renorm=(r_max, d_max) of batch renormalisation, or None (0, 0: off)."""
+    if renorm is None:
+        return 0.0, 0.0
+    if not isinstance(renorm, (tuple, list)) or len(renorm) != 2:
+        raise TypeError(f"renorm must be None or a pair (r_max, d_max), got {renorm!r}")
+    r_max, d_max = check_real("renorm r_max", renorm[0]), check_real("renorm d_max", renorm[1])
+    if not (1.0 <= r_max < float("inf")) or not (0.0 <= d_max < float("inf")):
+        raise ValueError(f"renorm needs r_max >= 1 and d_max >= 0 (finite), got {renorm!r}")
+    return r_max, d_max
 
 
 def _train_minimum(running_var: Any, correction: int) -> int:
@@ -157,11 +170,14 @@ class _ForwardCall:
     returns (y, mean, invstd) with nothing written before the library call succeeds."""
 
     def __init__(self, x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
-                 correction, save, given_stats=False, activation=None, residual=None):
+                 correction, save, given_stats=False, activation=None, residual=None, renorm=None):
         self.cx = cx = _prepare(x, axis, (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
                                           ("running_var", running_var), ("out", out), ("residual", residual)))
         self.activation = check_activation(activation)
         self.z = None if residual is None else cx.like_x("residual", residual)
+        self.renorm = check_renorm(renorm)
+        if renorm is not None and (not _training_flag(training) or running_mean is None or running_var is None):
+            raise ValueError("renorm (batch renormalisation) needs training=True and both running statistics")
         self.training = _training_flag(training)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)
@@ -192,9 +208,11 @@ class _ForwardCall:
         if self.given_stats:  # the CPU library checks the counts (channel and value in its message)
             stats = [_stats_array(cx, n, a) for n, a in (("count", count), ("mean", mean), ("m2", m2))]
             _check_device_counts(be, "count", stats[0], _train_minimum(self.rv, self.correction))
-        smean = sinvstd = None
+        smean = sinvstd = r = d = None
         if self.save:
             smean, sinvstd = _per_channel_out(cx), _per_channel_out(cx)
+        if self.renorm[0]:
+            r, d = _per_channel_out(cx), _per_channel_out(cx)
         a = be.address
         params = _core.ForwardParams(
             training=self.training, running_var_correction=self.correction,
@@ -202,12 +220,16 @@ class _ForwardCall:
             eps=self.eps, running_mean=0 if self.rm is None else a(self.rm),
             running_var=0 if self.rv is None else a(self.rv), momentum=self.momentum,
             save_mean=0 if smean is None else a(smean), save_invstd=0 if sinvstd is None else a(sinvstd),
-            activation=self.activation, residual=0 if self.z is None else a(self.z))
+            activation=self.activation, residual=0 if self.z is None else a(self.z),
+            renorm_r_max=self.renorm[0], renorm_d_max=self.renorm[1], save_renorm_r=0 if r is None else a(r),
+            save_renorm_d=0 if d is None else a(d))
         if stats:
             params.given_statistics(a(stats[0]), a(stats[1]), a(stats[2]))
         _run_forward(cx, self.y.data, params)
         if self.running is not None:
             self.running.write_back()
+        if r is not None and self.save:
+            return self.y.finish(), smean, sinvstd, r, d
         return self.y.finish(), smean, sinvstd
 
 
@@ -216,7 +238,8 @@ def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = N
               running_mean: Optional[Array] = None, running_var: Optional[Array] = None, *,
               training: bool = True, momentum: float = 0.1, eps: float = 1e-5, axis: int = 1,
               out: Optional[Array] = None, running_var_correction: int = 1,
-              activation: Optional[str] = None, residual: Optional[Array] = None) -> Array:
+              activation: Optional[str] = None, residual: Optional[Array] = None,
+              renorm: Optional[Tuple[float, float]] = None) -> Array:
     """Batch normalisation of x over every axis but `axis`; returns y (x's dtype).
 
     training=True normalises with the batch statistics and, when running_mean / running_var are
@@ -230,10 +253,15 @@ def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = N
     Fused epilogue, in the same sweep (no extra pass): residual (x's shape and dtype) is added
     after the affine step and activation="relu" applies max(0, .) last:
     y = relu(gamma * x_hat + beta + residual). NaN stays NaN.
+
+    renorm=(r_max, d_max): batch renormalisation (Ioffe 2017; training with both running
+    statistics): y = gamma * (r * x_hat + d) + beta with r = clip(sigma_batch / sigma_running,
+    1/r_max, r_max), d = clip((mean_batch - running_mean) / sigma_running, -d_max, d_max), from the
+    running statistics before this step's update (sigma = sqrt(var + eps)).
     """
     return _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
                         running_var_correction, save=False, activation=activation,
-                        residual=residual).run()[0]
+                        residual=residual, renorm=renorm).run()[0]
 
 
 @_on_device
@@ -242,11 +270,14 @@ def batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Optional[Ar
                       training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
                       axis: int = 1, out: Optional[Array] = None,
                       running_var_correction: int = 1, activation: Optional[str] = None,
-                      residual: Optional[Array] = None) -> Tuple[Array, Array, Array]:
+                      residual: Optional[Array] = None,
+                      renorm: Optional[Tuple[float, float]] = None) -> Tuple[Array, ...]:
     """Like batchnorm, also returning (mean, invstd) for batchnorm_backward: the batch mean and
-    1/sqrt(var + eps) in training, running_mean and 1/sqrt(running_var + eps) otherwise."""
+    1/sqrt(var + eps) in training, running_mean and 1/sqrt(running_var + eps) otherwise.
+    With renorm, returns (y, mean, invstd, r, d): pass renorm=(r, d) to batchnorm_backward."""
     return _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
-                        running_var_correction, save=True, activation=activation, residual=residual).run()
+                        running_var_correction, save=True, activation=activation, residual=residual,
+                        renorm=renorm).run()
 
 
 class _BackwardCall:
@@ -254,13 +285,20 @@ class _BackwardCall:
     run(count, sum_dy, sum_dy_xmu, sum_xmu) (all None: the fused backward) -> (dx, dgamma, dbeta)."""
 
     def __init__(self, dy, x, mean, invstd, gamma, training, axis, out, given_sums=False, activation=None,
-                 y=None, dresidual=None):
+                 y=None, dresidual=None, renorm=None):
         self.cx = cx = _prepare(x, axis, (("dy", dy), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
                                           ("out", out), ("y", y), ("dresidual", dresidual)))
         self.activation = check_activation(activation)
         if self.activation != _core.ACTIVATION_NONE and y is None:
             raise ValueError(f"activation={activation!r} needs y, the forward's output (the mask is y > 0)")
         self.ymask = None if self.activation == _core.ACTIVATION_NONE else cx.like_x("y", y)
+        self.rd = None
+        if renorm is not None:
+            if not isinstance(renorm, (tuple, list)) or len(renorm) != 2:
+                raise TypeError("renorm must be the pair (r, d) that batchnorm_forward(..., renorm=...) returned")
+            if not _training_flag(training):
+                raise ValueError("renorm (r, d) is for the training-mode backward")
+            self.rd = (cx.per_channel("renorm r", renorm[0]), cx.per_channel("renorm d", renorm[1]))
         self.training = _training_flag(training)
         self.dy = cx.like_x("dy", dy)
         if mean is None or invstd is None:
@@ -293,7 +331,9 @@ class _BackwardCall:
                                       gamma=address(be, self.g), dgamma=be.address(dgamma),
                                       dbeta=be.address(dbeta), activation=self.activation,
                                       y=address(be, self.ymask),
-                                      dresidual=0 if self.dres is None else be.address(self.dres.data), **sums)
+                                      dresidual=0 if self.dres is None else be.address(self.dres.data),
+                                      renorm_r=0 if self.rd is None else be.address(self.rd[0]),
+                                      renorm_d=0 if self.rd is None else be.address(self.rd[1]), **sums)
         _run_backward(cx, self.dy, self.dx.data, params)
         if self.dres is not None:
             self.dres.finish()
@@ -304,8 +344,8 @@ class _BackwardCall:
 def batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
                        gamma: Optional[Array] = None, *, training: bool = True, axis: int = 1,
                        out: Optional[Array] = None, activation: Optional[str] = None,
-                       y: Optional[Array] = None,
-                       dresidual: Optional[Array] = None) -> Tuple[Array, Array, Array]:
+                       y: Optional[Array] = None, dresidual: Optional[Array] = None,
+                       renorm: Optional[Tuple[Array, Array]] = None) -> Tuple[Array, Array, Array]:
     """Gradients (dx, dgamma, dbeta) of batchnorm given dy and what batchnorm_forward returned.
 
     training=True differentiates through the batch statistics; training=False treats mean and
@@ -314,9 +354,11 @@ def batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
     Behind a fused epilogue: activation="relu" takes y, the forward's output, and uses
     dy * (y > 0) (0 where y == 0, as PyTorch's ReLU), in the same sweeps; dresidual (x's shape
     and dtype; may be dy when out is not) receives the residual's gradient, that masked dy.
+    renorm=(r, d) (from batchnorm_forward(..., renorm=...)): the renormalised forward's r and d,
+    constants here: dx uses gamma * r, dgamma = r * sum(dy * x_hat) + d * sum(dy).
     """
     return _BackwardCall(dy, x, mean, invstd, gamma, training, axis, out, activation=activation, y=y,
-                         dresidual=dresidual).run()
+                         dresidual=dresidual, renorm=renorm).run()
 
 
 # ------------------------------------ composable primitives ------------------------------------

@@ -49,6 +49,10 @@ cdef extern from "pybn/pybn.h" nogil:
         int32_t activation
         int32_t reserved
         const void* residual
+        double renorm_r_max
+        double renorm_d_max
+        void* save_renorm_r
+        void* save_renorm_d
     ctypedef struct pybn_backward_params:
         size_t size
         int32_t training
@@ -64,6 +68,8 @@ cdef extern from "pybn/pybn.h" nogil:
         const double* sum_xmu
         const void* y
         void* dresidual
+        const void* renorm_r
+        const void* renorm_d
 
     const char* pybn_status_string(pybn_status status)
     const char* pybn_last_error()
@@ -244,7 +250,8 @@ cdef class ForwardParams:
                  uintptr_t beta=0, double eps=1e-5, uintptr_t running_mean=0,
                  uintptr_t running_var=0, double momentum=0.1, uintptr_t save_mean=0,
                  uintptr_t save_invstd=0, uintptr_t count=0, uintptr_t mean=0, uintptr_t m2=0,
-                 int activation=0, uintptr_t residual=0):
+                 int activation=0, uintptr_t residual=0, double renorm_r_max=0,
+                 double renorm_d_max=0, uintptr_t save_renorm_r=0, uintptr_t save_renorm_d=0):
         self.p.size = sizeof(pybn_forward_params)
         self.p.training = training
         self.p.running_var_correction = running_var_correction
@@ -262,6 +269,10 @@ cdef class ForwardParams:
         self.p.activation = activation
         self.p.reserved = 0
         self.p.residual = <const void*>residual
+        self.p.renorm_r_max = renorm_r_max
+        self.p.renorm_d_max = renorm_d_max
+        self.p.save_renorm_r = <void*>save_renorm_r
+        self.p.save_renorm_d = <void*>save_renorm_d
 
 
 cdef class BackwardParams:
@@ -271,12 +282,14 @@ cdef class BackwardParams:
     def __init__(self, *, bint training=True, uintptr_t mean=0, uintptr_t invstd=0,
                  uintptr_t gamma=0, uintptr_t dgamma=0, uintptr_t dbeta=0, uintptr_t count=0,
                  uintptr_t sum_dy=0, uintptr_t sum_dy_xmu=0, uintptr_t sum_xmu=0, int activation=0,
-                 uintptr_t y=0, uintptr_t dresidual=0):
+                 uintptr_t y=0, uintptr_t dresidual=0, uintptr_t renorm_r=0, uintptr_t renorm_d=0):
         self.p.size = sizeof(pybn_backward_params)
         self.p.training = training
         self.p.activation = activation
         self.p.y = <const void*>y
         self.p.dresidual = <void*>dresidual
+        self.p.renorm_r = <const void*>renorm_r
+        self.p.renorm_d = <const void*>renorm_d
         self.p.mean = <const void*>mean
         self.p.invstd = <const void*>invstd
         self.p.gamma = <const void*>gamma

@@ -288,6 +288,8 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features: int, *, comm: Any, cuda_aware: Optional[bool] = None,
                  **options: Any):
+        if options.get("renorm") is not None:
+            raise ValueError("SyncBatchNorm does not support renorm yet; use pybn.BatchNorm")
         super().__init__(num_features, **options)
         self._coll = _collective(comm, cuda_aware)  # checks comm now, not at the first call
         self.comm = comm
@@ -301,7 +303,7 @@ class SyncBatchNorm(BatchNorm):
                                       running_var_correction=self.running_var_correction,
                                       activation=self.activation)
 
-    def _backward_call(self, dy, x, mean, invstd, training, y=None):
+    def _backward_call(self, dy, x, mean, invstd, training, y=None, rd=None):
         return sync_batchnorm_backward(dy, x, mean, invstd, self.gamma, comm=self.comm,
                                        training=training, axis=self.axis,
                                        cuda_aware=self.cuda_aware, num_features=self.num_features,

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ._api import batchnorm_backward, batchnorm_forward, check_activation, check_correction, fold
+from ._api import batchnorm_backward, batchnorm_forward, check_activation, check_correction, check_renorm, fold
 from ._arrays import _cupy, check_eps, check_momentum, dtype_name
 from ._core import has_cuda
 
@@ -22,12 +22,14 @@ class BatchNorm:
     running_var_correction=1 updates running_var with the unbiased batch variance (PyTorch),
     0 with the biased one (Keras/TF, Flax, PaddlePaddle, ONNX; their momentum m is 1 - m here).
     activation="relu" fuses a ReLU into the layer (forward and backward, no extra pass).
+    renorm=(r_max, d_max): batch renormalisation in training (needs track_running_stats; see
+    pybn.batchnorm), r and d kept for backward as constants.
     """
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, axis: int = 1,
                  dtype: Any = np.float32, device: str = "cpu", running_var_correction: int = 1,
-                 activation: Optional[str] = None):
+                 activation: Optional[str] = None, renorm: Optional[tuple] = None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -36,6 +38,10 @@ class BatchNorm:
         self.running_var_correction = check_correction(running_var_correction)
         check_activation(activation)
         self.activation = activation
+        check_renorm(renorm)
+        if renorm is not None and not track_running_stats:
+            raise ValueError("renorm needs running statistics (track_running_stats=True)")
+        self.renorm = None if renorm is None else (float(renorm[0]), float(renorm[1]))
         self.momentum = None if momentum is None else check_momentum(momentum)
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
@@ -83,21 +89,22 @@ class BatchNorm:
         update = self.training and self.track_running_stats
         if update and momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)
-        y, mean, invstd = self._forward_call(
+        out = self._forward_call(
             x, self.running_mean if (update or not batch) else None,
             self.running_var if (update or not batch) else None, batch,
             0.0 if momentum is None else momentum)
+        y, mean, invstd = out[:3]
         if update:
             self.num_batches_tracked += 1
-        self._saved = (x, mean, invstd, batch, y if self.activation else None)
+        self._saved = (x, mean, invstd, batch, y if self.activation else None, out[3:] or None)
         return y
 
     def backward(self, dy: Array) -> Array:
         """dx for the last forward; sets grad_gamma and grad_beta (None when affine=False)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() call first")
-        x, mean, invstd, batch, y = self._saved
-        dx, dgamma, dbeta = self._backward_call(dy, x, mean, invstd, batch, y)
+        x, mean, invstd, batch, y, rd = self._saved
+        dx, dgamma, dbeta = self._backward_call(dy, x, mean, invstd, batch, y, rd)
         if self.affine:
             self.grad_gamma, self.grad_beta = dgamma, dbeta
         return dx
@@ -107,11 +114,12 @@ class BatchNorm:
         return batchnorm_forward(x, self.gamma, self.beta, running_mean, running_var,
                                  training=training, momentum=momentum, eps=self.eps,
                                  axis=self.axis, running_var_correction=self.running_var_correction,
-                                 activation=self.activation)
+                                 activation=self.activation,
+                                 renorm=self.renorm if training and running_mean is not None else None)
 
-    def _backward_call(self, dy, x, mean, invstd, training, y=None):
+    def _backward_call(self, dy, x, mean, invstd, training, y=None, rd=None):
         return batchnorm_backward(dy, x, mean, invstd, self.gamma, training=training,
-                                  axis=self.axis, activation=self.activation, y=y)
+                                  axis=self.axis, activation=self.activation, y=y, renorm=rd)
 
     def fold_into(self, weight: Array, bias: Optional[Array] = None, axis: int = 0) -> tuple:
         """(weight2, bias2): this layer's inference-mode BN folded into the preceding layer's

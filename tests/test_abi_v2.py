@@ -33,13 +33,14 @@ class ForwardParams(ctypes.Structure):
     _fields_ = [("size", SZ), ("training", I32), ("running_var_correction", I32), ("gamma", P), ("beta", P),
                 ("eps", D), ("running_mean", P), ("running_var", P), ("momentum", D), ("save_mean", P),
                 ("save_invstd", P), ("count", P), ("mean", P), ("m2", P), ("activation", I32), ("reserved", I32),
-                ("residual", P)]
+                ("residual", P), ("renorm_r_max", D), ("renorm_d_max", D), ("save_renorm_r", P),
+                ("save_renorm_d", P)]
 
 
 class BackwardParams(ctypes.Structure):
     _fields_ = [("size", SZ), ("training", I32), ("activation", I32), ("mean", P), ("invstd", P), ("gamma", P),
                 ("dgamma", P), ("dbeta", P), ("count", P), ("sum_dy", P), ("sum_dy_xmu", P), ("sum_xmu", P),
-                ("y", P), ("dresidual", P)]
+                ("y", P), ("dresidual", P), ("renorm_r", P), ("renorm_d", P)]
 
 
 for name, args in {
@@ -88,16 +89,16 @@ def test_struct_layouts_match_the_header():
     src = HERE / "_sizes.c"
     exe = HERE / "_sizes"
     src.write_text('#include <stdio.h>\n#include <stddef.h>\n#include <pybn/pybn.h>\nint main(void) {\n'
-                   '  printf("%zu %zu %zu %zu\\n", sizeof(pybn_forward_params), offsetof(pybn_forward_params, residual),'
-                   ' sizeof(pybn_backward_params), offsetof(pybn_backward_params, dresidual)); return 0; }\n')
+                   '  printf("%zu %zu %zu %zu\\n", sizeof(pybn_forward_params), offsetof(pybn_forward_params, save_renorm_d),'
+                   ' sizeof(pybn_backward_params), offsetof(pybn_backward_params, renorm_d)); return 0; }\n')
     try:
         subprocess.run(["cc", "-std=c99", f"-I{pybn.get_include()}", str(src), "-o", str(exe)], check=True)
         got = [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True).stdout.split()]
     finally:
         src.unlink(missing_ok=True)
         exe.unlink(missing_ok=True)
-    assert got == [ctypes.sizeof(ForwardParams), ForwardParams.residual.offset, ctypes.sizeof(BackwardParams),
-                   BackwardParams.dresidual.offset]
+    assert got == [ctypes.sizeof(ForwardParams), ForwardParams.save_renorm_d.offset, ctypes.sizeof(BackwardParams),
+                   BackwardParams.renorm_d.offset]
 
 
 def test_v2_forward_and_backward_are_bitwise_the_level_1_calls(rng):

@@ -32,28 +32,30 @@ template <class P> void copy_out(const std::vector<P>& from, void* to) {
 template <class P> class ForwardOutputs {
   public:
     ForwardOutputs(int64_t C, const pybn_forward_params& p, ForwardMode mode)
-        : params_(p), dst_{p.running_mean, p.running_var, p.save_mean, p.save_invstd} {
+        : params_(p), dst_{p.running_mean, p.running_var, p.save_mean, p.save_invstd, p.save_renorm_r, p.save_renorm_d} {
         if (mode == ForwardMode::infer) dst_[0] = dst_[1] = nullptr;  // read only
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < kOutputs; ++k) {
             if (!dst_[k]) continue;
             if (k < 2)  // running statistics are read and updated
                 copy_[k].assign(static_cast<const P*>(dst_[k]), static_cast<const P*>(dst_[k]) + C);
             else
                 copy_[k].resize(static_cast<size_t>(C));
         }
-        void** redirect[4] = {&params_.running_mean, &params_.running_var, &params_.save_mean, &params_.save_invstd};
-        for (int k = 0; k < 4; ++k)
+        void** redirect[kOutputs] = {&params_.running_mean, &params_.running_var,   &params_.save_mean,
+                                     &params_.save_invstd,  &params_.save_renorm_r, &params_.save_renorm_d};
+        for (int k = 0; k < kOutputs; ++k)
             if (dst_[k]) *redirect[k] = copy_[k].data();
     }
     NormalizeArgs<P> args(int64_t C, P* coef) const { return {C, params_, coef}; }
     void finish() {
-        for (int k = 0; k < 4; ++k) copy_out(copy_[k], dst_[k]);
+        for (int k = 0; k < kOutputs; ++k) copy_out(copy_[k], dst_[k]);
     }
 
   private:
+    static constexpr int kOutputs = 6;  // running mean / var (updated), saved mean / invstd / r / d
     pybn_forward_params params_;
-    void* dst_[4];
-    std::vector<P> copy_[4];
+    void* dst_[kOutputs];
+    std::vector<P> copy_[kOutputs];
 };
 
 // Fused training forward: the kernel reduces a channel group, this epilogue turns its

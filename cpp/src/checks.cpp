@@ -208,6 +208,20 @@ pybn_status validate_forward(const char* fn, const PointerRules& rules, const py
     PYBN_CHECK(rules.optional(fn, "residual", p.residual));
     if (p.reserved != 0)
         return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: params->reserved must be 0, got %d", fn, int(p.reserved));
+    if (p.renorm_r_max != 0 || p.renorm_d_max != 0 || p.save_renorm_r || p.save_renorm_d) {
+        if (!(p.renorm_r_max >= 1.0) || !std::isfinite(p.renorm_r_max) || !(p.renorm_d_max >= 0.0) ||
+            !std::isfinite(p.renorm_d_max))
+            return fail(PYBN_ERROR_INVALID_VALUE,
+                        "%s: batch renormalisation needs renorm_r_max >= 1 and renorm_d_max >= 0, both finite, got "
+                        "%g and %g", fn, p.renorm_r_max, p.renorm_d_max);
+        if (mode == ForwardMode::infer)
+            return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: batch renormalisation is for training (training = 1)", fn);
+        if (!p.running_mean || !p.running_var)
+            return fail(PYBN_ERROR_INVALID_ARGUMENT,
+                        "%s: batch renormalisation needs running_mean and running_var", fn);
+        PYBN_CHECK(rules.optional(fn, "save_renorm_r", p.save_renorm_r));
+        PYBN_CHECK(rules.optional(fn, "save_renorm_d", p.save_renorm_d));
+    }
     return mode == ForwardMode::train ? check_train_count(fn, v, train_minimum(p)) : PYBN_SUCCESS;
 }
 
@@ -243,6 +257,12 @@ pybn_status validate_backward(const char* fn, const PointerRules& rules, const p
     PYBN_CHECK(rules.optional(fn, "dresidual", p.dresidual));
     if (p.dresidual && p.activation == PYBN_ACTIVATION_RELU) PYBN_CHECK(rules.required(fn, "y", p.y));
     if (p.dresidual) PYBN_CHECK(rules.required(fn, "dy", dy));
+    if (p.renorm_r || p.renorm_d) {
+        PYBN_CHECK(rules.required(fn, "renorm_r", p.renorm_r));
+        PYBN_CHECK(rules.required(fn, "renorm_d", p.renorm_d));
+        if (!p.training)
+            return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: renorm_r / renorm_d are for training (training = 1)", fn);
+    }
     return mode == BackwardMode::fused && p.training ? check_train_count(fn, v, 1) : PYBN_SUCCESS;
 }
 

@@ -67,6 +67,9 @@ PYBN_HD double ema(double running, double batch, double momentum) {
     return (1.0 - momentum) * running + momentum * batch;
 }
 
+// v clipped to [lo, hi]; a NaN stays NaN.
+PYBN_HD double clip(double v, double lo, double hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
 template <class P> PYBN_HD double value_or(const void* p, int64_t c, double fallback) {
     return p ? double(static_cast<const P*>(p)[c]) : fallback;
 }
@@ -88,10 +91,21 @@ PYBN_HD void normalize_channel(const NormalizeArgs<P>& a, int64_t c, double coun
     const int64_t C = a.channels;
     const double invstd = invstd_of(count, m2, a.p.eps);
     const P hi = P(mean);
+    double scale = value_or<P>(a.p.gamma, c, 1.0) * invstd, shift = value_or<P>(a.p.beta, c, 0.0);
+    if (a.p.renorm_r_max > 0) {  // batch renormalisation, from the running statistics before their update
+        const double sigma_run = std::sqrt(double(static_cast<const P*>(a.p.running_var)[c]) + a.p.eps);
+        const double r = clip(std::sqrt(m2 / count + a.p.eps) / sigma_run, 1.0 / a.p.renorm_r_max, a.p.renorm_r_max);
+        const double d = clip((mean - double(static_cast<const P*>(a.p.running_mean)[c])) / sigma_run,
+                              -a.p.renorm_d_max, a.p.renorm_d_max);
+        shift += value_or<P>(a.p.gamma, c, 1.0) * d;
+        scale *= r;
+        if (a.p.save_renorm_r) static_cast<P*>(a.p.save_renorm_r)[c] = P(r);
+        if (a.p.save_renorm_d) static_cast<P*>(a.p.save_renorm_d)[c] = P(d);
+    }
     a.coef[c] = hi;
     a.coef[C + c] = P(mean - double(hi));
-    a.coef[2 * C + c] = P(value_or<P>(a.p.gamma, c, 1.0) * invstd);
-    a.coef[3 * C + c] = P(value_or<P>(a.p.beta, c, 0.0));
+    a.coef[2 * C + c] = P(scale);
+    a.coef[3 * C + c] = P(shift);
     // Non-finite data policy: a channel whose batch statistics are not finite (NaN / Inf in its
     // values, or a sum that overflowed) leaves its running statistics as they were, and so does
     // an update that would overflow them; the batch's own outputs carry the NaN / Inf.
@@ -139,7 +153,8 @@ PYBN_HD void backward_channel(const BackwardArgs<P>& a, int64_t c, double sum_dy
                               double sum_dy_xmu, double sum_xmu) {
     const int64_t C = a.channels;
     const double invstd = double(static_cast<const P*>(a.p.invstd)[c]);
-    const double ga = value_or<P>(a.p.gamma, c, 1.0) * invstd;
+    double ga = value_or<P>(a.p.gamma, c, 1.0) * invstd;
+    if (a.p.renorm_r) ga *= double(static_cast<const P*>(a.p.renorm_r)[c]);  // renormalised: gamma * r
     double b = 0, offset = 0, dgamma = invstd * sum_dy_xmu;
     if (a.p.training) {
         // d: the part of the batch mean that `mean` (rounded to P) lost; s: sum(dy * (x - mean))
@@ -150,6 +165,9 @@ PYBN_HD void backward_channel(const BackwardArgs<P>& a, int64_t c, double sum_dy
         b = -ga * invstd * invstd * s / n;
         offset = -ga * sum_dy / n - b * d;
         dgamma = invstd * s;
+        if (a.p.renorm_r)  // y = gamma * (r x_hat + d) + beta, r and d constants
+            dgamma = double(static_cast<const P*>(a.p.renorm_r)[c]) * dgamma +
+                     double(static_cast<const P*>(a.p.renorm_d)[c]) * sum_dy;
     }
     a.coef[c] = a.p.training ? static_cast<const P*>(a.p.mean)[c] : P(0);
     a.coef[C + c] = P(ga);

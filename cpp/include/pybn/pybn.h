@@ -374,11 +374,23 @@ typedef struct pybn_forward_params {
     int32_t reserved;      /* must be 0                                                        */
     const void* residual;  /* `view` and dtype of x, may be NULL (none); may not overlap y
                               unless it is y itself (default NULL)                             */
+    /* Batch renormalisation (Ioffe 2017; training with both running statistics):
+     *   y = gamma * (r * x_hat + d) + beta,  sigma = sqrt(var + eps),
+     *   r = clip(sigma_batch / sigma_running, 1 / renorm_r_max, renorm_r_max),
+     *   d = clip((mean_batch - running_mean) / sigma_running, -renorm_d_max, renorm_d_max),
+     * with the running statistics as they were before this call updates them (as usual).
+     * renorm_r_max = 0: off (default); else finite and >= 1, and renorm_d_max finite, >= 0.
+     * save_renorm_r / save_renorm_d (parameter dtype, C values, may be NULL) receive r and d,
+     * which pybn_backward_v2 takes as constants (pybn_backward_params.renorm_r / renorm_d).   */
+    double renorm_r_max;
+    double renorm_d_max;
+    void* save_renorm_r;
+    void* save_renorm_d;
 } pybn_forward_params;
 
 #define PYBN_FORWARD_PARAMS_INIT \
     { sizeof(pybn_forward_params), 1, 1, NULL, NULL, 1e-5, NULL, NULL, 0.1, NULL, NULL, NULL, NULL, NULL, \
-      PYBN_ACTIVATION_NONE, 0, NULL }
+      PYBN_ACTIVATION_NONE, 0, NULL, 0.0, 0.0, NULL, NULL }
 
 /**
  * Parameters of the backward family: the fused backward (pybn_backward: it reduces dy and x
@@ -409,11 +421,15 @@ typedef struct pybn_backward_params {
                               PYBN_ACTIVATION_RELU, else ignored (default NULL)                */
     void* dresidual;       /* `view`, may be NULL: receives the residual's gradient, dy masked
                               by the activation, in the same sweep as dx (default NULL)        */
+    const void* renorm_r;  /* a renormalised forward's r and d (parameter dtype, C values; both
+                              or neither; training = 1): constants of the backward, so
+                              dx uses gamma * r and dgamma = r * sum(dy x_hat) + d * sum(dy)   */
+    const void* renorm_d;
 } pybn_backward_params;
 
 #define PYBN_BACKWARD_PARAMS_INIT \
     { sizeof(pybn_backward_params), 1, PYBN_ACTIVATION_NONE, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
-      NULL, NULL, NULL }
+      NULL, NULL, NULL, NULL, NULL }
 
 /**
  * Forward, CPU: y from x (`view`) as `params` says (mode, statistics, running-statistics update,
