@@ -5,7 +5,20 @@
     dx, dgamma, dbeta = pybn.batchnorm_backward(dy, x, mean, invstd, gamma)
     bn = pybn.BatchNorm(64); y = bn(x); dx = bn.backward(dy) # layer with running statistics
 """
-from . import _core
+try:
+    from . import _core
+except ImportError as _e:  # pragma: no cover - depends on where Python was started
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if _os.path.exists(_os.path.join(_here, "_core.pyx")):
+        raise ImportError(
+            f"pybn is being imported from its source folder ({_here}), which holds no compiled "
+            "extension: Python found it before the installed package because the current directory "
+            "is the repository root. Install it (python -m pip install .) and run Python from another "
+            "directory, e.g. `cd tests` or `cd /tmp`."
+        ) from None
+    raise
 from ._api import (
     backward_elementwise,
     backward_reduce,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, TypeVar, cast
 
 import numpy as np
 
@@ -19,9 +19,13 @@ from ._arrays import (Canonical, address, backend_of, check_eps, check_momentum,
 Array = Any
 
 
-def _on_device(fn):
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _on_device(fn: _F) -> _F:
     """Adds the keyword `stream` and runs fn with the device of its CUDA arrays current and,
-    if given, `stream` as CuPy's current stream (the stream the work is queued on)."""
+    if given, `stream` as CuPy's current stream (the stream the work is queued on). Typed as the
+    identity so that type checkers see each function's own signature."""
 
     @functools.wraps(fn)
     def call(*args, stream=None, **kwargs):
@@ -29,9 +33,9 @@ def _on_device(fn):
             return fn(*args, **kwargs)
 
     sig = inspect.signature(fn)
-    call.__signature__ = sig.replace(parameters=[*sig.parameters.values(), inspect.Parameter(
+    call.__signature__ = sig.replace(parameters=[*sig.parameters.values(), inspect.Parameter(  # type: ignore[attr-defined]
         "stream", inspect.Parameter.KEYWORD_ONLY, default=None)])
-    return call
+    return cast(_F, call)
 
 
 def _prepare(x: Array, axis: int, named: Tuple[Tuple[str, Any], ...]) -> Canonical:

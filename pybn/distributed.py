@@ -295,6 +295,10 @@ class SyncBatchNorm(BatchNorm):
         self.comm = comm
         self.cuda_aware = cuda_aware
 
+    def _check_input(self, x: Array) -> None:
+        """No early check here: an error on one rank must travel through the collective (the
+        functional forward exchanges it), or the other ranks would wait for this one forever."""
+
     def _forward_call(self, x, running_mean, running_var, training, momentum):
         return sync_batchnorm_forward(x, self.gamma, self.beta, running_mean, running_var,
                                       comm=self.comm, training=training, momentum=momentum,

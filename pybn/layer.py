@@ -58,8 +58,7 @@ class BatchNorm:
         self.axis = int(axis)
         self.dtype = dtype
         self.device = device
-        xp = _cupy() if device == "cuda" else np
-        self._xp = xp
+        xp = self._xp
         self.gamma: Optional[Array] = xp.ones(num_features, dtype) if affine else None
         self.beta: Optional[Array] = xp.zeros(num_features, dtype) if affine else None
         self.running_mean: Optional[Array] = xp.zeros(num_features, dtype) if track_running_stats else None
@@ -69,6 +68,16 @@ class BatchNorm:
         self.grad_beta: Optional[Array] = None
         self.training = True
         self._saved: Optional[tuple] = None
+
+    @property
+    def _xp(self) -> Any:
+        """The array module of the parameters (a property, not an attribute: the layer pickles)."""
+        return _cupy() if self.device == "cuda" else np
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_saved"] = None  # what the last forward kept for backward is not part of the layer
+        return state
 
     def train(self, mode: bool = True) -> "BatchNorm":
         self.training = bool(mode)
@@ -83,7 +92,31 @@ class BatchNorm:
     def __call__(self, x: Array) -> Array:
         return self.forward(x)
 
+    def _check_input(self, x: Array) -> None:
+        """Errors about x in the layer's own terms (not about the gamma / beta it passes on)."""
+        shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+        if shape is None or dtype is None:
+            return  # the functional call reports what x is
+        ndim = len(shape)
+        if ndim < 2:
+            raise ValueError(f"{self!r} needs x with at least 2 dimensions (batch, channels, ...), got shape "
+                             f"{tuple(shape)}")
+        if not -ndim <= self.axis < ndim:
+            return
+        if shape[self.axis] != self.num_features:
+            raise ValueError(f"x has {shape[self.axis]} channels on axis {self.axis} (shape {tuple(shape)}); this "
+                             f"BatchNorm expects {self.num_features} channels (num_features={self.num_features})")
+        try:
+            wide = np.dtype(dtype) == np.float64
+        except TypeError:
+            return
+        if wide != (self.dtype == np.float64):
+            raise TypeError(f"x has dtype {dtype_name(dtype)} but this BatchNorm holds {self.dtype.name} parameters: "
+                            f"create it with dtype=np.float64 for float64 x, float32 (the default) for float16, "
+                            f"bfloat16 and float32 x")
+
     def forward(self, x: Array) -> Array:
+        self._check_input(x)
         batch = self._uses_batch_stats()
         momentum = self.momentum
         update = self.training and self.track_running_stats
@@ -138,8 +171,14 @@ class BatchNorm:
             d["num_batches_tracked"] = self.num_batches_tracked
         return d
 
+    # PyTorch's names for the same entries (nn.BatchNorm*d.state_dict())
+    _TORCH_NAMES = {"weight": "gamma", "bias": "beta"}
+
     def load_state_dict(self, d: Dict[str, Any]) -> None:
-        """Load what state_dict() returned; every entry is checked before anything changes."""
+        """Load what state_dict() returned, also after a round trip through numpy.savez / np.load
+        (0-d arrays), or a PyTorch BatchNorm state dict (weight / bias; tensors converted with
+        .cpu().numpy() or any array); every entry is checked before anything changes."""
+        d = {self._TORCH_NAMES.get(k, k): v for k, v in dict(d).items()}
         expected = self.state_dict().keys()
         missing = [k for k in expected if k not in d]
         unexpected = [k for k in d if k not in expected]
@@ -149,10 +188,15 @@ class BatchNorm:
         for k in expected:
             if k == "num_batches_tracked":
                 v = d[k]
+                if hasattr(v, "shape") and tuple(v.shape) == () and hasattr(v, "item"):
+                    v = v.item()  # a 0-d array (numpy.savez) or a PyTorch scalar tensor
                 if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                     raise ValueError(f"num_batches_tracked must be an int >= 0, got {v!r}")
                 continue
-            a = self._xp.asarray(d[k])
+            v = d[k]
+            if hasattr(v, "detach") and hasattr(v, "cpu"):  # a PyTorch tensor
+                v = v.detach().cpu().numpy()
+            a = self._xp.asarray(v)
             if a.shape != (self.num_features,):
                 raise ValueError(f"{k} must have shape ({self.num_features},), got {a.shape}")
             if not np.can_cast(a.dtype, self.dtype, casting="same_kind"):
@@ -161,7 +205,8 @@ class BatchNorm:
         for k, a in arrays.items():
             getattr(self, k)[...] = a
         if self.track_running_stats:
-            self.num_batches_tracked = int(d["num_batches_tracked"])
+            n = d["num_batches_tracked"]
+            self.num_batches_tracked = int(n.item() if hasattr(n, "item") else n)
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "

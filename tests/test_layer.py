@@ -147,3 +147,50 @@ def test_failed_layer_call_changes_nothing(rng):
     assert bn.num_batches_tracked == 0
     for k, v in bn.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_layer_pickles_deep_copies_and_loads_savez_and_torch_state_dicts(rng, tmp_path):
+    import copy
+    import pickle
+
+    bn = pybn.BatchNorm(3, momentum=0.2, activation="relu")
+    x = rng.standard_normal((6, 3, 4)).astype(np.float32)
+    bn(x)
+    for clone in (pickle.loads(pickle.dumps(bn)), copy.deepcopy(bn)):
+        for k, v in bn.state_dict().items():
+            np.testing.assert_array_equal(clone.state_dict()[k], v)
+        np.testing.assert_array_equal(clone.eval()(x), bn.eval()(x))
+        bn.train()
+    np.savez(tmp_path / "bn.npz", **bn.state_dict())
+    other = pybn.BatchNorm(3)
+    other.load_state_dict(dict(np.load(tmp_path / "bn.npz")))
+    assert other.num_batches_tracked == 1
+    np.testing.assert_array_equal(other.running_var, bn.running_var)
+    torch_like = {"weight": bn.gamma * 2, "bias": bn.beta + 1, "running_mean": bn.running_mean,
+                  "running_var": bn.running_var, "num_batches_tracked": np.array(7)}
+    other.load_state_dict(torch_like)
+    np.testing.assert_array_equal(other.gamma, bn.gamma * 2)
+    assert other.num_batches_tracked == 7
+
+
+def test_layer_errors_speak_about_x():
+    with pytest.raises(TypeError, match="x has dtype float64 but this BatchNorm holds float32 parameters"):
+        pybn.BatchNorm(3)(np.ones((4, 3), np.float64))
+    with pytest.raises(ValueError, match="x has 5 channels on axis 1.*num_features=3"):
+        pybn.BatchNorm(3)(np.ones((4, 5), np.float32))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        pybn.BatchNorm(3)(np.ones(3, np.float32))
+
+
+def test_layer_loads_a_pytorch_state_dict():
+    torch = pytest.importorskip("torch")
+    tbn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        tbn.weight.mul_(2)
+        tbn.running_var.fill_(4)
+    tbn.num_batches_tracked.fill_(5)
+    bn = pybn.BatchNorm(3)
+    bn.load_state_dict(tbn.state_dict())
+    np.testing.assert_array_equal(bn.gamma, 2)
+    np.testing.assert_array_equal(bn.running_var, 4)
+    assert bn.num_batches_tracked == 5
