@@ -179,10 +179,10 @@ class _ForwardCall:
                                           ("running_var", running_var), ("out", out), ("residual", residual)))
         self.activation = check_activation(activation)
         self.z = None if residual is None else cx.like_x("residual", residual)
-        self.renorm = check_renorm(renorm)
-        if renorm is not None and (not _training_flag(training) or running_mean is None or running_var is None):
-            raise ValueError("renorm (batch renormalisation) needs training=True and both running statistics")
         self.training = _training_flag(training)
+        self.renorm = check_renorm(renorm)
+        if renorm is not None and (not self.training or running_mean is None or running_var is None):
+            raise ValueError("renorm (batch renormalisation) needs training=True and both running statistics")
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)
         self.correction = check_correction(correction)
@@ -215,7 +215,7 @@ class _ForwardCall:
         smean = sinvstd = r = d = None
         if self.save:
             smean, sinvstd = _per_channel_out(cx), _per_channel_out(cx)
-        if self.renorm[0]:
+        if self.renorm[0] and self.save:  # r and d are returned for the backward (else not kept)
             r, d = _per_channel_out(cx), _per_channel_out(cx)
         a = be.address
         params = _core.ForwardParams(
@@ -232,7 +232,7 @@ class _ForwardCall:
         _run_forward(cx, self.y.data, params)
         if self.running is not None:
             self.running.write_back()
-        if r is not None and self.save:
+        if r is not None:
             return self.y.finish(), smean, sinvstd, r, d
         return self.y.finish(), smean, sinvstd
 

@@ -248,14 +248,15 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
     xp, error, rows, run = np, None, None, None
     try:
         training = _api._training_flag(training)
-        xp = backend_of((("x", x),)).xp
+        be = backend_of((("x", x), ("dy", dy), ("y", y), ("dresidual", dresidual)))
+        xp = be.xp
         _check_channels(x, axis, channels)
         if _api.check_activation(activation) != 0:
             if y is None:
                 raise ValueError(f"activation={activation!r} needs y, the forward's output (the mask is y > 0)")
-            dy = xp.where(backend_of((("y", y),)).adopt(y) > 0, backend_of((("dy", dy),)).adopt(dy), 0).astype(dy.dtype)
+            dy = xp.where(be.adopt(y) > 0, be.adopt(dy), 0).astype(dy.dtype)
         elif dresidual is not None and out is dy:  # dx overwrites dy: keep the residual's gradient
-            dy = backend_of((("dy", dy),)).adopt(dy).copy()
+            dy = be.adopt(dy).copy()
         with device_context((x,)):
             cx, run = _api._backward_elementwise_call(dy, x, mean, invstd, gamma, training, axis,
                                                       out)
@@ -274,7 +275,7 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
         result = run(count, xp.ascontiguousarray(sums[0]), xp.ascontiguousarray(sums[1]),
                      xp.ascontiguousarray(sums[2]))
         if dresidual is not None:  # the residual's gradient: the (masked) dy
-            backend_of((("dresidual", dresidual),)).adopt(dresidual)[...] = dy
+            be.adopt(dresidual)[...] = dy
         return result
 
 

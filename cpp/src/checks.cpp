@@ -252,10 +252,10 @@ pybn_status validate_backward(const char* fn, const PointerRules& rules, const p
     PYBN_CHECK(rules.optional(fn, "dbeta", p.dbeta));
     PYBN_CHECK(check_flag(fn, "training", p.training));
     PYBN_CHECK(check_activation(fn, p.activation));
-    if (p.activation == PYBN_ACTIVATION_RELU && dx) PYBN_CHECK(rules.required(fn, "y", p.y));
-    if (p.activation == PYBN_ACTIVATION_RELU && mode == BackwardMode::fused) PYBN_CHECK(rules.required(fn, "y", p.y));
+    // the ReLU mask is read wherever the masked gradient is: the reduction, dx, dresidual
+    if (p.activation == PYBN_ACTIVATION_RELU && (dx || p.dresidual || mode == BackwardMode::fused))
+        PYBN_CHECK(rules.required(fn, "y", p.y));
     PYBN_CHECK(rules.optional(fn, "dresidual", p.dresidual));
-    if (p.dresidual && p.activation == PYBN_ACTIVATION_RELU) PYBN_CHECK(rules.required(fn, "y", p.y));
     if (p.dresidual) PYBN_CHECK(rules.required(fn, "dy", dy));
     if (p.renorm_r || p.renorm_d) {
         PYBN_CHECK(rules.required(fn, "renorm_r", p.renorm_r));

@@ -271,6 +271,16 @@ void backward_elementwise_fused_t(const pybn_view& v, const void* dyv, const voi
                       static_cast<const acc_t<T>*>(coefv), ops, false, 0, v.channels);
 }
 
+// The elementwise step with or without the fused epilogues of `ops`.
+template <class T>
+void backward_elementwise_ops_t(const pybn_view& v, const void* dy, const void* x, const void* coef, void* dx,
+                                const GradOps& ops) {
+    if (ops.activation == PYBN_ACTIVATION_NONE && ops.dresidual == nullptr)
+        backward_elementwise_t<T>(v, dy, x, coef, dx);
+    else
+        backward_elementwise_fused_t<T>(v, dy, x, coef, dx, ops);
+}
+
 template <class T, class Terms>
 void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void* meanv, bool dx_reads_x,
                 void* dxv, const BackwardEpilogue& epilogue, const GradOps& ops) {
@@ -282,10 +292,7 @@ void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void*
     if (v.inner < kRowMin) {
         backward_reduce_t<T, Terms>(v, dyv, xv, meanv, sum_dy, sum_dy_xmu, sum_xmu, ops.y);
         epilogue(0, C, sum_dy, sum_dy_xmu, sum_xmu, coef.as<A>());
-        if (sweep && ops.activation == PYBN_ACTIVATION_NONE && ops.dresidual == nullptr)
-            backward_elementwise_t<T>(v, dyv, dx_reads_x ? xv : nullptr, coef.as<A>(), dxv);
-        else if (sweep)
-            backward_elementwise_fused_t<T>(v, dyv, dx_reads_x ? xv : nullptr, coef.as<A>(), dxv, ops);
+        if (sweep) backward_elementwise_ops_t<T>(v, dyv, dx_reads_x ? xv : nullptr, coef.as<A>(), dxv, ops);
         return;
     }
     const T* dy = static_cast<const T*>(dyv);

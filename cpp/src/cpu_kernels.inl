@@ -70,12 +70,8 @@ pybn_status backward_reduce(const pybn_view& v, const void* dy, const void* x, c
 }
 pybn_status backward_elementwise(const pybn_view& v, const void* dy, const void* x, const void* coef, void* dx,
                                  const GradOps& ops) {
-    return visit_dtype<HostStorage>(v.dtype, [&](auto t) {
-        if (ops.activation == PYBN_ACTIVATION_NONE && ops.dresidual == nullptr)
-            backward_elementwise_t<decltype(t)>(v, dy, x, coef, dx);
-        else
-            backward_elementwise_fused_t<decltype(t)>(v, dy, x, coef, dx, ops);
-    });
+    return visit_dtype<HostStorage>(v.dtype,
+                                    [&](auto t) { backward_elementwise_ops_t<decltype(t)>(v, dy, x, coef, dx, ops); });
 }
 pybn_status forward_train(const pybn_view& v, const void* x, void* y, const ForwardEpilogue& epilogue,
                           const OutputOps& ops) {
