@@ -1,4 +1,5 @@
-"""Bitwise comparison of two libpybn builds through the level-1 C ABI (ctypes, no Python layer).
+"""Bitwise comparison of two libpybn builds through the C ABI (ctypes, no Python layer): the
+level-1 entry points and the level-2 fused epilogues (ReLU, residual, their gradients).
 
     python bench/compare_libs.py OLD/libpybn.so NEW/libpybn.so
 
@@ -24,6 +25,27 @@ class View(ct.Structure):
     _fields_ = [("outer", ct.c_int64), ("channels", ct.c_int64), ("inner", ct.c_int64), ("dtype", ct.c_int32)]
 
 
+I32, I64, D = ct.c_int32, ct.c_int64, ct.c_double
+
+
+class ForwardParams(ct.Structure):  # pybn_forward_params (a library of an earlier level-2
+    _fields_ = [("size", ct.c_size_t), ("training", I32), ("running_var_correction", I32),  # header
+                ("gamma", ct.c_void_p), ("beta", ct.c_void_p), ("eps", D), ("running_mean", ct.c_void_p),  # reads
+                ("running_var", ct.c_void_p), ("momentum", D), ("save_mean", ct.c_void_p),  # the zero tail
+                ("save_invstd", ct.c_void_p), ("count", ct.c_void_p), ("mean", ct.c_void_p),  # as defaults)
+                ("m2", ct.c_void_p), ("activation", I32), ("reserved", I32), ("residual", ct.c_void_p),
+                ("renorm_r_max", D), ("renorm_d_max", D), ("save_renorm_r", ct.c_void_p),
+                ("save_renorm_d", ct.c_void_p), ("virtual_batches", I64)]
+
+
+class BackwardParams(ct.Structure):  # pybn_backward_params
+    _fields_ = [("size", ct.c_size_t), ("training", I32), ("activation", I32), ("mean", ct.c_void_p),
+                ("invstd", ct.c_void_p), ("gamma", ct.c_void_p), ("dgamma", ct.c_void_p), ("dbeta", ct.c_void_p),
+                ("count", ct.c_void_p), ("sum_dy", ct.c_void_p), ("sum_dy_xmu", ct.c_void_p),
+                ("sum_xmu", ct.c_void_p), ("y", ct.c_void_p), ("dresidual", ct.c_void_p),
+                ("renorm_r", ct.c_void_p), ("renorm_d", ct.c_void_p), ("virtual_batches", I64)]
+
+
 DTYPES = [(0, np.float32), (1, np.float64), (2, np.float16)]
 if ml_dtypes is not None:
     DTYPES.append((3, np.dtype(ml_dtypes.bfloat16)))
@@ -34,7 +56,8 @@ P = ct.c_void_p
 def load(path):
     lib = ct.CDLL(path)
     for name in ("pybn_forward_train", "pybn_forward_infer", "pybn_backward", "pybn_batch_stats",
-                 "pybn_backward_reduce", "pybn_normalize", "pybn_backward_elementwise", "pybn_set_cpu_isa"):
+                 "pybn_backward_reduce", "pybn_normalize", "pybn_backward_elementwise", "pybn_set_cpu_isa",
+                 "pybn_forward_v2", "pybn_backward_v2"):
         getattr(lib, name).restype = ct.c_int
     lib.pybn_cpu_isas.restype = ct.c_char_p
     return lib
@@ -97,7 +120,32 @@ def calls(rng, code, dt, shape):
                                             ptr(count), *(ptr(a) for a in s), ptr(dx), ptr(dg), ptr(db))
         return st, [*s, dx, dg, db]
 
-    return [("forward_train", forward_train), ("forward_infer", forward_infer),
+    z = rng.standard_normal(shape).astype(dt)
+
+    def fused_forward(lib, training):  # y = relu(bn(x) + z), level 2
+        y, rm, rv, sm, si = np.empty_like(x), rmean.copy(), rvar.copy(), np.empty(C, pd), np.empty(C, pd)
+        p = ForwardParams(size=ct.sizeof(ForwardParams), training=training, running_var_correction=1,
+                          gamma=gamma.ctypes.data, beta=beta.ctypes.data, eps=1e-5, running_mean=rm.ctypes.data,
+                          running_var=rv.ctypes.data, momentum=0.1, save_mean=sm.ctypes.data,
+                          save_invstd=si.ctypes.data, activation=1, residual=z.ctypes.data)
+        st = lib.pybn_forward_v2(view, ptr(x), ptr(y), ct.byref(p))
+        return st, [y, rm, rv, sm, si]
+
+    def fused_backward(lib, training):  # relu mask from y, dresidual, level 2
+        mean = x.astype(np.float64).mean(axis=(0, 2)).astype(pd)
+        invstd = (1 / np.sqrt(x.astype(np.float64).var(axis=(0, 2)) + 1e-5)).astype(pd)
+        dx, dres, dg, db = np.empty_like(x), np.empty_like(x), np.empty(C, pd), np.empty(C, pd)
+        p = BackwardParams(size=ct.sizeof(BackwardParams), training=training, activation=1, mean=mean.ctypes.data,
+                           invstd=invstd.ctypes.data, gamma=gamma.ctypes.data, dgamma=dg.ctypes.data,
+                           dbeta=db.ctypes.data, y=z.ctypes.data, dresidual=dres.ctypes.data)
+        st = lib.pybn_backward_v2(view, ptr(dy), ptr(x), ptr(dx), ct.byref(p))
+        return st, [dx, dres, dg, db]
+
+    return [("fused_forward_train", lambda lib: fused_forward(lib, 1)),
+            ("fused_forward_infer", lambda lib: fused_forward(lib, 0)),
+            ("fused_backward_train", lambda lib: fused_backward(lib, 1)),
+            ("fused_backward_frozen", lambda lib: fused_backward(lib, 0)),
+            ("forward_train", forward_train), ("forward_infer", forward_infer),
             ("backward_train", lambda lib: backward(lib, 1)), ("backward_frozen", lambda lib: backward(lib, 0)),
             ("batch_stats+normalize", stats_then_normalize),
             ("backward_reduce+elementwise", reduce_then_elementwise)]

@@ -17,13 +17,15 @@ template <class T> struct BackwardOp {
     int64_t C;
     const T* y;
     T* dres;
+    int64_t group_elems = 0;  // ghost batches: values per group, each with its 4 x C coefficients
     __device__ void operator()(int64_t e, int64_t c) const {
         acc_t<T> g = load(dy[e]);
         if (y && !(load(y[e]) > acc_t<T>(0))) g = acc_t<T>(0);
         if (dres) dres[e] = store<T>(g);
         if (!dx) return;
-        const acc_t<T> ag = coef[C + c] * g;
-        dx[e] = store<T>(x ? ag + coef[2 * C + c] * (load(x[e]) - coef[c]) + coef[3 * C + c] : ag);
+        const acc_t<T>* k = group_elems ? coef + (e / group_elems) * 4 * C : coef;
+        const acc_t<T> ag = k[C + c] * g;
+        dx[e] = store<T>(x ? ag + k[2 * C + c] * (load(x[e]) - k[c]) + k[3 * C + c] : ag);
     }
 };
 
@@ -42,10 +44,32 @@ template <class P> struct GivenSumsStep {
     }
 };
 
-size_t backward_workspace(const pybn_view& v, BackwardMode mode) {
+// Ghost batches: each group's reduction leaves its sums (3 x C); one step per channel then
+// computes every group's coefficients and the summed parameter gradients (formulas.hpp).
+struct StoreSums {
+    double* sums;
+    int64_t C;
+    __device__ void operator()(int64_t c, const Sums& s) const {
+        sums[c] = s.dy;
+        sums[C + c] = s.dy_xmu;
+        sums[2 * C + c] = s.xmu;
+    }
+};
+template <class P> struct GhostSumsStep {
+    BackwardArgs<P> args;
+    int64_t groups;
+    const double* sums;
+    __device__ void operator()(int64_t c) const { ghost_backward_channel(args, groups, c, sums); }
+};
+
+int64_t ghost_groups(const pybn_backward_params& p, BackwardMode mode) {
+    return mode == BackwardMode::fused && p.virtual_batches > 1 ? p.virtual_batches : 1;
+}
+
+size_t backward_workspace(const pybn_view& v, const pybn_backward_params& p, BackwardMode mode) {
     return workspace_bytes(v, [&](auto t, Workspace& ws) {
         using T = decltype(t);
-        carve_temps<T, SumsReducer<T>>(v, mode == BackwardMode::fused, ws);
+        carve_temps<T, SumsReducer<T>>(v, mode == BackwardMode::fused, ws, ghost_groups(p, mode));
     });
 }
 
@@ -59,21 +83,32 @@ pybn_status launch_backward(const char* fn, const pybn_view& v, const void* dy, 
         using P = acc_t<T>;
         if (v.channels == 0) return;
         Workspace ws(workspace, bytes);
-        const auto tmp = carve_temps<T, SumsReducer<T>>(v, mode == BackwardMode::fused, ws);
-        const BackwardArgs<P> args{v.channels, p, double(v.outer * v.inner), tmp.coef};
-        if (mode == BackwardMode::fused) {
-            const typename SumsReducer<T>::Inputs in{
-                static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const P*>(p.mean),
-                p.activation == PYBN_ACTIVATION_RELU ? static_cast<const T*>(p.y) : nullptr};
+        const int64_t G = ghost_groups(p, mode), C = v.channels;
+        const auto tmp = carve_temps<T, SumsReducer<T>>(v, mode == BackwardMode::fused, ws, G);
+        const pybn_view g = group_view(v, G);
+        const int64_t step = g.outer * C * g.inner;
+        const BackwardArgs<P> args{v.channels, p, double(g.outer * g.inner), tmp.coef};
+        const T* ymask = p.activation == PYBN_ACTIVATION_RELU ? static_cast<const T*>(p.y) : nullptr;
+        if (G > 1) {  // ghost batches: the groups' sums, then one step per channel
+            for (int64_t i = 0; i < G && st == PYBN_SUCCESS; ++i) {
+                const typename SumsReducer<T>::Inputs in{static_cast<const T*>(dy) + i * step,
+                                                         static_cast<const T*>(x) + i * step,
+                                                         static_cast<const P*>(p.mean) + i * C,
+                                                         ymask ? ymask + i * step : nullptr};
+                st = run_reduce<SumsReducer<T>>(fn, g, in, StoreSums{tmp.stats + 3 * i * C, C}, tmp.parts, stream);
+            }
+            if (st == PYBN_SUCCESS) st = run_per_channel(fn, C, GhostSumsStep<P>{args, G, tmp.stats}, stream);
+        } else if (mode == BackwardMode::fused) {
+            const typename SumsReducer<T>::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
+                                                     static_cast<const P*>(p.mean), ymask};
             st = run_reduce<SumsReducer<T>>(fn, v, in, SumsEpilogue<P>{args}, tmp.parts, stream);
         } else {
             st = run_per_channel(fn, v.channels, GivenSumsStep<P>{args}, stream);
         }
         if (st != PYBN_SUCCESS || (dx == nullptr && p.dresidual == nullptr)) return;
         const BackwardOp<T> op{static_cast<const T*>(dy), p.training ? static_cast<const T*>(x) : nullptr,
-                               static_cast<T*>(dx), tmp.coef, v.channels,
-                               p.activation == PYBN_ACTIVATION_RELU ? static_cast<const T*>(p.y) : nullptr,
-                               static_cast<T*>(p.dresidual)};
+                               static_cast<T*>(dx), tmp.coef, v.channels, ymask, static_cast<T*>(p.dresidual),
+                               G > 1 ? step : 0};
         st = run_elementwise(fn, v, op, stream);
     }));
     return st;
@@ -85,14 +120,14 @@ pybn_status backward_v2(const char* fn, const pybn_view& v, const void* dy, cons
     PYBN_CHECK(read_params(fn, params, p));
     const BackwardMode mode = backward_mode(p);
     PYBN_CHECK(validate_backward(fn, kDevicePointers, v, dy, x, dx, p, mode));
-    PYBN_CHECK(check_workspace(fn, workspace, bytes, backward_workspace(v, mode)));
+    PYBN_CHECK(check_workspace(fn, workspace, bytes, backward_workspace(v, p, mode)));
     return launch_backward(fn, v, dy, x, dx, p, mode, workspace, bytes, static_cast<cudaStream_t>(stream));
 }
 
 pybn_status backward_v1(const char* fn, const pybn_view& v, const void* dy, const void* x, void* dx,
                         const pybn_backward_params& p, BackwardMode mode, void* stream) {
     PYBN_CHECK(validate_backward(fn, kDevicePointers, v, dy, x, dx, p, mode));
-    const size_t bytes = backward_workspace(v, mode);
+    const size_t bytes = backward_workspace(v, p, mode);
     DeviceBuffer ws;
     PYBN_CHECK(ws.allocate(fn, bytes, static_cast<cudaStream_t>(stream)));
     return launch_backward(fn, v, dy, x, dx, p, mode, ws.get(), bytes, static_cast<cudaStream_t>(stream));
@@ -109,7 +144,7 @@ pybn_status pybn_cuda_backward_workspace_size(pybn_view v, const pybn_backward_p
         PYBN_CHECK(read_params(fn, params, p));
         PYBN_CHECK(check_view(fn, v));
         PYBN_CHECK(check_ptr(fn, "bytes", bytes));
-        *bytes = backward_workspace(v, backward_mode(p));
+        *bytes = backward_workspace(v, p, backward_mode(p));
         return PYBN_SUCCESS;
     });
 }

@@ -248,17 +248,24 @@ pybn_status run_reduce(const char* fn, const pybn_view& v, const typename R::Inp
     return launched(fn);
 }
 
-// The temporaries of a forward or backward, in workspace order: the coefficients (4 x C), then,
-// when the call reduces, the partials of reducer R.
+// The temporaries of a forward or backward, in workspace order: the coefficients (4 x C per
+// ghost batch), then, when the call reduces, the partials of reducer R (sized for one ghost
+// batch: the groups reduce one after another, in stream order) and, with ghost batches, 3 x C
+// float64 values per group that the reductions leave for the per-channel step.
 template <class T, class R> struct Temps {
     acc_t<T>* coef = nullptr;
     typename R::Part* parts = nullptr;
+    double* stats = nullptr;
 };
-template <class T, class R> Temps<T, R> carve_temps(const pybn_view& v, bool reduces, Workspace& ws) {
+
+template <class T, class R>
+Temps<T, R> carve_temps(const pybn_view& v, bool reduces, Workspace& ws, int64_t groups = 1) {
     Temps<T, R> t;
     if (v.channels == 0) return t;
-    t.coef = ws.take<acc_t<T>>(size_t(4 * v.channels));
-    if (reduces) t.parts = reduce_parts<R>(v, ws);
+    const int64_t n = groups > 1 ? groups : 1;
+    t.coef = ws.take<acc_t<T>>(size_t(4 * n * v.channels));
+    if (reduces) t.parts = reduce_parts<R>(group_view(v, n), ws);
+    if (reduces && n > 1) t.stats = ws.take<double>(size_t(3 * n * v.channels));
     return t;
 }
 

@@ -16,8 +16,10 @@ template <class T> struct NormalizeOp {
     int64_t C;
     const T* z;
     bool relu;
+    int64_t group_elems = 0;  // ghost batches: values per group, each with its 4 x C coefficients
     __device__ void operator()(int64_t e, int64_t c) const {
-        acc_t<T> v = ((load(x[e]) - coef[c]) - coef[C + c]) * coef[2 * C + c] + coef[3 * C + c];
+        const acc_t<T>* k = group_elems ? coef + (e / group_elems) * 4 * C : coef;
+        acc_t<T> v = ((load(x[e]) - k[c]) - k[C + c]) * k[2 * C + c] + k[3 * C + c];
         if (z) v = v + load(z[e]);
         if (relu && v < acc_t<T>(0)) v = acc_t<T>(0);
         y[e] = store<T>(v);
@@ -37,15 +39,35 @@ template <class P> struct GivenStatsStep {
         normalize_channel(args, c, args.p.count[c], args.p.mean[c], args.p.m2[c]);
     }
 };
+// Ghost batches: each group's reduction leaves its statistics; one step per channel then
+// normalises every group and updates the running statistics (formulas.hpp, as on the CPU).
+struct StoreMoments {
+    double *mean, *m2;
+    __device__ void operator()(int64_t c, const Moments& m) const {
+        mean[c] = m.mean();
+        m2[c] = m.m2;
+    }
+};
+template <class P> struct GhostStep {
+    NormalizeArgs<P> args;
+    int64_t groups;
+    double count;  // values per channel of one group
+    const double *mean, *m2;
+    __device__ void operator()(int64_t c) const { ghost_channel(args, groups, c, count, mean, m2); }
+};
 template <class P> struct InferStep {
     NormalizeArgs<P> args;
     __device__ void operator()(int64_t c) const { infer_channel(args, c); }
 };
 
-size_t forward_workspace(const pybn_view& v, ForwardMode mode) {
+int64_t ghost_groups(const pybn_forward_params& p, ForwardMode mode) {
+    return mode == ForwardMode::train && p.virtual_batches > 1 ? p.virtual_batches : 1;
+}
+
+size_t forward_workspace(const pybn_view& v, const pybn_forward_params& p, ForwardMode mode) {
     return workspace_bytes(v, [&](auto t, Workspace& ws) {
         using T = decltype(t);
-        carve_temps<T, StatsReducer<T>>(v, mode == ForwardMode::train, ws);
+        carve_temps<T, StatsReducer<T>>(v, mode == ForwardMode::train, ws, ghost_groups(p, mode));
     });
 }
 
@@ -58,9 +80,20 @@ pybn_status launch_forward(const char* fn, const pybn_view& v, const void* x, vo
         using P = acc_t<T>;
         if (v.channels == 0) return;
         Workspace ws(workspace, bytes);
-        const auto tmp = carve_temps<T, StatsReducer<T>>(v, mode == ForwardMode::train, ws);
+        const int64_t G = ghost_groups(p, mode), C = v.channels;
+        const auto tmp = carve_temps<T, StatsReducer<T>>(v, mode == ForwardMode::train, ws, G);
         const NormalizeArgs<P> args{v.channels, p, tmp.coef};
-        if (mode == ForwardMode::train)
+        const pybn_view g = group_view(v, G);
+        const int64_t step = g.outer * C * g.inner;
+        if (G > 1) {  // ghost batches: the groups' statistics, then one step per channel
+            for (int64_t i = 0; i < G && st == PYBN_SUCCESS; ++i)
+                st = run_reduce<StatsReducer<T>>(fn, g, {static_cast<const T*>(x) + i * step},
+                                                 StoreMoments{tmp.stats + i * C, tmp.stats + (G + i) * C}, tmp.parts,
+                                                 stream);
+            if (st == PYBN_SUCCESS)
+                st = run_per_channel(fn, C, GhostStep<P>{args, G, double(g.outer * g.inner), tmp.stats,
+                                                         tmp.stats + G * C}, stream);
+        } else if (mode == ForwardMode::train)
             st = run_reduce<StatsReducer<T>>(fn, v, {static_cast<const T*>(x)}, TrainEpilogue<P>{args}, tmp.parts,
                                              stream);
         else if (mode == ForwardMode::given_stats)
@@ -69,7 +102,8 @@ pybn_status launch_forward(const char* fn, const pybn_view& v, const void* x, vo
             st = run_per_channel(fn, v.channels, InferStep<P>{args}, stream);
         if (st != PYBN_SUCCESS) return;
         const NormalizeOp<T> op{static_cast<const T*>(x), static_cast<T*>(y), tmp.coef, v.channels,
-                                static_cast<const T*>(p.residual), p.activation == PYBN_ACTIVATION_RELU};
+                                static_cast<const T*>(p.residual), p.activation == PYBN_ACTIVATION_RELU,
+                                G > 1 ? step : 0};
         st = run_elementwise(fn, v, op, stream);
     }));
     return st;
@@ -82,7 +116,7 @@ pybn_status forward_v2(const char* fn, const pybn_view& v, const void* x, void* 
     PYBN_CHECK(read_params(fn, params, p));
     const ForwardMode mode = forward_mode(p);
     PYBN_CHECK(validate_forward(fn, kDevicePointers, v, x, y, p, mode));
-    PYBN_CHECK(check_workspace(fn, workspace, bytes, forward_workspace(v, mode)));
+    PYBN_CHECK(check_workspace(fn, workspace, bytes, forward_workspace(v, p, mode)));
     return launch_forward(fn, v, x, y, p, mode, workspace, bytes, static_cast<cudaStream_t>(stream));
 }
 
@@ -90,7 +124,7 @@ pybn_status forward_v2(const char* fn, const pybn_view& v, const void* x, void* 
 pybn_status forward_v1(const char* fn, const pybn_view& v, const void* x, void* y, const pybn_forward_params& p,
                        ForwardMode mode, void* stream) {
     PYBN_CHECK(validate_forward(fn, kDevicePointers, v, x, y, p, mode));
-    const size_t bytes = forward_workspace(v, mode);
+    const size_t bytes = forward_workspace(v, p, mode);
     DeviceBuffer ws;
     PYBN_CHECK(ws.allocate(fn, bytes, static_cast<cudaStream_t>(stream)));
     return launch_forward(fn, v, x, y, p, mode, ws.get(), bytes, static_cast<cudaStream_t>(stream));
@@ -107,7 +141,7 @@ pybn_status pybn_cuda_forward_workspace_size(pybn_view v, const pybn_forward_par
         PYBN_CHECK(read_params(fn, params, p));
         PYBN_CHECK(check_view(fn, v));
         PYBN_CHECK(check_ptr(fn, "bytes", bytes));
-        *bytes = forward_workspace(v, forward_mode(p));
+        *bytes = forward_workspace(v, p, forward_mode(p));
         return PYBN_SUCCESS;
     });
 }

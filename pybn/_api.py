@@ -38,18 +38,51 @@ def _on_device(fn: _F) -> _F:
     return cast(_F, call)
 
 
-def _prepare(x: Array, axis: int, named: Tuple[Tuple[str, Any], ...]) -> Canonical:
+def _prepare(x: Array, axis: int, named: Tuple[Tuple[str, Any], ...], batch_outer: bool = False) -> Canonical:
     backend = backend_of((("x", x),) + named)
-    return Canonical(backend, x, axis)
+    return Canonical(backend, x, axis, batch_outer=batch_outer)
 
 
-def _check_training_count(cx: Canonical, minimum: int, what: str = "training") -> None:
-    if cx.channels > 0 and cx.count < minimum:
+def _check_virtual_batch(virtual_batch: Any) -> Optional[int]:
+    if virtual_batch is None:
+        return None
+    if isinstance(virtual_batch, bool) or not isinstance(virtual_batch, (int, np.integer)):
+        raise TypeError(f"virtual_batch must be None or an int (samples per ghost batch), got "
+                        f"{type(virtual_batch).__name__}")
+    if virtual_batch < 1:
+        raise ValueError(f"virtual_batch must be >= 1, got {virtual_batch}")
+    return int(virtual_batch)
+
+
+def _ghost_groups(cx: Canonical, samples: Optional[int] = None, groups: Optional[int] = None) -> int:
+    """The number of ghost batches G of x (its batch axis 0 split into G equal, consecutive
+    groups), from the samples per group or a given G; 1 when neither is given."""
+    if samples is None and groups is None:
+        return 1
+    if cx.axis == 0:
+        raise ValueError("ghost batches (virtual_batch) split the batch axis, axis 0, so the channel axis "
+                         "cannot be 0")
+    n = int(cx.shape[0])
+    if samples is not None:
+        if n % samples:
+            raise ValueError(f"virtual_batch={samples} must divide the batch size {n} (x of shape {cx.shape})")
+        return n // samples
+    assert groups is not None
+    if groups < 1 or n % groups:
+        raise ValueError(f"mean / invstd hold {groups} ghost batches (rows), which do not split the batch size {n} "
+                         f"(x of shape {cx.shape}) into equal groups")
+    return groups
+
+
+def _check_training_count(cx: Canonical, minimum: int, what: str = "training", groups: int = 1) -> None:
+    count = cx.count // groups
+    if cx.channels > 0 and count < minimum:
         why = (" when running_var is updated with the unbiased variance (running_var_correction=1;"
                " 0 uses the biased variance and allows one value)" if minimum == 2 else "")
+        where = f" in each of {groups} ghost batches" if groups > 1 else ""
         raise ValueError(
-            f"{what} needs at least {minimum} value{'s' if minimum != 1 else ''} per channel, got "
-            f"{cx.count} (x of shape {cx.shape} with the channel axis of size {cx.channels}){why}"
+            f"{what} needs at least {minimum} value{'s' if minimum != 1 else ''} per channel{where}, got "
+            f"{count} (x of shape {cx.shape} with the channel axis of size {cx.channels}){why}"
         )
 
 
@@ -103,8 +136,8 @@ def _check_device_counts(backend: Any, name: str, count: Array, minimum: float) 
         raise ValueError(f"{name}{where} must be >= {minimum:g}, got {float(count.reshape(-1)[c]):g}")
 
 
-def _per_channel_out(cx: Canonical) -> Array:
-    return cx.backend.xp.empty((cx.channels,), dtype=cx.pdtype)
+def _per_channel_out(cx: Canonical, rows: int = 0) -> Array:
+    return cx.backend.xp.empty((rows, cx.channels) if rows else (cx.channels,), dtype=cx.pdtype)
 
 
 def _stats_array(cx: Canonical, name: str, a: Array) -> Array:
@@ -174,12 +207,21 @@ class _ForwardCall:
     returns (y, mean, invstd) with nothing written before the library call succeeds."""
 
     def __init__(self, x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
-                 correction, save, given_stats=False, activation=None, residual=None, renorm=None):
+                 correction, save, given_stats=False, activation=None, residual=None, renorm=None,
+                 virtual_batch=None):
+        vb = _check_virtual_batch(virtual_batch)
         self.cx = cx = _prepare(x, axis, (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
-                                          ("running_var", running_var), ("out", out), ("residual", residual)))
+                                          ("running_var", running_var), ("out", out), ("residual", residual)),
+                                batch_outer=vb is not None)
         self.activation = check_activation(activation)
         self.z = None if residual is None else cx.like_x("residual", residual)
         self.training = _training_flag(training)
+        # ghost batches: training with batch statistics only (in inference the running statistics
+        # serve every sample); rows of the saved statistics (0: one batch, (C,) arrays)
+        self.groups = _ghost_groups(cx, samples=vb) if self.training and not given_stats else 1
+        self.rows = self.groups if vb is not None and self.training and not given_stats else 0
+        if renorm is not None and self.rows:
+            raise ValueError("renorm (batch renormalisation) and virtual_batch (ghost batches) cannot be combined")
         self.renorm = check_renorm(renorm)
         if renorm is not None and (not self.training or running_mean is None or running_var is None):
             raise ValueError("renorm (batch renormalisation) needs training=True and both running statistics")
@@ -191,7 +233,7 @@ class _ForwardCall:
         self.given_stats = given_stats
         if self.training:
             if not given_stats:
-                _check_training_count(cx, _train_minimum(running_var, self.correction))
+                _check_training_count(cx, _train_minimum(running_var, self.correction), groups=self.groups)
             self.running = _RunningStats(cx, running_mean, running_var)
             self.rm, self.rv = self.running.data
         else:
@@ -214,7 +256,7 @@ class _ForwardCall:
             _check_device_counts(be, "count", stats[0], _train_minimum(self.rv, self.correction))
         smean = sinvstd = r = d = None
         if self.save:
-            smean, sinvstd = _per_channel_out(cx), _per_channel_out(cx)
+            smean, sinvstd = _per_channel_out(cx, self.rows), _per_channel_out(cx, self.rows)
         if self.renorm[0] and self.save:  # r and d are returned for the backward (else not kept)
             r, d = _per_channel_out(cx), _per_channel_out(cx)
         a = be.address
@@ -226,7 +268,7 @@ class _ForwardCall:
             save_mean=0 if smean is None else a(smean), save_invstd=0 if sinvstd is None else a(sinvstd),
             activation=self.activation, residual=0 if self.z is None else a(self.z),
             renorm_r_max=self.renorm[0], renorm_d_max=self.renorm[1], save_renorm_r=0 if r is None else a(r),
-            save_renorm_d=0 if d is None else a(d))
+            save_renorm_d=0 if d is None else a(d), virtual_batches=self.groups)
         if stats:
             params.given_statistics(a(stats[0]), a(stats[1]), a(stats[2]))
         _run_forward(cx, self.y.data, params)
@@ -243,7 +285,7 @@ def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = N
               training: bool = True, momentum: float = 0.1, eps: float = 1e-5, axis: int = 1,
               out: Optional[Array] = None, running_var_correction: int = 1,
               activation: Optional[str] = None, residual: Optional[Array] = None,
-              renorm: Optional[Tuple[float, float]] = None) -> Array:
+              renorm: Optional[Tuple[float, float]] = None, virtual_batch: Optional[int] = None) -> Array:
     """Batch normalisation of x over every axis but `axis`; returns y (x's dtype).
 
     training=True normalises with the batch statistics and, when running_mean / running_var are
@@ -262,10 +304,18 @@ def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = N
     statistics): y = gamma * (r * x_hat + d) + beta with r = clip(sigma_batch / sigma_running,
     1/r_max, r_max), d = clip((mean_batch - running_mean) / sigma_running, -d_max, d_max), from the
     running statistics before this step's update (sigma = sqrt(var + eps)).
+
+    virtual_batch=k: ghost batches (Hoffer et al. 2017; Keras's virtual_batch_size) in training:
+    the batch axis (axis 0; the channel axis must be another) is split into N / k groups of k
+    consecutive samples, each normalised with its own statistics, in one call. The running
+    statistics are updated once, from the average of the group means and the average of the
+    group variances (each with running_var_correction), as Keras does. k must divide N. Ignored
+    when training=False. (Keras 2 groups samples i, i + N/k, i + 2N/k, ... instead: reorder x with
+    x.reshape(k, N // k, ...).swapaxes(0, 1).reshape(x.shape) to match it exactly.)
     """
     return _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
                         running_var_correction, save=False, activation=activation,
-                        residual=residual, renorm=renorm).run()[0]
+                        residual=residual, renorm=renorm, virtual_batch=virtual_batch).run()[0]
 
 
 @_on_device
@@ -275,13 +325,16 @@ def batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Optional[Ar
                       axis: int = 1, out: Optional[Array] = None,
                       running_var_correction: int = 1, activation: Optional[str] = None,
                       residual: Optional[Array] = None,
-                      renorm: Optional[Tuple[float, float]] = None) -> Tuple[Array, ...]:
+                      renorm: Optional[Tuple[float, float]] = None,
+                      virtual_batch: Optional[int] = None) -> Tuple[Array, ...]:
     """Like batchnorm, also returning (mean, invstd) for batchnorm_backward: the batch mean and
     1/sqrt(var + eps) in training, running_mean and 1/sqrt(running_var + eps) otherwise.
-    With renorm, returns (y, mean, invstd, r, d): pass renorm=(r, d) to batchnorm_backward."""
+    With renorm, returns (y, mean, invstd, r, d): pass renorm=(r, d) to batchnorm_backward.
+    With virtual_batch in training, mean and invstd have shape (N / k, C), one row per ghost
+    batch; batchnorm_backward takes them as they are."""
     return _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
                         running_var_correction, save=True, activation=activation, residual=residual,
-                        renorm=renorm).run()
+                        renorm=renorm, virtual_batch=virtual_batch).run()
 
 
 class _BackwardCall:
@@ -290,8 +343,12 @@ class _BackwardCall:
 
     def __init__(self, dy, x, mean, invstd, gamma, training, axis, out, given_sums=False, activation=None,
                  y=None, dresidual=None, renorm=None):
+        # 2-D mean / invstd: the (G, C) statistics of a ghost-batch forward
+        ghost = not given_sums and getattr(mean, "ndim", 1) == 2
         self.cx = cx = _prepare(x, axis, (("dy", dy), ("mean", mean), ("invstd", invstd), ("gamma", gamma),
-                                          ("out", out), ("y", y), ("dresidual", dresidual)))
+                                          ("out", out), ("y", y), ("dresidual", dresidual)), batch_outer=ghost)
+        self.rows = int(mean.shape[0]) if ghost else 0
+        self.groups = _ghost_groups(cx, groups=self.rows) if ghost else 1
         self.activation = check_activation(activation)
         if self.activation != _core.ACTIVATION_NONE and y is None:
             raise ValueError(f"activation={activation!r} needs y, the forward's output (the mask is y > 0)")
@@ -304,15 +361,18 @@ class _BackwardCall:
                 raise ValueError("renorm (r, d) is for the training-mode backward")
             self.rd = (cx.per_channel("renorm r", renorm[0]), cx.per_channel("renorm d", renorm[1]))
         self.training = _training_flag(training)
+        if ghost and (not self.training or renorm is not None):
+            raise ValueError("mean / invstd of ghost batches (2-D, from virtual_batch) are for the training-mode "
+                             "backward without renorm")
         self.dy = cx.like_x("dy", dy)
         if mean is None or invstd is None:
             raise ValueError("mean and invstd are required (as returned by batchnorm_forward)")
-        self.m = cx.per_channel("mean", mean)
-        self.r = cx.per_channel("invstd", invstd)
+        self.m = cx.per_channel("mean", mean, rows=self.rows)
+        self.r = cx.per_channel("invstd", invstd, rows=self.rows)
         self.g = cx.per_channel("gamma", gamma)
         self.given_sums = given_sums
         if self.training and not given_sums:
-            _check_training_count(cx, 1, "training-mode backward")
+            _check_training_count(cx, 1, "training-mode backward", groups=self.groups)
         self.dx = cx.output(out, (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
                                   ("gamma", gamma), ("y", y), ("dresidual", dresidual)), in_place=(dy, x))
         # dresidual: its own output (may be dy itself, unless dx is written there too)
@@ -337,7 +397,8 @@ class _BackwardCall:
                                       y=address(be, self.ymask),
                                       dresidual=0 if self.dres is None else be.address(self.dres.data),
                                       renorm_r=0 if self.rd is None else be.address(self.rd[0]),
-                                      renorm_d=0 if self.rd is None else be.address(self.rd[1]), **sums)
+                                      renorm_d=0 if self.rd is None else be.address(self.rd[1]),
+                                      virtual_batches=self.groups, **sums)
         _run_backward(cx, self.dy, self.dx.data, params)
         if self.dres is not None:
             self.dres.finish()
@@ -360,6 +421,9 @@ def batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
     and dtype; may be dy when out is not) receives the residual's gradient, that masked dy.
     renorm=(r, d) (from batchnorm_forward(..., renorm=...)): the renormalised forward's r and d,
     constants here: dx uses gamma * r, dgamma = r * sum(dy * x_hat) + d * sum(dy).
+    Ghost batches: mean / invstd of shape (G, C) (batchnorm_forward with virtual_batch) make
+    each group of N / G consecutive samples differentiate through its own statistics; dgamma
+    and dbeta sum over the groups.
     """
     return _BackwardCall(dy, x, mean, invstd, gamma, training, axis, out, activation=activation, y=y,
                          dresidual=dresidual, renorm=renorm).run()

@@ -300,17 +300,20 @@ class Canonical:
     that every other array of the call is laid out like x.
     """
 
-    def __init__(self, backend: Any, x: Any, axis: int, name: str = "x"):
+    def __init__(self, backend: Any, x: Any, axis: int, name: str = "x", batch_outer: bool = False):
         self.backend = backend
         x = backend.adopt(x)
         self.code = dtype_code(name, x)
         if x.ndim < 2:
             raise ValueError(f"{name} must have at least 2 dimensions, got shape {tuple(x.shape)}")
         ax = check_axis(axis, x.ndim)
+        self.axis = ax  # the channel axis of x
         self.shape = tuple(x.shape)
         self.dtype = np.dtype(x.dtype)
         self.pdtype = param_dtype(x.dtype)
         self.perm = self._memory_order(x)
+        if batch_outer and self.perm[0] != 0:  # ghost batches: samples outermost (else a copy)
+            self.perm = tuple(range(x.ndim))
         inv = [0] * x.ndim
         for i, p in enumerate(self.perm):
             inv[p] = i
@@ -355,11 +358,20 @@ class Canonical:
             raise ValueError(f"{name} must have the shape of x {self.shape}, got {tuple(a.shape)}")
         return self.arrange(a)
 
-    def per_channel(self, name: str, a: Any, *, writable: bool = False) -> Any:
-        """Validated per-channel array; returns its contiguous data (a copy if it was strided)."""
+    def per_channel(self, name: str, a: Any, *, writable: bool = False, rows: int = 0) -> Any:
+        """Validated per-channel array (rows > 0: of shape (rows, channels), one row per ghost
+        batch); returns its contiguous data (a copy if it was strided)."""
         if a is None:
             return None
         given, a = a, self.backend.adopt(a)
+        if rows:
+            if np.dtype(a.dtype) != self.pdtype:
+                raise TypeError(f"{name} must have dtype {self.pdtype.name} (per-channel dtype for {self.dtype.name} "
+                                f"x), got {dtype_name(a.dtype)}")
+            if tuple(a.shape) != (rows, self.channels):
+                raise ValueError(f"{name} must have shape ({rows}, {self.channels}) (one row per virtual batch), "
+                                 f"got {tuple(a.shape)}")
+            return self.backend.contiguous(a)
         if np.dtype(a.dtype) != self.pdtype:
             raise TypeError(
                 f"{name} must have dtype {self.pdtype.name} (per-channel dtype for {self.dtype.name} x), "

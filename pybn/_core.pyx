@@ -53,6 +53,7 @@ cdef extern from "pybn/pybn.h" nogil:
         double renorm_d_max
         void* save_renorm_r
         void* save_renorm_d
+        int64_t virtual_batches
     ctypedef struct pybn_backward_params:
         size_t size
         int32_t training
@@ -70,6 +71,7 @@ cdef extern from "pybn/pybn.h" nogil:
         void* dresidual
         const void* renorm_r
         const void* renorm_d
+        int64_t virtual_batches
 
     const char* pybn_status_string(pybn_status status)
     const char* pybn_last_error()
@@ -251,7 +253,8 @@ cdef class ForwardParams:
                  uintptr_t running_var=0, double momentum=0.1, uintptr_t save_mean=0,
                  uintptr_t save_invstd=0, uintptr_t count=0, uintptr_t mean=0, uintptr_t m2=0,
                  int activation=0, uintptr_t residual=0, double renorm_r_max=0,
-                 double renorm_d_max=0, uintptr_t save_renorm_r=0, uintptr_t save_renorm_d=0):
+                 double renorm_d_max=0, uintptr_t save_renorm_r=0, uintptr_t save_renorm_d=0,
+                 int64_t virtual_batches=0):
         self.p.size = sizeof(pybn_forward_params)
         self.p.training = training
         self.p.running_var_correction = running_var_correction
@@ -273,6 +276,7 @@ cdef class ForwardParams:
         self.p.renorm_d_max = renorm_d_max
         self.p.save_renorm_r = <void*>save_renorm_r
         self.p.save_renorm_d = <void*>save_renorm_d
+        self.p.virtual_batches = virtual_batches
 
 
 cdef class BackwardParams:
@@ -282,7 +286,8 @@ cdef class BackwardParams:
     def __init__(self, *, bint training=True, uintptr_t mean=0, uintptr_t invstd=0,
                  uintptr_t gamma=0, uintptr_t dgamma=0, uintptr_t dbeta=0, uintptr_t count=0,
                  uintptr_t sum_dy=0, uintptr_t sum_dy_xmu=0, uintptr_t sum_xmu=0, int activation=0,
-                 uintptr_t y=0, uintptr_t dresidual=0, uintptr_t renorm_r=0, uintptr_t renorm_d=0):
+                 uintptr_t y=0, uintptr_t dresidual=0, uintptr_t renorm_r=0, uintptr_t renorm_d=0,
+                 int64_t virtual_batches=0):
         self.p.size = sizeof(pybn_backward_params)
         self.p.training = training
         self.p.activation = activation
@@ -290,6 +295,7 @@ cdef class BackwardParams:
         self.p.dresidual = <void*>dresidual
         self.p.renorm_r = <const void*>renorm_r
         self.p.renorm_d = <const void*>renorm_d
+        self.p.virtual_batches = virtual_batches
         self.p.mean = <const void*>mean
         self.p.invstd = <const void*>invstd
         self.p.gamma = <const void*>gamma

@@ -291,6 +291,9 @@ class SyncBatchNorm(BatchNorm):
                  **options: Any):
         if options.get("renorm") is not None:
             raise ValueError("SyncBatchNorm does not support renorm yet; use pybn.BatchNorm")
+        if options.get("virtual_batch") is not None:  # ghost batches are per device: nothing to sync
+            raise ValueError("SyncBatchNorm does not take virtual_batch (ghost batches are local); use "
+                             "pybn.BatchNorm(virtual_batch=k)")
         super().__init__(num_features, **options)
         self._coll = _collective(comm, cuda_aware)  # checks comm now, not at the first call
         self.comm = comm

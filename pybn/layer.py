@@ -5,7 +5,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ._api import batchnorm_backward, batchnorm_forward, check_activation, check_correction, check_renorm, fold
+from ._api import (_check_virtual_batch, batchnorm_backward, batchnorm_forward, check_activation, check_correction,
+                   check_renorm, fold)
 from ._arrays import _cupy, check_eps, check_momentum, dtype_name
 from ._core import has_cuda
 
@@ -24,12 +25,15 @@ class BatchNorm:
     activation="relu" fuses a ReLU into the layer (forward and backward, no extra pass).
     renorm=(r_max, d_max): batch renormalisation in training (needs track_running_stats; see
     pybn.batchnorm), r and d kept for backward as constants.
+    virtual_batch=k: ghost batches in training, each group of k consecutive samples normalised
+    with its own statistics (see pybn.batchnorm; Keras's virtual_batch_size).
     """
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, axis: int = 1,
                  dtype: Any = np.float32, device: str = "cpu", running_var_correction: int = 1,
-                 activation: Optional[str] = None, renorm: Optional[tuple] = None):
+                 activation: Optional[str] = None, renorm: Optional[tuple] = None,
+                 virtual_batch: Optional[int] = None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -42,6 +46,9 @@ class BatchNorm:
         if renorm is not None and not track_running_stats:
             raise ValueError("renorm needs running statistics (track_running_stats=True)")
         self.renorm = None if renorm is None else (float(renorm[0]), float(renorm[1]))
+        self.virtual_batch = _check_virtual_batch(virtual_batch)
+        if self.virtual_batch is not None and renorm is not None:
+            raise ValueError("renorm and virtual_batch (ghost batches) cannot be combined")
         self.momentum = None if momentum is None else check_momentum(momentum)
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
@@ -148,7 +155,8 @@ class BatchNorm:
                                  training=training, momentum=momentum, eps=self.eps,
                                  axis=self.axis, running_var_correction=self.running_var_correction,
                                  activation=self.activation,
-                                 renorm=self.renorm if training and running_mean is not None else None)
+                                 renorm=self.renorm if training and running_mean is not None else None,
+                                 virtual_batch=self.virtual_batch if self.training else None)
 
     def _backward_call(self, dy, x, mean, invstd, training, y=None, rd=None):
         return batchnorm_backward(dy, x, mean, invstd, self.gamma, training=training,
@@ -212,4 +220,5 @@ class BatchNorm:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype={self.dtype.name}, "
-                f"running_var_correction={self.running_var_correction}, activation={self.activation!r})")
+                f"running_var_correction={self.running_var_correction}, activation={self.activation!r}"
+                + (f", virtual_batch={self.virtual_batch}" if self.virtual_batch is not None else "") + ")")

@@ -34,13 +34,13 @@ class ForwardParams(ctypes.Structure):
                 ("eps", D), ("running_mean", P), ("running_var", P), ("momentum", D), ("save_mean", P),
                 ("save_invstd", P), ("count", P), ("mean", P), ("m2", P), ("activation", I32), ("reserved", I32),
                 ("residual", P), ("renorm_r_max", D), ("renorm_d_max", D), ("save_renorm_r", P),
-                ("save_renorm_d", P)]
+                ("save_renorm_d", P), ("virtual_batches", ctypes.c_int64)]
 
 
 class BackwardParams(ctypes.Structure):
     _fields_ = [("size", SZ), ("training", I32), ("activation", I32), ("mean", P), ("invstd", P), ("gamma", P),
                 ("dgamma", P), ("dbeta", P), ("count", P), ("sum_dy", P), ("sum_dy_xmu", P), ("sum_xmu", P),
-                ("y", P), ("dresidual", P), ("renorm_r", P), ("renorm_d", P)]
+                ("y", P), ("dresidual", P), ("renorm_r", P), ("renorm_d", P), ("virtual_batches", ctypes.c_int64)]
 
 
 for name, args in {
@@ -89,16 +89,16 @@ def test_struct_layouts_match_the_header():
     src = HERE / "_sizes.c"
     exe = HERE / "_sizes"
     src.write_text('#include <stdio.h>\n#include <stddef.h>\n#include <pybn/pybn.h>\nint main(void) {\n'
-                   '  printf("%zu %zu %zu %zu\\n", sizeof(pybn_forward_params), offsetof(pybn_forward_params, save_renorm_d),'
-                   ' sizeof(pybn_backward_params), offsetof(pybn_backward_params, renorm_d)); return 0; }\n')
+                   '  printf("%zu %zu %zu %zu\\n", sizeof(pybn_forward_params), offsetof(pybn_forward_params, virtual_batches),'
+                   ' sizeof(pybn_backward_params), offsetof(pybn_backward_params, virtual_batches)); return 0; }\n')
     try:
         subprocess.run(["cc", "-std=c99", f"-I{pybn.get_include()}", str(src), "-o", str(exe)], check=True)
         got = [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True).stdout.split()]
     finally:
         src.unlink(missing_ok=True)
         exe.unlink(missing_ok=True)
-    assert got == [ctypes.sizeof(ForwardParams), ForwardParams.save_renorm_d.offset, ctypes.sizeof(BackwardParams),
-                   BackwardParams.renorm_d.offset]
+    assert got == [ctypes.sizeof(ForwardParams), ForwardParams.virtual_batches.offset,
+                   ctypes.sizeof(BackwardParams), BackwardParams.virtual_batches.offset]
 
 
 def test_v2_forward_and_backward_are_bitwise_the_level_1_calls(rng):
@@ -242,7 +242,7 @@ def test_level_1_program_built_against_the_level_1_header_runs_unchanged(tmp_pat
 
 INJECT = textwrap.dedent("""
     import sys, numpy as np, pybn
-    shape, axis, op = eval(sys.argv[1])
+    shape, axis, op, vb = eval(sys.argv[1])
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
     before = x.copy()
@@ -250,11 +250,11 @@ INJECT = textwrap.dedent("""
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
     try:
         if op == "forward":
-            pybn.batchnorm(x, None, None, rm, rv, axis=axis, out=x)
+            pybn.batchnorm(x, None, None, rm, rv, axis=axis, out=x, virtual_batch=vb)
         else:
             dy = rng.standard_normal(shape).astype(np.float32)
             dyb = dy.copy()
-            y, mean, invstd = pybn.batchnorm_forward(before, axis=axis)
+            y, mean, invstd = pybn.batchnorm_forward(before, axis=axis, virtual_batch=vb)
             x = dy  # in place: dx overwrites dy
             before = dyb
             pybn.batchnorm_backward(dy, y, mean, invstd, axis=axis, out=dy)
@@ -266,13 +266,17 @@ INJECT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("shape,axis,op", [
-    ((4, 6, 3000), 1, "forward"),   # row path, channel groups (small cache budget)
-    ((2000, 12), 1, "forward"),     # column path
-    ((4, 6, 3000), 1, "backward"),
-    ((300, 4, 4, 8), -1, "backward"),
+@pytest.mark.parametrize("shape,axis,op,vb", [
+    ((4, 6, 3000), 1, "forward", None),   # row path, channel groups (small cache budget)
+    ((2000, 12), 1, "forward", None),     # column path
+    ((4, 6, 3000), 1, "backward", None),
+    ((300, 4, 4, 8), -1, "backward", None),
+    ((8, 6, 3000), 1, "forward", 2),      # ghost batches: every group reduced before any write
+    ((2000, 12), 1, "forward", 500),
+    ((8, 6, 3000), 1, "backward", 2),
+    ((300, 4, 4, 8), -1, "backward", 100),
 ])
-def test_allocation_failure_mid_call_changes_nothing(shape, axis, op):
+def test_allocation_failure_mid_call_changes_nothing(shape, axis, op, vb):
     """PYBN_FAIL_SCRATCH=k fails the k-th scratch allocation; for every k until the call
     succeeds, an in-place call raises MemoryError and leaves x (or dy) and the running statistics
     exactly as they were."""
@@ -280,7 +284,7 @@ def test_allocation_failure_mid_call_changes_nothing(shape, axis, op):
     seen = []
     for k in range(1, 40):
         env["PYBN_FAIL_SCRATCH"] = str(k)
-        out = subprocess.run([sys.executable, "-c", INJECT, repr((shape, axis, op))], env=env, capture_output=True,
+        out = subprocess.run([sys.executable, "-c", INJECT, repr((shape, axis, op, vb))], env=env, capture_output=True,
                              text=True, cwd=HERE)
         assert out.returncode == 0, out.stderr[-2000:]
         word = out.stdout.split()[0]

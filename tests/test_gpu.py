@@ -333,3 +333,30 @@ def test_gpu_out_of_memory_is_memory_error_and_changes_nothing():
         pool.set_limit(size=limit)
     assert float(rm.sum()) == 0 and float(rv.sum()) == 1 << 20 and float(x.sum()) == 2 << 20
     assert free > 0
+
+
+@pytest.mark.parametrize("shape,axis,k", [((12, 5, 40), 1, 4), ((8, 6, 6, 5), -1, 2), ((64, 300), 1, 16),
+                                          ((8, 3, 600), 1, 2)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_gpu_ghost_batches_match_cpu(rng, shape, axis, k, relu):
+    """virtual_batch on the GPU: the groups reduced one after another, one step per channel, one
+    grouped elementwise sweep; the same as the CPU within float32 rounding."""
+    xh, x = randn_dev(rng, shape, np.float32, loc=1.0, scale=2.0)
+    dyh, dy = randn_dev(rng, shape, np.float32)
+    c = shape[axis]
+    act = "relu" if relu else None
+    rmh, rvh = np.zeros(c, np.float32), np.ones(c, np.float32)
+    rm, rv = cp.asarray(rmh), cp.asarray(rvh)
+    yh, mh, ih = pybn.batchnorm_forward(xh, None, None, rmh, rvh, axis=axis, virtual_batch=k, activation=act)
+    y, m, i = pybn.batchnorm_forward(x, None, None, rm, rv, axis=axis, virtual_batch=k, activation=act)
+    assert m.shape == (shape[0] // k, c)
+    for got, want, what in ((y, yh, "y"), (m, mh, "mean"), (i, ih, "invstd"), (rm, rmh, "running_mean"),
+                            (rv, rvh, "running_var")):
+        assert_close(host(got), want, np.float32, what=what)
+    dxh, dgh, dbh = pybn.batchnorm_backward(dyh, xh, mh, ih, axis=axis, activation=act, y=yh if relu else None)
+    dx, dg, db = pybn.batchnorm_backward(dy, x, m, i, axis=axis, activation=act, y=y if relu else None)
+    red = tuple(j for j in range(len(shape)) if j != axis % len(shape))
+    scale = np.abs(dyh).sum(axis=red)
+    assert_close(host(dx), dxh, np.float32, what="dx")
+    assert_close(host(dg), dgh, np.float32, scale=scale, what="dgamma")
+    assert_close(host(db), dbh, np.float32, scale=scale, what="dbeta")

@@ -38,8 +38,8 @@ template <class P> class ForwardOutputs {
             if (!dst_[k]) continue;
             if (k < 2)  // running statistics are read and updated
                 copy_[k].assign(static_cast<const P*>(dst_[k]), static_cast<const P*>(dst_[k]) + C);
-            else
-                copy_[k].resize(static_cast<size_t>(C));
+            else  // saved values: one row per ghost batch
+                copy_[k].resize(static_cast<size_t>(C * (p.virtual_batches > 1 ? p.virtual_batches : 1)));
         }
         void** redirect[kOutputs] = {&params_.running_mean, &params_.running_var,   &params_.save_mean,
                                      &params_.save_invstd,  &params_.save_renorm_r, &params_.save_renorm_d};
@@ -90,6 +90,27 @@ template <class P> class SumsEpilogue final : public cpu::BackwardEpilogue {
     BackwardArgs<P> args_;
 };
 
+// Ghost batches: the statistics of every group (reads only), then every group's coefficients
+// and the running statistics (into copies), then one normalisation sweep by groups. Nothing is
+// written before the sweep, which allocates before its first write.
+template <class P>
+pybn_status ghost_forward(const pybn_view& v, const void* x, void* y, NormalizeArgs<P> args, int64_t groups,
+                          cpu::OutputOps ops) {
+    const int64_t C = v.channels;
+    const pybn_view g = group_view(v, groups);
+    const size_t step = size_t(per_channel(g) * C * dtype_info(v.dtype)->size);
+    std::vector<double> mean(static_cast<size_t>(groups * C)), m2(mean.size());
+    std::vector<P> coef(static_cast<size_t>(4 * groups * C));
+    for (int64_t i = 0; i < groups; ++i)
+        PYBN_CHECK(cpu::kernels().batch_stats(g, static_cast<const char*>(x) + size_t(i) * step, &mean[size_t(i * C)],
+                                              &m2[size_t(i * C)]));
+    args.coef = coef.data();
+    for (int64_t c = 0; c < C; ++c) ghost_channel(args, groups, c, double(per_channel(g)), mean.data(), m2.data());
+    ops.groups = groups;
+    if (has_values(v)) PYBN_CHECK(cpu::kernels().normalize(v, x, coef.data(), y, ops));
+    return PYBN_SUCCESS;
+}
+
 template <class P>
 pybn_status forward_impl(const char* fn, const pybn_view& v, const void* x, void* y, const pybn_forward_params& p,
                          ForwardMode mode) {
@@ -97,7 +118,9 @@ pybn_status forward_impl(const char* fn, const pybn_view& v, const void* x, void
     if (mode == ForwardMode::given_stats) PYBN_CHECK(check_counts(fn, C, p.count, double(train_minimum(p))));
     ForwardOutputs<P> outputs(C, p, mode);
     const cpu::OutputOps ops{p.activation, p.residual};
-    if (mode == ForwardMode::train) {
+    if (mode == ForwardMode::train && p.virtual_batches > 1) {
+        if (C > 0) PYBN_CHECK(ghost_forward(v, x, y, outputs.args(C, nullptr), p.virtual_batches, ops));
+    } else if (mode == ForwardMode::train) {
         const TrainEpilogue<P> epilogue(outputs.args(C, nullptr), double(per_channel(v)));
         if (C > 0) PYBN_CHECK(cpu::kernels().forward_train(v, x, y, epilogue, ops));
     } else {
@@ -113,6 +136,54 @@ pybn_status forward_impl(const char* fn, const pybn_view& v, const void* x, void
     return PYBN_SUCCESS;
 }
 
+// The fused backward's reduction of one group, kept: its sums per channel (no coefficients).
+class SumsRecorder final : public cpu::BackwardEpilogue {
+  public:
+    SumsRecorder(double* sums, int64_t C) : sums_(sums), C_(C) {}  // 3 x C: sum_dy | sum_dy_xmu | sum_xmu
+    void operator()(int64_t c0, int64_t c1, const double* sum_dy, const double* sum_dy_xmu, const double* sum_xmu,
+                    void*) const override {
+        for (int64_t c = c0; c < c1; ++c) {
+            sums_[c] = sum_dy[c - c0];
+            sums_[C_ + c] = sum_dy_xmu[c - c0];
+            sums_[2 * C_ + c] = sum_xmu[c - c0];
+        }
+    }
+
+  private:
+    double* sums_;
+    int64_t C_;
+};
+
+// Ghost batches: every group's sums (reads only: the fused kernel without dx), every group's
+// coefficients and dgamma / dbeta (into copies), then one elementwise sweep by groups (dx,
+// dresidual), which allocates before its first write.
+template <class P>
+pybn_status ghost_backward(const pybn_view& v, const void* dy, const void* x, void* dx, BackwardArgs<P> args,
+                           int64_t groups, cpu::GradOps ops) {
+    const int64_t C = v.channels;
+    const pybn_view g = group_view(v, groups);
+    const size_t step = size_t(per_channel(g) * C * dtype_info(v.dtype)->size);
+    std::vector<double> sums(static_cast<size_t>(3 * groups * C));
+    std::vector<P> coef(static_cast<size_t>(4 * groups * C));
+    cpu::GradOps reduce_ops = ops;  // the mask only
+    reduce_ops.dresidual = nullptr;
+    for (int64_t i = 0; i < groups; ++i) {  // validated: every group has values
+        const size_t off = size_t(i) * step;
+        reduce_ops.y = ops.y ? static_cast<const char*>(ops.y) + off : nullptr;
+        const SumsRecorder record(&sums[size_t(3 * i * C)], C);
+        PYBN_CHECK(cpu::kernels().backward(g, static_cast<const char*>(dy) + off, static_cast<const char*>(x) + off,
+                                           static_cast<const P*>(args.p.mean) + i * C, true, nullptr, record,
+                                           reduce_ops));
+    }
+    args.count_all = double(per_channel(g));
+    args.coef = coef.data();
+    for (int64_t c = 0; c < C; ++c) ghost_backward_channel(args, groups, c, sums.data());
+    ops.groups = groups;
+    if ((dx || ops.dresidual) && has_values(v))
+        PYBN_CHECK(cpu::kernels().backward_elementwise(v, dy, x, coef.data(), dx, ops));
+    return PYBN_SUCCESS;
+}
+
 template <class P>
 pybn_status backward_impl(const char* fn, const pybn_view& v, const void* dy, const void* x, void* dx,
                           const pybn_backward_params& p, BackwardMode mode) {
@@ -123,7 +194,9 @@ pybn_status backward_impl(const char* fn, const pybn_view& v, const void* dy, co
     args.p.dgamma = dg.data();  // written back after the kernel
     args.p.dbeta = db.data();
     const cpu::GradOps ops{p.activation, p.y, p.dresidual};
-    if (mode == BackwardMode::fused) {
+    if (mode == BackwardMode::fused && p.virtual_batches > 1) {
+        if (C > 0) PYBN_CHECK(ghost_backward(v, dy, x, dx, args, p.virtual_batches, ops));
+    } else if (mode == BackwardMode::fused) {
         const SumsEpilogue<P> epilogue(args);
         if (has_values(v)) {
             PYBN_CHECK(cpu::kernels().backward(v, dy, x, p.mean, p.training != 0, dx, epilogue, ops));

@@ -71,6 +71,23 @@ pybn_status check_train_count(const char* fn, const pybn_view& v, int64_t minimu
     return PYBN_SUCCESS;
 }
 
+pybn_view group_view(const pybn_view& v, int64_t virtual_batches) {
+    pybn_view g = v;
+    if (virtual_batches > 1) g.outer = v.outer / virtual_batches;
+    return g;
+}
+
+pybn_status check_virtual_batches(const char* fn, const pybn_view& v, int64_t virtual_batches) {
+    if (virtual_batches < 0)
+        return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: virtual_batches must be >= 0, got %lld", fn,
+                    (long long)virtual_batches);
+    if (virtual_batches > 1 && v.outer % virtual_batches != 0)
+        return fail(PYBN_ERROR_INVALID_ARGUMENT,
+                    "%s: virtual_batches = %lld must divide the view's outer size %lld (equal groups)", fn,
+                    (long long)virtual_batches, (long long)v.outer);
+    return PYBN_SUCCESS;
+}
+
 pybn_status check_counts(const char* fn, int64_t channels, const double* count, double minimum) {
     for (int64_t c = 0; c < channels; ++c)
         if (!(count[c] >= minimum))
@@ -222,7 +239,18 @@ pybn_status validate_forward(const char* fn, const PointerRules& rules, const py
         PYBN_CHECK(rules.optional(fn, "save_renorm_r", p.save_renorm_r));
         PYBN_CHECK(rules.optional(fn, "save_renorm_d", p.save_renorm_d));
     }
-    return mode == ForwardMode::train ? check_train_count(fn, v, train_minimum(p)) : PYBN_SUCCESS;
+    PYBN_CHECK(check_virtual_batches(fn, v, p.virtual_batches));
+    if (p.virtual_batches > 1) {
+        if (mode != ForwardMode::train)
+            return fail(PYBN_ERROR_INVALID_ARGUMENT,
+                        "%s: virtual_batches > 1 is for training with batch statistics (training = 1, no given "
+                        "count / mean / m2)", fn);
+        if (p.renorm_r_max != 0)
+            return fail(PYBN_ERROR_INVALID_ARGUMENT,
+                        "%s: virtual_batches > 1 and batch renormalisation cannot be combined", fn);
+    }
+    return mode == ForwardMode::train ? check_train_count(fn, group_view(v, p.virtual_batches), train_minimum(p))
+                                      : PYBN_SUCCESS;
 }
 
 pybn_status validate_backward(const char* fn, const PointerRules& rules, const pybn_view& v,
@@ -263,7 +291,13 @@ pybn_status validate_backward(const char* fn, const PointerRules& rules, const p
         if (!p.training)
             return fail(PYBN_ERROR_INVALID_ARGUMENT, "%s: renorm_r / renorm_d are for training (training = 1)", fn);
     }
-    return mode == BackwardMode::fused && p.training ? check_train_count(fn, v, 1) : PYBN_SUCCESS;
+    PYBN_CHECK(check_virtual_batches(fn, v, p.virtual_batches));
+    if (p.virtual_batches > 1 && (mode != BackwardMode::fused || !p.training || p.renorm_r))
+        return fail(PYBN_ERROR_INVALID_ARGUMENT,
+                    "%s: virtual_batches > 1 is for the fused training backward (training = 1, no given sums, "
+                    "no renorm_r / renorm_d)", fn);
+    return mode == BackwardMode::fused && p.training ? check_train_count(fn, group_view(v, p.virtual_batches), 1)
+                                                     : PYBN_SUCCESS;
 }
 
 }  // namespace pybn

@@ -32,6 +32,10 @@ enum class ForwardMode { train, given_stats, infer };
 ForwardMode forward_mode(const pybn_forward_params& p);
 // Values per channel a training forward needs: 2 when an unbiased running_var is updated, else 1.
 int64_t train_minimum(const pybn_forward_params& p);
+// One ghost batch of v: outer / virtual_batches rows (v itself for 0 or 1).
+pybn_view group_view(const pybn_view& v, int64_t virtual_batches);
+// virtual_batches >= 0 and, when > 1, a divisor of v.outer.
+pybn_status check_virtual_batches(const char* fn, const pybn_view& v, int64_t virtual_batches);
 // What a backward call computes: reduce dy and x itself, or use the given sums.
 enum class BackwardMode { fused, given_sums };
 BackwardMode backward_mode(const pybn_backward_params& p);

@@ -203,7 +203,7 @@ void backward_cols_fused(const Grad<T, kRelu, kRes>& g, const T* x, T* dx, int64
 }
 
 // The elementwise sweep of a backward over the row path's rows [c0, c1) (row_only) or the whole
-// view, with the activation and residual gradient of `ops`.
+// view (by ghost batches when ops.groups > 1), with the activation and residual gradient of `ops`.
 template <class T>
 void backward_sweep(const pybn_view& v, const T* dy, const T* x, T* dx, const acc_t<T>* k, const GradOps& ops,
                     bool row_only, int64_t c0, int64_t c1) {
@@ -214,52 +214,62 @@ void backward_sweep(const pybn_view& v, const T* dy, const T* x, T* dx, const ac
     T* dres = static_cast<T*>(ops.dresidual);
     with_flags(ops.activation == PYBN_ACTIVATION_RELU, dres != nullptr, [&](auto relu, auto res) {
         constexpr bool kRelu = decltype(relu)::value, kRes = decltype(res)::value;
-        auto at = [&](int64_t off) {
+        auto at = [=](int64_t off) {
             return Grad<T, kRelu, kRes>{dy + off, kRelu ? y + off : nullptr, kRes ? dres + off : nullptr};
         };
-        auto row = [&](int64_t off, int64_t len, int64_t c) {
-            if constexpr (!kRelu && !kRes)
-                backward_values(dy + off, x ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c, k + 2 * C + c,
-                                k + 3 * C + c);
-            else
-                backward_values_fused<T, kRelu, kRes>(at(off), x ? x + off : nullptr, dx ? dx + off : nullptr, len,
-                                                      stream, k + c, k + C + c, k + 2 * C + c, k + 3 * C + c);
+        // the row path's step for values from `base` with the coefficients kk
+        auto row_of = [=](int64_t base, const A* kk) {
+            return [=](int64_t off, int64_t len, int64_t c) {
+                off += base;
+                if constexpr (!kRelu && !kRes)
+                    backward_values(dy + off, x ? x + off : nullptr, dx + off, len, stream, kk + c, kk + C + c,
+                                    kk + 2 * C + c, kk + 3 * C + c);
+                else
+                    backward_values_fused<T, kRelu, kRes>(at(off), x ? x + off : nullptr, dx ? dx + off : nullptr,
+                                                          len, stream, kk + c, kk + C + c, kk + 2 * C + c,
+                                                          kk + 3 * C + c);
+            };
         };
         if (row_only) {
-            elementwise_rows(v, c0, c1, row);
+            elementwise_rows(v, c0, c1, row_of(0, k));
             return;
         }
-        const ColumnCoefs<A> e(k, C, v.inner, v.inner < kRowMin);
-        elementwise(v, row, [&](int64_t off, int64_t rows) {
-            if constexpr (!kRelu && !kRes)
-                backward_cols<T>(dy + off, x ? x + off : nullptr, dx + off, rows * W, e, stream);
-            else
-                backward_cols_fused<T, kRelu, kRes>(at(off), x ? x + off : nullptr, dx ? dx + off : nullptr, rows * W,
-                                                    e, stream);
+        for_groups(v, ops.groups, k, [&](const pybn_view& g, int64_t base, const A* kg, const ColumnCoefs<A>& e) {
+            elementwise(g, row_of(base, kg), [&](int64_t off, int64_t rows) {
+                off += base;
+                if constexpr (!kRelu && !kRes)
+                    backward_cols<T>(dy + off, x ? x + off : nullptr, dx + off, rows * W, e, stream);
+                else
+                    backward_cols_fused<T, kRelu, kRes>(at(off), x ? x + off : nullptr, dx ? dx + off : nullptr,
+                                                        rows * W, e, stream);
+            });
         });
     });
 }
 
 template <class T>
 void backward_elementwise_t(const pybn_view& v, const void* dyv, const void* xv, const void* coefv,
-                            void* dxv) {
+                            void* dxv, int64_t groups) {
     using A = acc_t<T>;
     const T* dy = static_cast<const T*>(dyv);
     const T* x = static_cast<const T*>(xv);
     T* dx = static_cast<T*>(dxv);
-    const A* k = static_cast<const A*>(coefv);
     const int64_t C = v.channels, W = C * v.inner;
     const bool stream = stream_output(v.outer * W * int64_t(sizeof(T)));
-    const ColumnCoefs<A> e(k, C, v.inner, v.inner < kRowMin);
-    elementwise(
-        v,
-        [&](int64_t off, int64_t len, int64_t c) {
-            backward_values(dy + off, x ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c, k + 2 * C + c,
-                            k + 3 * C + c);
-        },
-        [&](int64_t off, int64_t rows) {
-            backward_cols<T>(dy + off, x ? x + off : nullptr, dx + off, rows * W, e, stream);
-        });
+    for_groups(v, groups, static_cast<const A*>(coefv),
+               [&](const pybn_view& g, int64_t base, const A* k, const ColumnCoefs<A>& e) {
+        elementwise(
+            g,
+            [&](int64_t off, int64_t len, int64_t c) {
+                off += base;
+                backward_values(dy + off, x ? x + off : nullptr, dx + off, len, stream, k + c, k + C + c,
+                                k + 2 * C + c, k + 3 * C + c);
+            },
+            [&](int64_t off, int64_t rows) {
+                off += base;
+                backward_cols<T>(dy + off, x ? x + off : nullptr, dx + off, rows * W, e, stream);
+            });
+    });
 }
 
 // With the fused epilogues (activation mask, residual gradient): a function of its own, so that
@@ -276,7 +286,7 @@ template <class T>
 void backward_elementwise_ops_t(const pybn_view& v, const void* dy, const void* x, const void* coef, void* dx,
                                 const GradOps& ops) {
     if (ops.activation == PYBN_ACTIVATION_NONE && ops.dresidual == nullptr)
-        backward_elementwise_t<T>(v, dy, x, coef, dx);
+        backward_elementwise_t<T>(v, dy, x, coef, dx, ops.groups);
     else
         backward_elementwise_fused_t<T>(v, dy, x, coef, dx, ops);
 }

@@ -36,6 +36,9 @@ class BackwardEpilogue {
 struct OutputOps {
     int32_t activation;    // pybn_activation
     const void* residual;  // the view's dtype and layout, or nullptr
+    // Ghost batches: the view's outer rows form `groups` equal, contiguous groups, group g
+    // normalised with the coefficients coef + g * 4 * C (1: one batch). normalize only.
+    int64_t groups = 1;
 };
 // The backward's use of the activation: the gradient reaching the BN is dy masked by y > 0
 // (PYBN_ACTIVATION_RELU; y required), and that gradient is also written to dresidual.
@@ -43,6 +46,7 @@ struct GradOps {
     int32_t activation;
     const void* y;    // the forward's output, or nullptr without an activation
     void* dresidual;  // or nullptr
+    int64_t groups = 1;  // ghost batches, as in OutputOps (backward_elementwise only)
 };
 
 // Per-channel coefficient arrays are struct-of-arrays, 4 x C values of the accumulation type of

@@ -48,7 +48,7 @@ void normalize_cols(const T* x, const T* z, T* y, int64_t n, const ColumnCoefs<a
 }
 
 // The elementwise sweep of a forward over the row path's rows [c0, c1) (row_only) or the whole
-// view, with the epilogue of `ops`.
+// view (by ghost batches when ops.groups > 1), with the epilogue of `ops`.
 template <class T>
 void normalize_sweep(const pybn_view& v, const T* x, T* y, const acc_t<T>* k, const OutputOps& ops, bool row_only,
                      int64_t c0, int64_t c1) {
@@ -58,17 +58,23 @@ void normalize_sweep(const pybn_view& v, const T* x, T* y, const acc_t<T>* k, co
     const T* z = static_cast<const T*>(ops.residual);
     with_flags(ops.activation == PYBN_ACTIVATION_RELU, z != nullptr, [&](auto relu, auto res) {
         constexpr bool kRelu = decltype(relu)::value, kRes = decltype(res)::value;
-        auto row = [&](int64_t off, int64_t len, int64_t c) {
-            normalize_values<T, kRelu, kRes>(x + off, kRes ? z + off : nullptr, y + off, len, stream, k + c, k + C + c,
-                                             k + 2 * C + c, k + 3 * C + c);
+        // the row path's step for values from `base` with the coefficients kk
+        auto row_of = [&](int64_t base, const A* kk) {
+            return [=](int64_t off, int64_t len, int64_t c) {
+                off += base;
+                normalize_values<T, kRelu, kRes>(x + off, kRes ? z + off : nullptr, y + off, len, stream, kk + c,
+                                                 kk + C + c, kk + 2 * C + c, kk + 3 * C + c);
+            };
         };
         if (row_only) {
-            elementwise_rows(v, c0, c1, row);
+            elementwise_rows(v, c0, c1, row_of(0, k));
             return;
         }
-        const ColumnCoefs<A> e(k, C, v.inner, v.inner < kRowMin);
-        elementwise(v, row, [&](int64_t off, int64_t rows) {
-            normalize_cols<T, kRelu, kRes>(x + off, kRes ? z + off : nullptr, y + off, rows * W, e, stream);
+        for_groups(v, ops.groups, k, [&](const pybn_view& g, int64_t base, const A* kg, const ColumnCoefs<A>& e) {
+            elementwise(g, row_of(base, kg), [&](int64_t off, int64_t rows) {
+                off += base;
+                normalize_cols<T, kRelu, kRes>(x + off, kRes ? z + off : nullptr, y + off, rows * W, e, stream);
+            });
         });
     });
 }

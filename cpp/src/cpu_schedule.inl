@@ -336,12 +336,17 @@ void elementwise(const pybn_view& v, RowOp row_op, ColsOp cols_op) {
 // may start anywhere in a row (aligned streaming stores).
 template <class A>
 struct ColumnCoefs {
-    int64_t W, P, E;
+    int64_t C, inner, W, P, E;
     Scratch buf;
-    ColumnCoefs(const A* coef, int64_t C, int64_t inner, bool column_path)
-        : W(C * inner), P(W * ceil_div(kLanesOf<A>, W)), E(P + kLanesOf<A>),
-          buf(column_path ? sizeof(A) * 4 * size_t(E) : 0) {
-        if (!column_path) return;
+    // Allocated only (fill() sets the values): one buffer for every ghost batch of a call.
+    ColumnCoefs(int64_t C_, int64_t inner_, bool column_path)
+        : C(C_), inner(inner_), W(C_ * inner_), P(W * ceil_div(kLanesOf<A>, W)), E(P + kLanesOf<A>),
+          buf(column_path ? sizeof(A) * 4 * size_t(E) : 0) {}
+    ColumnCoefs(const A* coef, int64_t C_, int64_t inner_, bool column_path) : ColumnCoefs(C_, inner_, column_path) {
+        fill(coef);
+    }
+    void fill(const A* coef) {
+        if (buf.as<A>() == nullptr) return;  // row path: not used
         A* out = buf.as<A>();
         for (int64_t k = 0; k < 4; ++k) {
             if (inner == 1)  // channels-last: a plain copy (the loop below ran at ~3 ns a value)
@@ -354,6 +359,22 @@ struct ColumnCoefs {
     }
     const A* operator[](int k) const { return buf.as<A>() + k * E; }
 };
+
+// Ghost batches: the elementwise sweep of a view whose outer rows form `groups` equal,
+// contiguous groups (1: the whole view), group g with its own coefficients k + g * 4 * C.
+// sweep(group view, offset of its first value, its coefficients, its column coefficients) runs
+// once per group; the column coefficients are allocated once, before the first group writes.
+template <class A, class Sweep>
+void for_groups(const pybn_view& v, int64_t groups, const A* k, Sweep sweep) {
+    const int64_t n = groups > 1 ? groups : 1, C = v.channels;
+    const pybn_view g{v.outer / n, C, v.inner, v.dtype};
+    ColumnCoefs<A> e(C, v.inner, v.inner < kRowMin);
+    for (int64_t i = 0; i < n; ++i) {
+        const A* ki = k + i * 4 * C;
+        e.fill(ki);
+        sweep(g, i * g.outer * C * v.inner, ki, static_cast<const ColumnCoefs<A>&>(e));
+    }
+}
 
 // out[i] = f(i) for i in [0, n), f returning acc_t<T> vectors (vector index) and scalars (tail),
 // converted to T: vector stores, or non-temporal stores when `stream` (outputs larger than the

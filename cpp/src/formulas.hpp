@@ -74,6 +74,26 @@ template <class P> PYBN_HD double value_or(const void* p, int64_t c, double fall
     return p ? double(static_cast<const P*>(p)[c]) : fallback;
 }
 
+// The running statistics' update of channel c from a batch's mean and variance estimate var
+// (running_var_correction applied). Non-finite data policy: a channel whose batch statistics
+// are not finite (NaN / Inf in its values, or a sum that overflowed: batch_finite false) leaves
+// its running statistics as they were, and so does an update that would overflow them; the
+// batch's own outputs carry the NaN / Inf.
+template <class P>
+PYBN_HD void update_running(const pybn_forward_params& p, int64_t c, double mean, double var, bool batch_finite) {
+    if (p.running_mean) {
+        P* rmean = static_cast<P*>(p.running_mean);
+        const P rm = P(ema(double(rmean[c]), mean, p.momentum));
+        if (batch_finite && finite(double(rm))) rmean[c] = rm;
+    }
+    if (p.running_var) {
+        // running_var_correction 1: unbiased M2 / (n - 1) (PyTorch); 0: biased M2 / n (ONNX, Keras)
+        P* rvar = static_cast<P*>(p.running_var);
+        const P rv = P(ema(double(rvar[c]), var, p.momentum));
+        if (batch_finite && finite(double(rv))) rvar[c] = rv;
+    }
+}
+
 // Normalisation coefficients, struct-of-arrays coef[4*C] = [hi | lo | scale | shift]:
 // y = ((x - hi) - lo) * scale + shift, with hi + lo the float64 mean split into two P values so
 // that x - hi is exact for x near the mean: the mean survives rounding to P.
@@ -106,23 +126,35 @@ PYBN_HD void normalize_channel(const NormalizeArgs<P>& a, int64_t c, double coun
     a.coef[C + c] = P(mean - double(hi));
     a.coef[2 * C + c] = P(scale);
     a.coef[3 * C + c] = P(shift);
-    // Non-finite data policy: a channel whose batch statistics are not finite (NaN / Inf in its
-    // values, or a sum that overflowed) leaves its running statistics as they were, and so does
-    // an update that would overflow them; the batch's own outputs carry the NaN / Inf.
-    const bool batch_finite = finite(mean) && finite(m2);
-    if (a.p.running_mean) {
-        P* rmean = static_cast<P*>(a.p.running_mean);
-        const P rm = P(ema(double(rmean[c]), mean, a.p.momentum));
-        if (batch_finite && finite(double(rm))) rmean[c] = rm;
-    }
-    if (a.p.running_var) {
-        // running_var_correction 1: unbiased M2 / (n - 1) (PyTorch); 0: biased M2 / n (ONNX, Keras)
-        P* rvar = static_cast<P*>(a.p.running_var);
-        const P rv = P(ema(double(rvar[c]), m2 / (count - double(a.p.running_var_correction)), a.p.momentum));
-        if (batch_finite && finite(double(rv))) rvar[c] = rv;
-    }
+    update_running<P>(a.p, c, mean, m2 / (count - double(a.p.running_var_correction)), finite(mean) && finite(m2));
     if (a.p.save_mean) static_cast<P*>(a.p.save_mean)[c] = P(mean);
     if (a.p.save_invstd) static_cast<P*>(a.p.save_invstd)[c] = P(invstd);
+}
+
+// Ghost batches (virtual_batches = G > 1): channel c of G groups of `count` values each, group
+// g's mean and M2 at [g * C + c]. Each group is normalised with its own statistics (its
+// coefficients at coef + g * 4 * C, its saved mean / invstd at [g * C + c]); the running
+// statistics are updated once, from the average of the group means and the average of the
+// group variances (each M2_g / (count - running_var_correction)): Keras's virtual_batch_size.
+template <class P>
+PYBN_HD void ghost_channel(const NormalizeArgs<P>& a, int64_t groups, int64_t c, double count, const double* mean,
+                           const double* m2) {
+    const int64_t C = a.channels;
+    NormalizeArgs<P> g = a;
+    g.p.running_mean = g.p.running_var = nullptr;  // updated once, below
+    double sum_mean = 0, sum_var = 0;
+    bool batch_finite = true;
+    for (int64_t i = 0; i < groups; ++i) {
+        const double mi = mean[i * C + c], qi = m2[i * C + c];
+        g.coef = a.coef + i * 4 * C;
+        g.p.save_mean = a.p.save_mean ? static_cast<P*>(a.p.save_mean) + i * C : nullptr;
+        g.p.save_invstd = a.p.save_invstd ? static_cast<P*>(a.p.save_invstd) + i * C : nullptr;
+        normalize_channel(g, c, count, mi, qi);
+        sum_mean += mi;
+        sum_var += qi / (count - double(a.p.running_var_correction));
+        batch_finite = batch_finite && finite(mi) && finite(qi);
+    }
+    update_running<P>(a.p, c, sum_mean / double(groups), sum_var / double(groups), batch_finite);
 }
 
 // Inference: the running statistics are the statistics (only read).
@@ -148,9 +180,10 @@ template <class P> struct BackwardArgs {
     P* coef;  // 4 * channels
 };
 
+// Returns dgamma (float64) for callers that sum it over ghost batches.
 template <class P>
-PYBN_HD void backward_channel(const BackwardArgs<P>& a, int64_t c, double sum_dy,
-                              double sum_dy_xmu, double sum_xmu) {
+PYBN_HD double backward_channel(const BackwardArgs<P>& a, int64_t c, double sum_dy,
+                                double sum_dy_xmu, double sum_xmu) {
     const int64_t C = a.channels;
     const double invstd = double(static_cast<const P*>(a.p.invstd)[c]);
     double ga = value_or<P>(a.p.gamma, c, 1.0) * invstd;
@@ -175,6 +208,29 @@ PYBN_HD void backward_channel(const BackwardArgs<P>& a, int64_t c, double sum_dy
     a.coef[3 * C + c] = P(offset);
     if (a.p.dgamma) static_cast<P*>(a.p.dgamma)[c] = P(dgamma);
     if (a.p.dbeta) static_cast<P*>(a.p.dbeta)[c] = P(sum_dy);
+    return dgamma;
+}
+
+// Ghost batches in the backward: channel c of G groups, group g's sums at sums + 3 * g * C
+// ([sum_dy | sum_dy_xmu | sum_xmu], C values each), its saved mean / invstd at [g * C + c] of
+// a.p.mean / a.p.invstd, its coefficients at a.coef + g * 4 * C; a.count_all: the values per
+// channel of one group. dgamma / dbeta are summed over the groups in float64.
+template <class P>
+PYBN_HD void ghost_backward_channel(const BackwardArgs<P>& a, int64_t groups, int64_t c, const double* sums) {
+    const int64_t C = a.channels;
+    BackwardArgs<P> g = a;
+    g.p.dgamma = g.p.dbeta = nullptr;
+    double dgamma = 0, dbeta = 0;
+    for (int64_t i = 0; i < groups; ++i) {
+        g.p.mean = static_cast<const P*>(a.p.mean) + i * C;
+        g.p.invstd = static_cast<const P*>(a.p.invstd) + i * C;
+        g.coef = a.coef + i * 4 * C;
+        const double* s = sums + i * 3 * C;
+        dgamma += backward_channel(g, c, s[c], s[C + c], s[2 * C + c]);
+        dbeta += s[c];
+    }
+    if (a.p.dgamma) static_cast<P*>(a.p.dgamma)[c] = P(dgamma);
+    if (a.p.dbeta) static_cast<P*>(a.p.dbeta)[c] = P(dbeta);
 }
 
 // Merge of K partial statistics of channel c (K x C row-major): weighted mean first, then M2

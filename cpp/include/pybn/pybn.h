@@ -386,11 +386,22 @@ typedef struct pybn_forward_params {
     double renorm_d_max;
     void* save_renorm_r;
     void* save_renorm_d;
+    /* Ghost (virtual) batches (Hoffer et al. 2017; Keras's virtual_batch_size), training with
+     * batch statistics only: the view's outer rows are split into virtual_batches = G equal,
+     * contiguous groups (outer must be a multiple of G; with the batch axis outermost, each
+     * group is outer / G consecutive samples), and each group is normalised with its own
+     * statistics. save_mean / save_invstd then hold G x C values (row g: group g), what
+     * pybn_backward_v2 takes with the same virtual_batches. The running statistics are updated
+     * once per call: mean_batch is the average of the group means, var_batch the average of the
+     * group variances M2_g / (n_g - running_var_correction) (as Keras does). Each group needs
+     * the values per channel a training batch needs. 0 or 1: one batch (default 0). Not with
+     * given statistics or batch renormalisation.                                              */
+    int64_t virtual_batches;
 } pybn_forward_params;
 
 #define PYBN_FORWARD_PARAMS_INIT \
     { sizeof(pybn_forward_params), 1, 1, NULL, NULL, 1e-5, NULL, NULL, 0.1, NULL, NULL, NULL, NULL, NULL, \
-      PYBN_ACTIVATION_NONE, 0, NULL, 0.0, 0.0, NULL, NULL }
+      PYBN_ACTIVATION_NONE, 0, NULL, 0.0, 0.0, NULL, NULL, 0 }
 
 /**
  * Parameters of the backward family: the fused backward (pybn_backward: it reduces dy and x
@@ -425,11 +436,15 @@ typedef struct pybn_backward_params {
                               or neither; training = 1): constants of the backward, so
                               dx uses gamma * r and dgamma = r * sum(dy x_hat) + d * sum(dy)   */
     const void* renorm_d;
+    /* The forward's virtual_batches G (fused backward, training = 1 only): mean and invstd hold
+     * G x C values, each group differentiated through its own statistics; dgamma / dbeta sum
+     * over the groups. 0 or 1: one batch (default 0).                                          */
+    int64_t virtual_batches;
 } pybn_backward_params;
 
 #define PYBN_BACKWARD_PARAMS_INIT \
     { sizeof(pybn_backward_params), 1, PYBN_ACTIVATION_NONE, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
-      NULL, NULL, NULL, NULL, NULL }
+      NULL, NULL, NULL, NULL, NULL, 0 }
 
 /**
  * Forward, CPU: y from x (`view`) as `params` says (mode, statistics, running-statistics update,
