@@ -431,50 +431,78 @@ def print_table(result: Dict[str, Any]) -> None:
         print(f"missing {n}: " + "; ".join(sorted(why)))
 
 
+PLOT_OPS = {"train": "training forward", "infer": "inference", "backward": "backward"}
+ROOFLINE_NOTE = ("Above 100 %: the % counts the minimum passes over DRAM (train 3, infer 2, backward 5) against a\n"
+                 "1-thread copy of the same bytes; in-cache tensors (or channel groups a fused kernel sweeps twice\n"
+                 "while cached) move fewer DRAM bytes, and pybn writes with 2 threads and streaming stores.")
+
+
 def plot(result: Dict[str, Any], out: str) -> List[str]:
+    """speedup_<device>.png: pybn against each peer, one panel per op (training forward,
+    inference, backward); roofline.png: % of the copy roofline against size, marker = op,
+    colour = dtype, filled = NCHW / hollow = NHWC, with why points exceed 100 %."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     files = []
     rows = [r for r in result["rows"] if r.get("op")]
-    # 1. speed-up over each peer, per case (training forward)
+    # 1. speed-up over each peer, per case, one panel per op
     for device in sorted({r["device"] for r in rows}):
-        sel = [r for r in rows if r["device"] == device and r["op"] == "train"]
-        if not sel:
+        ops = [op for op in PLOT_OPS if any(r["device"] == device and r["op"] == op for r in rows)]
+        if not ops:
             continue
-        labels = [f"{r['case']} {r['layout']} {r['dtype']}" for r in sel]
-        peers = sorted({n for r in sel for n, p in r["peers"].items() if "s" in p})
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(sel)), 4.5))
-        width = 0.8 / max(1, len(peers))
-        for k, n in enumerate(peers):
-            sp = [r["peers"][n]["s"] / r["pybn_s"] if "s" in r["peers"].get(n, {}) else 0 for r in sel]
-            ax.bar(np.arange(len(sel)) + k * width, sp, width, label=f"pybn vs {n}")
-        ax.axhline(1, color="k", lw=0.8)
-        ax.set_xticks(np.arange(len(sel)) + 0.4 - width / 2)
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("speed-up (peer time / pybn time)")
-        ax.set_title(f"training forward on {device}: pybn against peers")
-        ax.legend(fontsize=8)
+        n = max(len([r for r in rows if r["device"] == device and r["op"] == op]) for op in ops)
+        fig, axes = plt.subplots(len(ops), 1, figsize=(max(6, 0.45 * n), 3.6 * len(ops)), squeeze=False)
+        for ax, op in zip(axes[:, 0], ops):
+            sel = [r for r in rows if r["device"] == device and r["op"] == op]
+            labels = [f"{r['case']} {r['layout']} {r['dtype']}" for r in sel]
+            peers = sorted({n for r in sel for n, p in r["peers"].items() if "s" in p})
+            width = 0.8 / max(1, len(peers))
+            for k, name in enumerate(peers):
+                sp = [r["peers"][name]["s"] / r["pybn_s"] if "s" in r["peers"].get(name, {}) else 0 for r in sel]
+                ax.bar(np.arange(len(sel)) + k * width, sp, width, label=f"pybn vs {name}")
+            ax.axhline(1, color="k", lw=0.8)
+            ax.set_xticks(np.arange(len(sel)) + 0.4 - width / 2)
+            ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel("peer time / pybn time")
+            ax.set_title(f"{PLOT_OPS[op]} on {device}: pybn against peers (> 1: pybn faster)")
+            ax.legend(fontsize=7)
         fig.tight_layout()
         files.append(os.path.join(out, f"speedup_{device}.png"))
         fig.savefig(files[-1], dpi=110)
         plt.close(fig)
     # 2. % of the copy roofline against tensor size
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    dtypes = sorted({r["dtype"] for r in rows})
+    colours = {d: f"C{i}" for i, d in enumerate(dtypes)}
+    markers = dict(zip(PASSES, "o^sDvP"))
     for device in sorted({r["device"] for r in rows}):
-        for op, marker in zip(PASSES, "o^sDvP"):
-            sel = [r for r in rows if r["device"] == device and r["op"] == op]
-            if sel:
-                ax.scatter([r["bytes"] / 1e6 for r in sel], [100 * r["roofline"] for r in sel],
-                           marker=marker, label=f"{device} {op}", alpha=0.75)
+        for op in PASSES:
+            for dt in dtypes:
+                for layout in ("nchw", "nhwc"):
+                    sel = [r for r in rows if (r["device"], r["op"], r["dtype"], r["layout"]) == (device, op, dt, layout)]
+                    if not sel:
+                        continue
+                    c = colours[dt]
+                    ax.scatter([r["bytes"] / 1e6 for r in sel], [100 * r["roofline"] for r in sel],
+                               marker=markers[op], alpha=0.8, s=30,
+                               facecolors=c if layout == "nchw" else "none", edgecolors=c)
     ax.axhline(100, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("size of x (MB)")
     ax.set_ylabel("% of copy roofline (minimum passes)")
-    ax.set_title("pybn against the memory-bandwidth limit")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_title("pybn against the memory-bandwidth limit\n(marker: op; colour: dtype; filled: NCHW, hollow: NHWC)",
+                 fontsize=10)
+    from matplotlib.lines import Line2D  # one legend entry per op, dtype and layout, not per combination
+    shown = {r["op"] for r in rows}
+    handles = ([Line2D([], [], ls="", marker=markers[op], color="0.3", label=op) for op in PASSES if op in shown]
+               + [Line2D([], [], ls="", marker="s", color=colours[d], label=d) for d in dtypes]
+               + [Line2D([], [], ls="", marker="o", color="0.3", label="NCHW (filled)"),
+                  Line2D([], [], ls="", marker="o", markerfacecolor="none", color="0.3", label="NHWC (hollow)")])
+    ax.legend(handles=handles, fontsize=7, ncol=2, loc="lower right")
+    fig.text(0.01, 0.01, ROOFLINE_NOTE, fontsize=6.5, va="bottom", ha="left")
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     files.append(os.path.join(out, "roofline.png"))
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
@@ -504,7 +532,7 @@ def main(argv=None) -> int:
             files = plot(result, args.out)
         except ImportError:
             files = []
-            print("plots skipped: matplotlib is not installed (pip install 'pybn[bench]')")
+            print("plots skipped: matplotlib is not installed (pip install 'pybn-kernels[bench]')")
         print("wrote " + ", ".join([os.path.join(args.out, "results.json")] + files))
     return 0
 

@@ -1,6 +1,6 @@
 """Data-parallel training with synchronised batch normalisation over MPI ranks.
 
-    pip install "pybn[mpi]"
+    pip install "pybn-kernels[mpi]"
     mpiexec -n 3 python -m mpi4py examples/sync_bn_mpi.py [steps]
 
 A two-layer network (linear -> SyncBatchNorm -> ReLU -> linear) fits a synthetic regression

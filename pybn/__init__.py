@@ -1,9 +1,23 @@
 """pybn: batch normalisation kernels (CPU and CUDA) behind a C ABI, for NumPy and CUDA arrays.
 
-    y = pybn.batchnorm(x, gamma, beta)                       # functional, NCHW (axis=1)
-    y, mean, invstd = pybn.batchnorm_forward(x, gamma, beta) # keeps what backward needs
-    dx, dgamma, dbeta = pybn.batchnorm_backward(dy, x, mean, invstd, gamma)
-    bn = pybn.BatchNorm(64); y = bn(x); dx = bn.backward(dy) # layer with running statistics
+The functional API normalises (`batchnorm`), keeps what the backward needs (`batchnorm_forward`)
+and differentiates (`batchnorm_backward`); the composable primitives (`batch_stats`,
+`merge_stats`, `normalize`, `backward_reduce`, `backward_elementwise`) are what synchronised BN
+across devices builds on; `fold` folds inference-mode BN into the preceding layer; `BatchNorm`
+is the layer with running statistics, and `pybn.distributed` synchronises it across processes.
+The library helpers locate the C ABI (`get_include`, `get_library_dir`, `get_cmake_dir`,
+`get_pkgconfig_dir`) and control the CPU kernels (`cpu_isa`, `set_cpu_isa`, `set_num_threads`).
+
+Examples
+--------
+>>> x = np.random.default_rng(0).standard_normal((8, 4, 5, 5)).astype(np.float32)
+>>> gamma, beta = np.ones(4, np.float32), np.zeros(4, np.float32)
+>>> y = pybn.batchnorm(x, gamma, beta)  # functional, NCHW (axis=1)
+>>> y, mean, invstd = pybn.batchnorm_forward(x, gamma, beta)  # keeps what backward needs
+>>> dx, dgamma, dbeta = pybn.batchnorm_backward(np.ones_like(y), x, mean, invstd, gamma)
+>>> bn = pybn.BatchNorm(4); y = bn(x); dx = bn.backward(np.ones_like(y))  # layer with running statistics
+>>> y.shape, dx.dtype
+((8, 4, 5, 5), dtype('float32'))
 """
 try:
     from . import _core
@@ -16,7 +30,8 @@ except ImportError as _e:  # pragma: no cover - depends on where Python was star
             f"pybn is being imported from its source folder ({_here}), which holds no compiled "
             "extension: Python found it before the installed package because the current directory "
             "is the repository root. Install it (python -m pip install .) and run Python from another "
-            "directory, e.g. `cd tests` or `cd /tmp`."
+            "directory, e.g. `cd tests` or `cd /tmp`. For C build flags use the `pybn-config` command "
+            "(--includes, --libs, --cmake-dir, --pkgconfig-dir), which works from any folder."
         ) from None
     raise
 from ._api import (
@@ -31,6 +46,7 @@ from ._api import (
     normalize,
 )
 from .layer import BatchNorm
+from ._pool import memory_pool_info, set_memory_pool_limit
 from . import distributed
 
 import os as _os
@@ -39,26 +55,101 @@ _HERE = _os.path.dirname(_os.path.abspath(__file__))
 
 
 def get_include() -> str:
-    """Folder holding pybn/pybn.h (the C ABI), for compilers: -I$(...)."""
+    """Folder holding ``pybn/pybn.h`` (the C ABI), for compilers: ``-I$(...)``.
+
+    Returns
+    -------
+    str
+        The absolute path of the ``include`` folder of the installed package.
+
+    See Also
+    --------
+    get_library_dir, get_cmake_dir, get_pkgconfig_dir : The other folders a build needs.
+
+    Notes
+    -----
+    The ``pybn-config`` command (``python -m pybn``) prints the same: ``pybn-config --includes``.
+
+    Examples
+    --------
+    >>> import os
+    >>> os.path.isfile(os.path.join(pybn.get_include(), "pybn", "pybn.h"))
+    True
+    """
     return _os.path.join(_HERE, "include")
 
 
 def get_library_dir() -> str:
-    """Folder holding libpybn, for linkers: -L$(...) -lpybn."""
+    """Folder holding libpybn, for linkers: ``-L$(...) -lpybn``.
+
+    Returns
+    -------
+    str
+        The absolute path of the installed package folder, which holds the shared library.
+
+    Notes
+    -----
+    ``pybn-config --libs`` prints the linker flags, with an rpath.
+
+    Examples
+    --------
+    >>> import os
+    >>> os.path.isdir(pybn.get_library_dir())
+    True
+    """
     return _HERE
 
 
 def get_cmake_dir() -> str:
-    """Folder of the CMake package: find_package(pybn) with pybn_DIR set to it (or on
-    CMAKE_PREFIX_PATH), then target_link_libraries(app pybn::pybn)."""
+    """Folder of the CMake package: ``find_package(pybn)`` with ``pybn_DIR`` set to it (or on
+    ``CMAKE_PREFIX_PATH``), then ``target_link_libraries(app pybn::pybn)``.
+
+    Returns
+    -------
+    str
+        The absolute path of ``lib/cmake/pybn`` in the installed package.
+
+    Notes
+    -----
+    ``pybn-config --cmake-dir`` prints the same. See the C ABI guide, docs/c_guide.md.
+
+    Examples
+    --------
+    >>> import os
+    >>> os.path.isdir(pybn.get_cmake_dir()), pybn.get_cmake_dir().endswith(os.path.join("lib", "cmake", "pybn"))
+    (True, True)
+    """
     return _os.path.join(_HERE, "lib", "cmake", "pybn")
 
 
 def get_pkgconfig_dir() -> str:
-    """Folder of pybn.pc: PKG_CONFIG_PATH=$(...) pkg-config --cflags --libs pybn."""
+    """Folder of ``pybn.pc``: ``PKG_CONFIG_PATH=$(...) pkg-config --cflags --libs pybn``.
+
+    Returns
+    -------
+    str
+        The absolute path of ``lib/pkgconfig`` in the installed package.
+
+    Notes
+    -----
+    ``pybn-config --pkgconfig-dir`` prints the same.
+
+    Examples
+    --------
+    >>> import os
+    >>> os.path.isfile(os.path.join(pybn.get_pkgconfig_dir(), "pybn.pc"))
+    True
+    """
     return _os.path.join(_HERE, "lib", "pkgconfig")
 
 __version__: str = _core.version()
+"""The version of libpybn, "MAJOR.MINOR.PATCH" (the package version too).
+
+Examples
+--------
+>>> len(pybn.__version__.split(".")) == 3
+True
+"""
 
 if _core.abi_version() != _core.ABI_VERSION:  # the extension was built against another libpybn
     raise ImportError(
@@ -67,31 +158,116 @@ if _core.abi_version() != _core.ABI_VERSION:  # the extension was built against 
 
 
 def has_cuda() -> bool:
-    """True if libpybn was built with the CUDA kernels."""
+    """True if libpybn was built with the CUDA kernels.
+
+    Returns
+    -------
+    bool
+        Whether CUDA arrays are supported (they also need CuPy and a GPU at run time).
+
+    Examples
+    --------
+    >>> pybn.has_cuda() in (True, False)
+    True
+    """
     return _core.has_cuda()
 
 
 def cpu_isa() -> str:
-    """Name of the CPU kernel path in use ("avx512", "avx2", "portable" or "neon")."""
+    """Name of the CPU kernel path in use ("avx512", "avx2", "portable" or "neon").
+
+    Returns
+    -------
+    str
+        One of `cpu_isas`: the best this CPU supports unless `set_cpu_isa` or the environment
+        variable ``PYBN_CPU_ISA`` chose another.
+
+    Examples
+    --------
+    >>> pybn.cpu_isa() in pybn.cpu_isas()
+    True
+    """
     return _core.cpu_isa()
 
 
 def cpu_isas() -> list:
-    """The compiled CPU kernel paths this CPU supports, best first."""
+    """The compiled CPU kernel paths this CPU supports, best first.
+
+    Returns
+    -------
+    list of str
+        E.g. ``['avx2', 'portable']``; the names `set_cpu_isa` takes.
+
+    Examples
+    --------
+    >>> isas = pybn.cpu_isas()
+    >>> len(isas) >= 1 and all(isinstance(name, str) for name in isas)
+    True
+    """
     return [s for s in _core.cpu_isas().split(",") if s]
 
 
 def set_cpu_isa(name: str = "") -> None:
-    """Use the CPU path `name` (one of cpu_isas()); "" picks the best. The environment variable
-    PYBN_CPU_ISA does the same at start-up."""
+    """Use the CPU kernel path `name` (one of `cpu_isas`); "" picks the best.
+
+    Parameters
+    ----------
+    name : str, default ""
+        A name from `cpu_isas`, or "" for the best one this CPU supports.
+
+    Raises
+    ------
+    TypeError
+        name is not a str.
+    ValueError
+        name is not a compiled path, or one this CPU does not support.
+
+    Notes
+    -----
+    The environment variable ``PYBN_CPU_ISA`` does the same at start-up. Results are bitwise
+    identical from run to run for a given path; different paths may round differently.
+
+    Examples
+    --------
+    >>> pybn.set_cpu_isa(pybn.cpu_isas()[-1])  # the most basic path
+    >>> pybn.cpu_isa() == pybn.cpu_isas()[-1]
+    True
+    >>> pybn.set_cpu_isa("")  # back to the best
+    >>> pybn.cpu_isa() == pybn.cpu_isas()[0]
+    True
+    """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     _core.set_cpu_isa(name)
 
 
 def set_num_threads(n: int) -> None:
-    """Threads of the CPU kernels: n >= 1, or 0 for the default (OMP_NUM_THREADS, else the number
-    of cores). Results are bitwise identical for every thread count."""
+    """Set the number of threads of the CPU kernels.
+
+    Parameters
+    ----------
+    n : int
+        n >= 1 threads, or 0 for the default (``OMP_NUM_THREADS``, else the number of cores).
+
+    Raises
+    ------
+    TypeError
+        n is not an int (a bool is not accepted).
+    ValueError
+        n is negative.
+
+    Notes
+    -----
+    Results are bitwise identical for every thread count. OpenMP is linked dynamically, so
+    threadpoolctl sees (and can limit) these threads too.
+
+    Examples
+    --------
+    >>> pybn.set_num_threads(1)
+    >>> pybn.get_num_threads()
+    1
+    >>> pybn.set_num_threads(0)  # back to the default
+    """
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     if n < 0:
@@ -100,7 +276,19 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """Threads the CPU kernels use now."""
+    """Threads the CPU kernels use now.
+
+    Returns
+    -------
+    int
+        The count `set_num_threads` set, or the default (``OMP_NUM_THREADS``, else the number of
+        cores).
+
+    Examples
+    --------
+    >>> pybn.get_num_threads() >= 1
+    True
+    """
     return _core.get_num_threads()
 
 
@@ -122,8 +310,10 @@ __all__ = [
     "get_pkgconfig_dir",
     "get_num_threads",
     "has_cuda",
+    "memory_pool_info",
     "merge_stats",
     "normalize",
     "set_cpu_isa",
+    "set_memory_pool_limit",
     "set_num_threads",
 ]

@@ -1,8 +1,12 @@
-"""The functional API: batchnorm, batchnorm_forward, batchnorm_backward and the composable
-primitives (batch_stats, merge_stats, normalize, backward_reduce, backward_elementwise).
+"""The functional API: `batchnorm`, `batchnorm_forward` and `batchnorm_backward`, the composable
+primitives they are made of (`batch_stats`, `merge_stats`, `normalize`, `backward_reduce`,
+`backward_elementwise`), and `fold`.
 
 Every function validates all of its arguments before libpybn touches anything, so a call that
-raises changes nothing it was given.
+raises changes nothing it was given. Every function but `fold` also takes the keyword-only
+argument ``stream`` (a CuPy stream, a ``torch.cuda.Stream`` or a ``cudaStream_t`` as int) for
+CUDA arrays: their work is queued on it (default: CuPy's current stream), with the device of the
+first CUDA array current; host arrays ignore it.
 """
 from __future__ import annotations
 
@@ -22,13 +26,21 @@ Array = Any
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _on_device(fn: _F) -> _F:
+def _on_device(fn: _F, fast: Optional[Callable[..., Any]] = None) -> _F:
     """Adds the keyword `stream` and runs fn with the device of its CUDA arrays current and,
     if given, `stream` as CuPy's current stream (the stream the work is queued on). Typed as the
-    identity so that type checkers see each function's own signature."""
+    identity so that type checkers see each function's own signature. `fast(*args, **kwargs)`,
+    when given, is tried first for calls without a stream: its result unless it is None."""
 
     @functools.wraps(fn)
     def call(*args, stream=None, **kwargs):
+        if fast is not None and stream is None:
+            try:
+                r = fast(*args, **kwargs)
+            except TypeError:  # arguments fn does not take: fn reports them in its own name
+                r = None
+            if r is not None:
+                return r
         with device_context((*args, *kwargs.values()), stream):
             return fn(*args, **kwargs)
 
@@ -279,46 +291,188 @@ class _ForwardCall:
         return self.y.finish(), smean, sinvstd
 
 
-@_on_device
+def _fast(save: bool) -> Callable[..., Any]:
+    """The Cython fast path of batchnorm / batchnorm_forward (_core.fast_forward): host NumPy
+    arrays with the default options; None sends the call down the general path."""
+    def fast(x, gamma=None, beta=None, running_mean=None, running_var=None, *, training=True, momentum=0.1,
+             eps=1e-5, axis=1, out=None, running_var_correction=1, activation=None, residual=None, renorm=None,
+             virtual_batch=None):
+        if activation is None and residual is None and renorm is None and virtual_batch is None:
+            return _core.fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
+                                      running_var_correction, save)
+        return None
+    return fast
+
+
+@functools.partial(_on_device, fast=_fast(False))
 def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = None,
               running_mean: Optional[Array] = None, running_var: Optional[Array] = None, *,
               training: bool = True, momentum: float = 0.1, eps: float = 1e-5, axis: int = 1,
               out: Optional[Array] = None, running_var_correction: int = 1,
               activation: Optional[str] = None, residual: Optional[Array] = None,
               renorm: Optional[Tuple[float, float]] = None, virtual_batch: Optional[int] = None) -> Array:
-    """Batch normalisation of x over every axis but `axis`; returns y (x's dtype).
+    """Batch normalisation of `x` over every axis but `axis`.
 
-    training=True normalises with the batch statistics and, when running_mean / running_var are
-    given, updates them in place: running = (1 - momentum) * running + momentum * batch, with
-    the unbiased batch variance M2 / (n - 1) for running_var when running_var_correction=1
-    (PyTorch, the default) or the biased M2 / n when 0 (ONNX, Keras/TF, Flax, PaddlePaddle,
-    whose momentum m is 1 - m here). training=False normalises with running_mean / running_var
-    (both required). gamma / beta default to 1 / 0. out (x's shape and dtype) receives y; it may
-    be x itself (or the residual).
+    Per channel, ``y = gamma * (x - mean) / sqrt(var + eps) + beta``: with the batch mean and the
+    biased batch variance in training (``training=True``, updating `running_mean` / `running_var` in
+    place when they are given), with `running_mean` / `running_var` otherwise. A residual and a ReLU
+    can be fused into the same sweep, and the batch can be renormalised (`renorm`) or split into
+    ghost batches (`virtual_batch`).
 
-    Fused epilogue, in the same sweep (no extra pass): residual (x's shape and dtype) is added
-    after the affine step and activation="relu" applies max(0, .) last:
-    y = relu(gamma * x_hat + beta + residual). NaN stays NaN.
+    Parameters
+    ----------
+    x : array (float16, bfloat16, float32 or float64)
+        The data, at least 2-D, channels on `axis` (NCHW with ``axis=1``, NHWC with ``axis=-1``), in
+        native byte order. A NumPy array, a CPU DLPack array (a PyTorch CPU tensor, a JAX CPU array;
+        zero-copy) or a CUDA array (CuPy, or any ``__cuda_array_interface__`` / CUDA DLPack object);
+        every array of one call lives on one device. A C-contiguous x or a permutation of one (a
+        channels-last tensor) is read in place; any other x is copied once.
+    gamma, beta : array of shape (C,), optional
+        Scale and shift, in the per-channel dtype: float32 for float16, bfloat16 and float32 x,
+        float64 for float64 x. None (the default): 1 and 0.
+    running_mean, running_var : array of shape (C,), optional
+        Running statistics, in the per-channel dtype. With ``training=True`` each one given (either
+        may be None) is updated in place, so it must be writable (a strided one is updated through a
+        copy): ``running = (1 - momentum) * running + momentum * batch``. Both are required with
+        ``training=False``.
+    training : bool, default True
+        True: normalise with the batch statistics; False: with the running statistics (frozen).
+    momentum : float, default 0.1
+        Weight of the batch in the running-statistics update, in [0, 1] (PyTorch's convention; the
+        momentum ``m`` of Keras/TF, Flax, PaddlePaddle and ONNX is ``1 - m`` here).
+    eps : float, default 1e-5
+        Added to the variance; finite and >= 0.
+    axis : int, default 1
+        The channel axis, in ``[-x.ndim, x.ndim)``.
+    out : array, optional
+        Receives y: x's shape and dtype, writable, overlapping no input except by being exactly x or
+        `residual` (in place). None (the default): a new array.
+    running_var_correction : {1, 0}, default 1
+        The variance that updates `running_var`: 1 the unbiased ``M2 / (n - 1)`` (PyTorch, cuDNN), 0
+        the biased ``M2 / n`` (ONNX, Keras/TF, Flax, PaddlePaddle). The normalisation itself always
+        uses the biased variance.
+    activation : {None, "relu"}, default None
+        "relu" applies ``max(0, .)`` last, in the same sweep (fused epilogue).
+    residual : array, optional
+        x's shape and dtype: added after the affine step, before the activation (fused epilogue).
+    renorm : (float, float), optional
+        ``(r_max, d_max)``: batch renormalisation, with ``r_max >= 1`` and ``d_max >= 0`` (finite);
+        needs ``training=True`` and both running statistics. See Notes.
+    virtual_batch : int, optional
+        ``k >= 1``: ghost batches of k consecutive samples, in training (ignored when
+        ``training=False``); k must divide the batch size ``N = x.shape[0]`` and the channel axis must
+        not be 0. See Notes.
+    stream : CuPy stream, torch.cuda.Stream or int, optional
+        Keyword-only, for CUDA arrays: the stream the work is queued on (an int is a
+        ``cudaStream_t``). None (the default): CuPy's current stream. Ignored for host arrays.
 
-    renorm=(r_max, d_max): batch renormalisation (Ioffe 2017; training with both running
-    statistics): y = gamma * (r * x_hat + d) + beta with r = clip(sigma_batch / sigma_running,
-    1/r_max, r_max), d = clip((mean_batch - running_mean) / sigma_running, -d_max, d_max), from the
-    running statistics before this step's update (sigma = sqrt(var + eps)).
+    Returns
+    -------
+    y : array
+        x's shape and dtype, on x's device (a NumPy array for host input, a CuPy array for CUDA
+        input), laid out like x (the same memory order for C-contiguous and channels-last x); `out`
+        itself when it is given.
 
-    virtual_batch=k: ghost batches (Hoffer et al. 2017; Keras's virtual_batch_size) in training:
-    the batch axis (axis 0; the channel axis must be another) is split into N / k groups of k
-    consecutive samples, each normalised with its own statistics, in one call. The running
-    statistics are updated once, from the average of the group means and the average of the
-    group variances (each with running_var_correction), as Keras does. k must divide N. Ignored
-    when training=False. (Keras 2 groups samples i, i + N/k, i + 2N/k, ... instead: reorder x with
-    x.reshape(k, N // k, ...).swapaxes(0, 1).reshape(x.shape) to match it exactly.)
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type: `training` not a bool; `eps`, `momentum` or a `renorm` value
+        not a real number; `axis`, `virtual_batch` or `running_var_correction` not an int;
+        `renorm` not a pair; `activation` not a str; x of another dtype (or not in native byte
+        order), per-channel arrays not of the per-channel dtype, `out` / `residual` not of x's dtype;
+        something that is not an array, or arrays on different devices; CUDA arrays with a pybn built
+        without CUDA, or without CuPy; a `stream` of another type (CUDA arrays).
+    ValueError
+        A bad shape or value: x with fewer than 2 dimensions; per-channel arrays not of shape (C,);
+        `out` / `residual` not of x's shape; `axis`, `eps`, `momentum`, `running_var_correction`,
+        `activation`, `renorm` or `virtual_batch` out of range; a read-only `out` or running
+        statistic that would be written; `out` overlapping an input other than exactly in place;
+        running statistics missing with ``training=False``; `renorm` without ``training=True`` and
+        both running statistics, or together with `virtual_batch`; `virtual_batch` not dividing N,
+        or with ``axis=0``; too few values per channel in training (per ghost batch): fewer than 2
+        when `running_var` is updated with ``running_var_correction=1``, else fewer than 1.
+    MemoryError
+        Out of memory for an output or the library's temporaries (nothing was written).
+    RuntimeError
+        ``pybn._core.PybnError`` (a RuntimeError): a library error that is not a bad argument (a
+        CUDA error, a path not compiled into this build, an internal error).
+
+    See Also
+    --------
+    batchnorm_forward : The same, also returning what `batchnorm_backward` needs.
+    BatchNorm : The layer, with its own parameters and running statistics.
+
+    Notes
+    -----
+    Every argument is checked before anything is written: a call that raises changes nothing it was
+    given, not even ``out=x`` or the running statistics.
+
+    Running statistics: the batch mean updates `running_mean` and ``M2 / (n - running_var_correction)``
+    updates `running_var`, where n is the number of values per channel and ``M2 = sum((x - mean)^2)``.
+    One value per channel (n = 1) is valid in training unless `running_var` is updated with
+    ``running_var_correction=1`` (PyTorch refuses it too); y is then beta. A channel whose batch
+    statistics are not finite does not update its running statistics, nor does an update that would
+    overflow them; NaN / Inf in a channel stay in that channel.
+
+    Fused epilogue, in the same sweep (no extra pass): ``y = relu(gamma * x_hat + beta + residual)``
+    with ``x_hat = (x - mean) / sqrt(var + eps)``. NaN stays NaN.
+
+    ``renorm=(r_max, d_max)``: batch renormalisation (Ioffe 2017):
+    ``y = gamma * (r * x_hat + d) + beta`` with ``r = clip(sigma_batch / sigma_running, 1/r_max, r_max)``
+    and ``d = clip((mean_batch - running_mean) / sigma_running, -d_max, d_max)``, from the running
+    statistics before this step's update (``sigma = sqrt(var + eps)``).
+
+    ``virtual_batch=k``: ghost batches (Hoffer et al. 2017; Keras's ``virtual_batch_size``) in
+    training: the batch axis (axis 0; the channel axis must be another) is split into N / k groups of
+    k consecutive samples, each normalised with its own statistics, in one call. The running
+    statistics are updated once, from the average of the group means and the average of the group
+    variances (each with `running_var_correction`), as Keras does. Keras 2 groups samples
+    ``i, i + N/k, i + 2N/k, ...`` instead: reorder x with
+    ``x.reshape(k, N // k, ...).swapaxes(0, 1).reshape(x.shape)`` to match it exactly.
+
+    Frameworks: PyTorch's defaults are pybn's; a Keras ``BatchNormalization()`` is
+    ``batchnorm(x, g, b, rm, rv, momentum=0.01, eps=1e-3, axis=-1, running_var_correction=0)``
+    (docs/conventions.md maps every framework's settings).
+
+    CUDA arrays: the work is queued on the stream without synchronising the host; the result is a
+    CuPy array on the input's device. Results are bitwise identical from run to run and for every
+    thread count.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    >>> y = pybn.batchnorm(x)
+    >>> y.shape, y.dtype
+    ((8, 3, 4, 4), dtype('float32'))
+    >>> np.allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-5), np.allclose(y.std(axis=(0, 2, 3)), 1, atol=1e-3)
+    (True, True)
+
+    Training with running statistics (updated in place), then inference with them:
+
+    >>> rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    >>> y = pybn.batchnorm(x, None, None, rm, rv, momentum=0.1)
+    >>> np.allclose(rm, 0.1 * x.mean(axis=(0, 2, 3)), atol=1e-6)
+    True
+    >>> np.allclose(rv, 0.9 + 0.1 * x.var(axis=(0, 2, 3), ddof=1), atol=1e-6)
+    True
+    >>> y_eval = pybn.batchnorm(x, None, None, rm, rv, training=False)
+
+    A channels-last view is read in place; the fused epilogue; ghost batches:
+
+    >>> np.allclose(pybn.batchnorm(x.transpose(0, 2, 3, 1), axis=-1), y.transpose(0, 2, 3, 1), atol=1e-5)
+    True
+    >>> z = np.ones_like(x)
+    >>> np.allclose(pybn.batchnorm(x, residual=z, activation="relu"), np.maximum(y + z, 0), atol=1e-5)
+    True
+    >>> np.allclose(pybn.batchnorm(x, virtual_batch=4)[:4], pybn.batchnorm(x[:4]), atol=1e-5)
+    True
     """
     return _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
                         running_var_correction, save=False, activation=activation,
                         residual=residual, renorm=renorm, virtual_batch=virtual_batch).run()[0]
 
 
-@_on_device
+@functools.partial(_on_device, fast=_fast(True))
 def batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = None,
                       running_mean: Optional[Array] = None, running_var: Optional[Array] = None, *,
                       training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
@@ -327,11 +481,76 @@ def batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Optional[Ar
                       residual: Optional[Array] = None,
                       renorm: Optional[Tuple[float, float]] = None,
                       virtual_batch: Optional[int] = None) -> Tuple[Array, ...]:
-    """Like batchnorm, also returning (mean, invstd) for batchnorm_backward: the batch mean and
-    1/sqrt(var + eps) in training, running_mean and 1/sqrt(running_var + eps) otherwise.
-    With renorm, returns (y, mean, invstd, r, d): pass renorm=(r, d) to batchnorm_backward.
-    With virtual_batch in training, mean and invstd have shape (N / k, C), one row per ghost
-    batch; batchnorm_backward takes them as they are."""
+    """Batch normalisation as `batchnorm`, also returning the statistics `batchnorm_backward` needs.
+
+    Parameters
+    ----------
+    x, gamma, beta, running_mean, running_var : array
+        As in `batchnorm`: x float16, bfloat16, float32 or float64, at least 2-D; the others of shape
+        (C,) in the per-channel dtype (float32 for 16- and 32-bit x, float64 for float64 x), optional.
+    training, momentum, eps, axis, out, running_var_correction, activation, residual, stream
+        As in `batchnorm` (all keyword-only).
+    renorm : (float, float), optional
+        ``(r_max, d_max)``, as in `batchnorm`; r and d are then returned as well.
+    virtual_batch : int, optional
+        k samples per ghost batch, as in `batchnorm`; in training, mean and invstd then have one row
+        per ghost batch.
+
+    Returns
+    -------
+    y : array
+        As `batchnorm` returns it: x's shape and dtype (`out` when given).
+    mean : array of shape (C,), or (N / k, C) with virtual_batch in training
+        In the per-channel dtype: the batch mean in training, `running_mean` otherwise.
+    invstd : array of the shape of mean
+        In the per-channel dtype: ``1 / sqrt(var + eps)`` with the biased batch variance in training,
+        ``1 / sqrt(running_var + eps)`` otherwise.
+    r, d : array of shape (C,)
+        Only with `renorm` (then the result is ``(y, mean, invstd, r, d)``): the renormalisation
+        coefficients, in the per-channel dtype; pass ``renorm=(r, d)`` to `batchnorm_backward`.
+
+    Raises
+    ------
+    TypeError
+        As `batchnorm`: argument types, dtypes and devices.
+    ValueError
+        As `batchnorm`: shapes, values out of range, read-only or overlapping outputs, too few values
+        per channel in training.
+    MemoryError
+        Out of memory for an output or the library's temporaries (nothing was written).
+    RuntimeError
+        ``pybn._core.PybnError``: a CUDA, not-compiled or internal library error.
+
+    See Also
+    --------
+    batchnorm_backward : Takes dy, x and the mean and invstd returned here.
+
+    Notes
+    -----
+    With `virtual_batch` in training, mean and invstd have shape ``(N / k, C)``, one row per ghost
+    batch (row g: samples ``g*k ... g*k + k - 1``); `batchnorm_backward` takes them as they are. In
+    inference (``training=False``) they are (C,) arrays.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 5)).astype(np.float32)
+    >>> y, mean, invstd = pybn.batchnorm_forward(x)
+    >>> mean.shape, mean.dtype, invstd.dtype
+    ((3,), dtype('float32'), dtype('float32'))
+    >>> np.allclose(mean, x.mean(axis=(0, 2)), atol=1e-6)
+    True
+    >>> np.allclose(invstd, 1 / np.sqrt(x.var(axis=(0, 2)) + 1e-5), rtol=1e-5)
+    True
+
+    Ghost batches of 4 samples give one row of statistics per group; renorm also returns r and d:
+
+    >>> pybn.batchnorm_forward(x, virtual_batch=4)[1].shape
+    (2, 3)
+    >>> rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    >>> y, mean, invstd, r, d = pybn.batchnorm_forward(x, None, None, rm, rv, renorm=(3.0, 5.0))
+    >>> r.shape, d.shape
+    ((3,), (3,))
+    """
     return _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
                         running_var_correction, save=True, activation=activation, residual=residual,
                         renorm=renorm, virtual_batch=virtual_batch).run()
@@ -411,19 +630,113 @@ def batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
                        out: Optional[Array] = None, activation: Optional[str] = None,
                        y: Optional[Array] = None, dresidual: Optional[Array] = None,
                        renorm: Optional[Tuple[Array, Array]] = None) -> Tuple[Array, Array, Array]:
-    """Gradients (dx, dgamma, dbeta) of batchnorm given dy and what batchnorm_forward returned.
+    """Gradients (dx, dgamma, dbeta) of batch normalisation, from dy and what `batchnorm_forward` returned.
 
-    training=True differentiates through the batch statistics; training=False treats mean and
-    invstd as constants (frozen statistics). out receives dx; it may be dy itself.
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to y: x's shape and dtype.
+    x : array (float16, bfloat16, float32 or float64)
+        The forward's input, at least 2-D, channels on `axis`.
+    mean, invstd : array of shape (C,), or (G, C) for ghost batches
+        As returned by `batchnorm_forward`, in the per-channel dtype (float32 for 16- and 32-bit x,
+        float64 for float64 x); required. ``(G, C)`` arrays (from ``virtual_batch``) make each group of
+        N / G consecutive samples differentiate through its own statistics: training only, without
+        `renorm`, and G must split the batch size N into equal groups (channel axis not 0).
+    gamma : array of shape (C,), optional
+        The forward's scale, in the per-channel dtype. None (the default): 1.
+    training : bool, default True
+        True differentiates through the batch statistics; False treats mean and invstd as constants
+        (frozen statistics, e.g. the running ones of an inference-mode forward).
+    axis : int, default 1
+        The channel axis, in ``[-x.ndim, x.ndim)``.
+    out : array, optional
+        Receives dx: x's shape and dtype, writable; it may be dy or x itself (exactly in place), and
+        overlaps no other input. None (the default): a new array.
+    activation : {None, "relu"}, default None
+        The forward's fused activation: "relu" uses ``dy * (y > 0)`` (0 where ``y == 0``, as
+        PyTorch's ReLU), in the same sweeps; it needs `y`.
+    y : array, optional
+        The forward's output (x's shape and dtype), the mask of ``activation="relu"``; not read
+        otherwise.
+    dresidual : array, optional
+        Output for the gradient of the forward's `residual`: x's shape and dtype, writable; it
+        receives the (masked) dy. It may be dy itself when `out` is not.
+    renorm : (array, array), optional
+        ``(r, d)``, what ``batchnorm_forward(..., renorm=...)`` returned, (C,) arrays in the
+        per-channel dtype: constants here (training only).
+    stream : CuPy stream, torch.cuda.Stream or int, optional
+        Keyword-only, for CUDA arrays: the stream the work is queued on; None: CuPy's current
+        stream. Ignored for host arrays.
 
-    Behind a fused epilogue: activation="relu" takes y, the forward's output, and uses
-    dy * (y > 0) (0 where y == 0, as PyTorch's ReLU), in the same sweeps; dresidual (x's shape
-    and dtype; may be dy when out is not) receives the residual's gradient, that masked dy.
-    renorm=(r, d) (from batchnorm_forward(..., renorm=...)): the renormalised forward's r and d,
-    constants here: dx uses gamma * r, dgamma = r * sum(dy * x_hat) + d * sum(dy).
-    Ghost batches: mean / invstd of shape (G, C) (batchnorm_forward with virtual_batch) make
-    each group of N / G consecutive samples differentiate through its own statistics; dgamma
-    and dbeta sum over the groups.
+    Returns
+    -------
+    dx : array
+        x's shape and dtype, laid out like x; `out` itself when given.
+    dgamma : array of shape (C,)
+        ``sum(dy * x_hat)`` per channel, in the per-channel dtype (also when gamma is None).
+    dbeta : array of shape (C,)
+        ``sum(dy)`` per channel, in the per-channel dtype.
+
+    Raises
+    ------
+    TypeError
+        `training` not a bool, `activation` not a str, `renorm` not a pair; dy, y, out or dresidual
+        not of x's dtype, x of an unsupported dtype, mean, invstd, gamma, r or d not of the
+        per-channel dtype; something that is not an array, or arrays on different devices (and the
+        CUDA cases of `batchnorm`).
+    ValueError
+        dy, y, out or dresidual not of x's shape; mean, invstd, gamma, r or d of the wrong shape;
+        mean or invstd missing; ``activation="relu"`` without y; `renorm` or 2-D mean / invstd with
+        ``training=False``, or both together; ghost-batch rows that do not split N, or ``axis=0``
+        with them; read-only or overlapping outputs; `axis` out of range; no value per channel (per
+        ghost batch) in training.
+    MemoryError
+        Out of memory for an output or the library's temporaries (nothing was written).
+    RuntimeError
+        ``pybn._core.PybnError``: a CUDA, not-compiled or internal library error.
+
+    See Also
+    --------
+    batchnorm_forward : The forward whose mean and invstd this takes.
+    backward_reduce, backward_elementwise : The same backward in two steps, for sums across devices.
+
+    Notes
+    -----
+    With ``x_hat = (x - mean) * invstd`` and means over the n values of each channel (of each ghost
+    batch), ``training=True`` gives
+    ``dx = gamma * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))``, and ``training=False``
+    ``dx = gamma * invstd * dy``; dgamma and dbeta are the same in both.
+
+    Behind a fused epilogue: with ``activation="relu"``, dy is replaced by ``dy * (y > 0)`` in the
+    same sweeps; `dresidual` receives that masked dy, the residual's gradient. With
+    ``renorm=(r, d)``, dx uses ``gamma * r`` and ``dgamma = r * sum(dy * x_hat) + d * sum(dy)``.
+    Ghost batches: mean / invstd of shape (G, C) make each group of N / G consecutive samples
+    differentiate through its own statistics; dgamma and dbeta sum over the groups.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((16, 3))
+    >>> gamma = np.array([1.0, 2.0, 0.5])
+    >>> y, mean, invstd = pybn.batchnorm_forward(x, gamma)
+    >>> dy = rng.standard_normal(x.shape)
+    >>> dx, dgamma, dbeta = pybn.batchnorm_backward(dy, x, mean, invstd, gamma)
+    >>> dx.shape, dgamma.shape, dgamma.dtype
+    ((16, 3), (3,), dtype('float64'))
+    >>> np.allclose(dbeta, dy.sum(axis=0)), np.allclose(dgamma, (dy * (x - mean) * invstd).sum(axis=0))
+    (True, True)
+    >>> np.allclose(dx.sum(axis=0), 0)  # the batch mean's gradient cancels
+    True
+
+    The fused ReLU and residual: pass the forward's y; dresidual receives the masked dy.
+
+    >>> y, mean, invstd = pybn.batchnorm_forward(x, gamma, residual=np.ones_like(x), activation="relu")
+    >>> dz = np.empty_like(x)
+    >>> dx, dgamma, dbeta = pybn.batchnorm_backward(dy, x, mean, invstd, gamma, activation="relu", y=y,
+    ...                                             dresidual=dz)
+    >>> np.allclose(dz, dy * (y > 0)), np.allclose(dbeta, dz.sum(axis=0))
+    (True, True)
     """
     return _BackwardCall(dy, x, mean, invstd, gamma, training, axis, out, activation=activation, y=y,
                          dresidual=dresidual, renorm=renorm).run()
@@ -443,7 +756,60 @@ def _reduce_workspace(cx: Canonical) -> Tuple[Any, ...]:
 
 @_on_device
 def batch_stats(x: Array, *, axis: int = 1) -> Tuple[Array, Array, Array]:
-    """Per-channel (count, mean, M2) of x as float64 arrays; M2 = sum((x - mean)^2)."""
+    """Per-channel batch statistics (count, mean, M2) of x, in float64.
+
+    Parameters
+    ----------
+    x : array (float16, bfloat16, float32 or float64)
+        The data, at least 2-D, channels on `axis` (host or CUDA array, as in `batchnorm`).
+    axis : int, default 1
+        The channel axis, in ``[-x.ndim, x.ndim)``.
+    stream : CuPy stream, torch.cuda.Stream or int, optional
+        Keyword-only, for CUDA arrays: the stream the work is queued on; None: CuPy's current
+        stream. Ignored for host arrays.
+
+    Returns
+    -------
+    count : array of shape (C,), float64
+        The number of values per channel (every axis but `axis`).
+    mean : array of shape (C,), float64
+        The mean per channel.
+    m2 : array of shape (C,), float64
+        ``M2 = sum((x - mean)^2)`` per channel: the biased variance is ``M2 / count``, the unbiased
+        one ``M2 / (count - 1)``.
+
+    Raises
+    ------
+    TypeError
+        x of an unsupported dtype or not an array (and the CUDA cases of `batchnorm`).
+    ValueError
+        x with fewer than 2 dimensions, or `axis` out of range.
+    MemoryError
+        Out of memory for an output or the library's temporaries (nothing was written).
+    RuntimeError
+        ``pybn._core.PybnError``: a CUDA, not-compiled or internal library error.
+
+    See Also
+    --------
+    merge_stats : Merges the statistics of several parts of a batch.
+    normalize : Normalises with given statistics.
+
+    Notes
+    -----
+    The statistics are accumulated relative to a shift inside the data (in float32 runs merged in
+    float64 for 16- and 32-bit x, in float64 for float64 x), so they stay exact to rounding when the
+    mean is far from zero. An empty batch gives count 0, mean 0 and M2 0; NaN / Inf stay in their
+    own channel. On a CUDA device the arrays are CuPy arrays on that device.
+
+    Examples
+    --------
+    >>> x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    >>> count, mean, m2 = pybn.batch_stats(x)
+    >>> print(count, mean, m2)
+    [4. 4. 4.] [4.5 5.5 6.5] [45. 45. 45.]
+    >>> m2.dtype
+    dtype('float64')
+    """
     cx = _prepare(x, axis, ())
     be = cx.backend
     count, mean, m2 = (be.xp.empty((cx.channels,), dtype=np.float64) for _ in range(3))
@@ -454,8 +820,48 @@ def batch_stats(x: Array, *, axis: int = 1) -> Tuple[Array, Array, Array]:
 
 @_on_device
 def merge_stats(count: Array, mean: Array, m2: Array) -> Tuple[Array, Array, Array]:
-    """Merge K partial statistics, given as (K, C) float64 arrays, into (C,) statistics of the
-    union (exact for unequal counts; partials with count 0 contribute nothing)."""
+    """Merge K partial statistics into the statistics of their union.
+
+    Exactly as if computed over the concatenated data: counts may differ per partial, and a partial
+    with count 0 contributes nothing. This is what combines the statistics of the ranks or devices
+    of synchronised batch normalisation.
+
+    Parameters
+    ----------
+    count, mean, m2 : array of shape (K, C), float64
+        The partials, one row each (e.g. ``np.stack`` of the results of K `batch_stats` calls): counts
+        (>= 0), means and M2 (``sum((x - mean)^2)``), all of one shape, K >= 1.
+    stream : CuPy stream, torch.cuda.Stream or int, optional
+        Keyword-only, for CUDA arrays: the stream the work is queued on; None: CuPy's current
+        stream. Ignored for host arrays.
+
+    Returns
+    -------
+    count, mean, m2 : array of shape (C,), float64
+        The statistics of the union. A channel whose total count is 0 gets count 0, mean 0 and M2 0.
+
+    Raises
+    ------
+    TypeError
+        An array not of dtype float64, or not an array, or arrays on different devices (and the CUDA
+        cases of `batchnorm`).
+    ValueError
+        An array that is not 2-D or not of count's shape; no partial (K = 0); a negative count.
+    RuntimeError
+        ``pybn._core.PybnError``: a CUDA, not-compiled or internal library error.
+
+    See Also
+    --------
+    batch_stats : The statistics of one part.
+
+    Examples
+    --------
+    >>> x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    >>> parts = [pybn.batch_stats(x[:1]), pybn.batch_stats(x[1:]), pybn.batch_stats(x[:0])]  # the last is empty
+    >>> count, mean, m2 = pybn.merge_stats(*(np.stack(column) for column in zip(*parts)))
+    >>> print(count, mean, m2)
+    [4. 4. 4.] [4.5 5.5 6.5] [45. 45. 45.]
+    """
     backend = backend_of((("count", count), ("mean", mean), ("m2", m2)))
     parts = []
     count, mean, m2 = (backend.adopt(a) for a in (count, mean, m2))
@@ -494,9 +900,70 @@ def normalize(x: Array, count: Array, mean: Array, m2: Array, gamma: Optional[Ar
               running_var: Optional[Array] = None, *, momentum: float = 0.1, eps: float = 1e-5,
               axis: int = 1, out: Optional[Array] = None,
               running_var_correction: int = 1) -> Tuple[Array, Array, Array]:
-    """Normalise x with given float64 statistics (e.g. merged across devices) and update the
-    running statistics (running_var_correction as in batchnorm); returns (y, mean, invstd)
-    with mean/invstd in the per-channel dtype."""
+    """Normalise x with given float64 statistics and update the running statistics (training mode).
+
+    ``y = gamma * (x - mean) / sqrt(M2 / count + eps) + beta``, with statistics computed elsewhere,
+    e.g. merged across devices with `merge_stats`: `batchnorm` in training, in two steps.
+
+    Parameters
+    ----------
+    x : array (float16, bfloat16, float32 or float64)
+        The data, at least 2-D, channels on `axis`.
+    count, mean, m2 : array of shape (C,), float64
+        The statistics to normalise with (from `batch_stats` / `merge_stats`): count >= 1 per channel,
+        >= 2 when `running_var` is updated with ``running_var_correction=1``.
+    gamma, beta : array of shape (C,), optional
+        Scale and shift in the per-channel dtype (float32 for 16- and 32-bit x, float64 for float64
+        x). None: 1 and 0.
+    running_mean, running_var : array of shape (C,), optional
+        Running statistics in the per-channel dtype, each updated in place when given (writable):
+        ``running = (1 - momentum) * running + momentum * batch``, with mean and
+        ``M2 / (count - running_var_correction)``.
+    momentum, eps, axis, out, running_var_correction, stream
+        As in `batchnorm` (keyword-only): momentum in [0, 1] (default 0.1), eps finite and >= 0
+        (default 1e-5), axis the channel axis (default 1), out receives y (may be x), correction 1
+        (unbiased, default) or 0 (biased), stream for CUDA arrays.
+
+    Returns
+    -------
+    y : array
+        x's shape and dtype (`out` when given).
+    mean : array of shape (C,)
+        The given mean, rounded to the per-channel dtype.
+    invstd : array of shape (C,)
+        ``1 / sqrt(M2 / count + eps)`` in the per-channel dtype: with mean, what
+        `batchnorm_backward` / `backward_elementwise` take.
+
+    Raises
+    ------
+    TypeError
+        count, mean or m2 not of dtype float64; the argument types, dtypes and devices of `batchnorm`.
+    ValueError
+        count, mean or m2 missing or not of shape (C,); a count below the minimum above; the shapes and
+        values of `batchnorm`.
+    MemoryError
+        Out of memory for an output or the library's temporaries (nothing was written).
+    RuntimeError
+        ``pybn._core.PybnError``: a CUDA, not-compiled or internal library error.
+
+    See Also
+    --------
+    batch_stats, merge_stats : Where the statistics come from.
+
+    Notes
+    -----
+    Every argument, the statistics included, is checked before anything is written. On the CPU the
+    library checks the counts; for CUDA arrays the Python layer checks them (one small copy to the
+    host), so both raise the same ValueError.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    >>> count, mean, m2 = pybn.batch_stats(x)
+    >>> y, m, invstd = pybn.normalize(x, count, mean, m2)
+    >>> np.allclose(y, pybn.batchnorm(x), atol=1e-5), m.dtype, invstd.shape
+    (True, dtype('float32'), (3,))
+    """
     backend_of((("x", x), ("count", count), ("mean", mean), ("m2", m2)))  # devices first
     _, run = _normalize_call(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out,
                              running_var_correction)
@@ -505,7 +972,61 @@ def normalize(x: Array, count: Array, mean: Array, m2: Array, gamma: Optional[Ar
 
 @_on_device
 def backward_reduce(dy: Array, x: Array, mean: Array, *, axis: int = 1) -> Tuple[Array, Array, Array]:
-    """Per-channel float64 (sum(dy), sum(dy * (x - mean)), sum(x - mean)) in one sweep."""
+    """Per-channel float64 sums of the backward, in one sweep over (dy, x).
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to y: x's shape and dtype.
+    x : array (float16, bfloat16, float32 or float64)
+        The forward's input, at least 2-D, channels on `axis`.
+    mean : array of shape (C,)
+        The saved mean (or `running_mean` when the statistics are frozen), in the per-channel dtype
+        (float32 for 16- and 32-bit x, float64 for float64 x); required.
+    axis : int, default 1
+        The channel axis, in ``[-x.ndim, x.ndim)``.
+    stream : CuPy stream, torch.cuda.Stream or int, optional
+        Keyword-only, for CUDA arrays: the stream the work is queued on; None: CuPy's current
+        stream. Ignored for host arrays.
+
+    Returns
+    -------
+    sum_dy : array of shape (C,), float64
+        ``sum(dy)`` per channel.
+    sum_dy_xmu : array of shape (C,), float64
+        ``sum(dy * (x - mean))`` per channel.
+    sum_xmu : array of shape (C,), float64
+        ``sum(x - mean)`` per channel: in training, the part of the batch mean that rounding mean to
+        the per-channel dtype lost, which keeps the gradients exact when the mean is far from zero.
+
+    Raises
+    ------
+    TypeError
+        dy not of x's dtype, x of an unsupported dtype, mean not of the per-channel dtype; not an
+        array, or arrays on different devices (and the CUDA cases of `batchnorm`).
+    ValueError
+        dy not of x's shape, mean missing or not of shape (C,), x with fewer than 2 dimensions,
+        `axis` out of range.
+    MemoryError
+        Out of memory for an output or the library's temporaries (nothing was written).
+    RuntimeError
+        ``pybn._core.PybnError``: a CUDA, not-compiled or internal library error.
+
+    See Also
+    --------
+    backward_elementwise : Turns the (possibly all-reduced) sums into dx, dgamma and dbeta.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.standard_normal((6, 2)), rng.standard_normal((6, 2))
+    >>> mean = x.mean(axis=0)
+    >>> sum_dy, sum_dy_xmu, sum_xmu = pybn.backward_reduce(dy, x, mean)
+    >>> np.allclose(sum_dy, dy.sum(axis=0)), np.allclose(sum_dy_xmu, (dy * (x - mean)).sum(axis=0))
+    (True, True)
+    >>> np.allclose(sum_xmu, 0)
+    True
+    """
     cx = _prepare(x, axis, (("dy", dy), ("mean", mean)))
     dyd = cx.like_x("dy", dy)
     if mean is None:
@@ -530,8 +1051,82 @@ def backward_elementwise(dy: Array, x: Array, mean: Array, invstd: Array, gamma:
                          count: Array, sum_dy: Array, sum_dy_xmu: Array,
                          sum_xmu: Optional[Array] = None, *, training: bool = True,
                          axis: int = 1, out: Optional[Array] = None) -> Tuple[Array, Array, Array]:
-    """(dx, dgamma, dbeta) from per-channel sums (possibly all-reduced across devices) over a
-    batch of `count` values per channel; see batchnorm_backward."""
+    """Gradients (dx, dgamma, dbeta) from per-channel sums over a batch of `count` values per channel.
+
+    The second step of `batchnorm_backward` after `backward_reduce`: the sums may have been
+    all-reduced across devices, so that each part of a batch gets the gradient of the whole.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to y: x's shape and dtype.
+    x : array (float16, bfloat16, float32 or float64)
+        The forward's input, at least 2-D, channels on `axis`.
+    mean, invstd : array of shape (C,)
+        The statistics of the forward (`batchnorm_forward` or `normalize`), in the per-channel dtype
+        (float32 for 16- and 32-bit x, float64 for float64 x); required.
+    gamma : array of shape (C,) or None
+        The forward's scale in the per-channel dtype; None: 1.
+    count : array of shape (C,), float64
+        Total number of values per channel of the batch the sums cover (>= 1 in training); required.
+    sum_dy, sum_dy_xmu : array of shape (C,), float64
+        From `backward_reduce`, summed over every part of the batch.
+    sum_xmu : array of shape (C,), float64, optional
+        From `backward_reduce` (summed likewise): corrects for the rounding of mean. None: no
+        correction.
+    training : bool, default True
+        True: mean and invstd are the batch statistics of the whole batch; False: constants.
+    axis : int, default 1
+        The channel axis, in ``[-x.ndim, x.ndim)``.
+    out : array, optional
+        Receives dx: x's shape and dtype, writable; may be dy or x itself. None: a new array.
+    stream : CuPy stream, torch.cuda.Stream or int, optional
+        Keyword-only, for CUDA arrays: the stream the work is queued on; None: CuPy's current
+        stream. Ignored for host arrays.
+
+    Returns
+    -------
+    dx : array
+        x's shape and dtype (`out` when given).
+    dgamma, dbeta : array of shape (C,)
+        In the per-channel dtype, from the sums (of the whole batch when the sums are).
+
+    Raises
+    ------
+    TypeError
+        count or a sum not of dtype float64; the argument types, dtypes and devices of
+        `batchnorm_backward`.
+    ValueError
+        count, sum_dy or sum_dy_xmu missing; a sum or count not of shape (C,); a count below 1 in
+        training; the shapes and values of `batchnorm_backward`.
+    MemoryError
+        Out of memory for an output or the library's temporaries (nothing was written).
+    RuntimeError
+        ``pybn._core.PybnError``: a CUDA, not-compiled or internal library error.
+
+    See Also
+    --------
+    batchnorm_backward : The same in one call, for one batch.
+
+    Notes
+    -----
+    With ``d = sum_xmu / count`` (0 without sum_xmu) and ``S = sum_dy_xmu - d * sum_dy``, training
+    gives ``dx = gamma * invstd * (dy - sum_dy / count - (x - mean - d) * invstd^2 * S / count)``,
+    ``dgamma = invstd * S`` and ``dbeta = sum_dy``; ``training=False`` gives
+    ``dx = gamma * invstd * dy``, ``dgamma = invstd * sum_dy_xmu`` and ``dbeta = sum_dy``. Every
+    argument, the sums included, is checked before anything is written.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.standard_normal((6, 2)), rng.standard_normal((6, 2))
+    >>> y, mean, invstd = pybn.batchnorm_forward(x)
+    >>> count = pybn.batch_stats(x)[0]
+    >>> sums = pybn.backward_reduce(dy, x, mean)
+    >>> grads = pybn.backward_elementwise(dy, x, mean, invstd, None, count, *sums)
+    >>> all(np.allclose(a, b) for a, b in zip(grads, pybn.batchnorm_backward(dy, x, mean, invstd)))
+    True
+    """
     sums = (("count", count), ("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu), ("sum_xmu", sum_xmu))
     backend_of((("x", x),) + sums)  # devices first
     _, run = _backward_elementwise_call(dy, x, mean, invstd, gamma, training, axis, out)
@@ -543,14 +1138,68 @@ def backward_elementwise(dy: Array, x: Array, mean: Array, invstd: Array, gamma:
 def fold(weight: Array, bias: Optional[Array], gamma: Optional[Array], beta: Optional[Array],
          running_mean: Array, running_var: Array, *, eps: float = 1e-5,
          axis: int = 0) -> Tuple[Array, Array]:
-    """Inference-mode BN folded into the preceding layer: returns (weight2, bias2) such that
-    layer(x, weight2) + bias2 == batchnorm(layer(x, weight) + bias, training=False).
+    """Fold inference-mode batch normalisation into the preceding layer's weight and bias.
 
-    axis is the output-channel axis of weight: 0 for conv OIHW and linear (out, in), 1 for
-    transposed conv IOHW, -1 for HWIO / (in, out). bias may be None (0); gamma / beta may be
-    None (1 / 0). Computed in float64, returned in weight's dtype; NumPy or CuPy arrays (all on
-    one device). With s = gamma / sqrt(running_var + eps): weight2 = weight * s along axis,
-    bias2 = (bias - running_mean) * s + beta.
+    Returns ``(weight2, bias2)`` such that ``layer(x, weight2) + bias2`` equals
+    ``batchnorm(layer(x, weight) + bias, gamma, beta, running_mean, running_var, training=False)``
+    for a linear layer or convolution ``layer``.
+
+    Parameters
+    ----------
+    weight : array (any floating dtype: float16, bfloat16, float32, float64)
+        The preceding layer's weight, at least 1-D, with its output channels (C of them) on `axis`.
+    bias : array of shape (C,) or None
+        Its bias (any floating dtype); None: 0.
+    gamma, beta : array of shape (C,) or None
+        The BN scale and shift (any floating dtype); None: 1 and 0.
+    running_mean, running_var : array of shape (C,)
+        The running statistics (any floating dtype); required.
+    eps : float, default 1e-5
+        Added to the variance; finite and >= 0 (the BN layer's eps).
+    axis : int, default 0
+        The output-channel axis of weight, in ``[-weight.ndim, weight.ndim)``: 0 for conv OIHW and
+        linear (out, in), 1 for transposed conv IOHW, -1 for HWIO / (in, out).
+
+    Returns
+    -------
+    weight2 : array
+        weight's shape and dtype: ``weight * s`` along `axis`, with
+        ``s = gamma / sqrt(running_var + eps)``.
+    bias2 : array of shape (C,)
+        In weight's dtype: ``(bias - running_mean) * s + beta``.
+
+    Raises
+    ------
+    TypeError
+        weight or a per-channel array not of a floating-point dtype; `axis` not an int; `eps` not a
+        real number; something that is not an array, or arrays on different devices.
+    ValueError
+        weight missing or 0-D; `axis` out of range; a per-channel array not of shape (C,);
+        running_mean or running_var missing; `eps` negative or not finite; ``running_var + eps`` not
+        > 0 in every channel.
+
+    See Also
+    --------
+    BatchNorm.fold_into : The same for a layer's own parameters and statistics.
+
+    Notes
+    -----
+    Computed in float64 and returned in weight's dtype, with the array module of the inputs: NumPy,
+    or CuPy for CUDA arrays (all on one device). No library call is made, so fold takes no `stream`
+    keyword (CuPy's current stream is used).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> w, b = rng.standard_normal((4, 3)), rng.standard_normal(4)  # a linear layer: (out, in)
+    >>> gamma, beta = rng.uniform(0.5, 2, 4), rng.standard_normal(4)
+    >>> rm, rv = rng.standard_normal(4), rng.uniform(0.5, 2, 4)
+    >>> w2, b2 = pybn.fold(w, b, gamma, beta, rm, rv)
+    >>> x = rng.standard_normal((5, 3))
+    >>> np.allclose(x @ w2.T + b2, pybn.batchnorm(x @ w.T + b, gamma, beta, rm, rv, training=False))
+    True
+    >>> w2.shape, b2.shape
+    ((4, 3), (4,))
     """
     named = (("weight", weight), ("bias", bias), ("gamma", gamma), ("beta", beta),
              ("running_mean", running_mean), ("running_var", running_var))

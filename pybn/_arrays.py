@@ -14,6 +14,9 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
+from ._pool import POOL, THRESHOLD
+
+_core._set_output_allocator(POOL.empty, THRESHOLD)  # the fast path's large outputs, from the pool too
 
 # dtype name -> libpybn dtype code
 _DTYPE_CODES = {
@@ -82,6 +85,9 @@ class HostBackend:
     def contiguous(a: Any) -> Any:
         return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
+    # outputs: large ones from the pool of released buffers (pybn/_pool.py)
+    empty = staticmethod(POOL.empty)
+
 
 HOST = HostBackend()
 
@@ -102,7 +108,7 @@ def _cupy() -> Any:
         import cupy
     except ImportError as e:
         raise TypeError(
-            "CUDA arrays need CuPy: pip install 'pybn[cuda12]' or 'pybn[cuda13]' "
+            "CUDA arrays need CuPy: pip install 'pybn-kernels[cuda12]' or 'pybn-kernels[cuda13]' "
             f"(import cupy failed: {e})"
         ) from None
     return cupy
@@ -163,6 +169,9 @@ class CudaBackend:
 
     def contiguous(self, a: Any) -> Any:
         return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
+
+    def empty(self, shape: Tuple[int, ...], dtype: Any) -> Any:
+        return self.xp.empty(shape, dtype=dtype)  # CuPy's own memory pool
 
 
 def device_context(arrays: Sequence[Any], stream: Any = None) -> Any:
@@ -346,7 +355,7 @@ class Canonical:
 
     def empty(self) -> Any:
         """A new array shaped and laid out like x; returns (array, its canonical data)."""
-        data = self.backend.xp.empty(self.data.shape, dtype=self.dtype)
+        data = self.backend.empty(self.data.shape, self.dtype)
         return data.transpose(self.inv_perm), data
 
     def like_x(self, name: str, a: Any) -> Any:
@@ -395,7 +404,7 @@ class Canonical:
             return Output(*self.empty())
         given, out = out, self.backend.adopt(out)
         if np.dtype(out.dtype) != self.dtype:
-            raise ValueError(f"{name} must have the dtype of x ({self.dtype.name}), got {dtype_name(out.dtype)}")
+            raise TypeError(f"{name} must have the dtype of x ({self.dtype.name}), got {dtype_name(out.dtype)}")
         if tuple(out.shape) != self.shape:
             raise ValueError(f"{name} must have the shape of x {self.shape}, got {tuple(out.shape)}")
         if not self.backend.writable(given):

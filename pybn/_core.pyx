@@ -410,3 +410,204 @@ def backward_reduce(tuple view, uintptr_t dy, uintptr_t x, uintptr_t mean, uintp
                                               <double*>sum_dy_xmu, <double*>sum_xmu,
                                               <void*>workspace, workspace_bytes, <void*>s)
     _check(st)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast path of the functional forward for the common host call: NumPy arrays, C-contiguous,
+# float32 / float64 / float16, default options. It checks everything it relies on through the
+# buffer protocol (a few hundred ns) and calls pybn_forward_v2 directly; anything else, and any
+# call the library refuses (a refused call changes nothing), returns None, and the general Python
+# path then runs and raises its precise error. Results are those of the general path, bit for bit
+# (same library call, same parameter block).
+
+from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_WRITABLE, PyBUF_C_CONTIGUOUS
+import numpy as _np
+
+cdef object _ndarray = _np.ndarray
+cdef object _np_empty = _np.empty
+cdef object _pool_empty = None          # pybn._pool.POOL.empty, set by pybn._arrays
+cdef Py_ssize_t _pool_threshold = 1 << 20
+
+
+def _set_output_allocator(empty, Py_ssize_t threshold):
+    global _pool_empty, _pool_threshold
+    _pool_empty = empty
+    _pool_threshold = threshold
+
+
+cdef int _code_of(const char* fmt, Py_ssize_t itemsize) noexcept:
+    # native NumPy formats: "f" float32, "d" float64, "e" float16 (a leading "=" or "@" is native)
+    if fmt == NULL:
+        return -1
+    if fmt[0] == b'=' or fmt[0] == b'@':
+        fmt += 1
+    if fmt[0] == 0 or fmt[1] != 0:
+        return -1
+    if fmt[0] == b'f' and itemsize == 4:
+        return PYBN_FLOAT32
+    if fmt[0] == b'd' and itemsize == 8:
+        return PYBN_FLOAT64
+    if fmt[0] == b'e' and itemsize == 2:
+        return PYBN_FLOAT16
+    return -1
+
+
+cdef class _Buffers:
+    """The buffers held for one fast call (x, 4 per-channel arrays, y, 2 saved arrays), released
+    together."""
+    cdef Py_buffer b[8]
+    cdef int n
+
+    def __cinit__(self):
+        self.n = 0
+
+    cdef Py_buffer* get(self, object a, int flags) except NULL:
+        if self.n == 8:
+            raise RuntimeError("pybn internal error: _Buffers is full")
+        PyObject_GetBuffer(a, &self.b[self.n], flags)
+        self.n += 1
+        return &self.b[self.n - 1]
+
+    def __dealloc__(self):
+        cdef int i
+        for i in range(self.n):
+            PyBuffer_Release(&self.b[i])
+
+
+cdef bint _per_channel_ok(_Buffers bufs, object a, int64_t C, int code, bint writable, void** ptr) except -1:
+    """a is None (ptr NULL) or a contiguous 1-D array of C values of the parameter dtype."""
+    if a is None:
+        ptr[0] = NULL
+        return True
+    if type(a) is not _ndarray:
+        return False
+    cdef Py_buffer* b
+    try:
+        b = bufs.get(a, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0))
+    except (BufferError, ValueError, TypeError):
+        return False
+    cdef int want = PYBN_FLOAT64 if code == PYBN_FLOAT64 else PYBN_FLOAT32
+    if b.ndim != 1 or b.shape[0] != C or _code_of(b.format, b.itemsize) != want:
+        return False
+    ptr[0] = b.buf
+    return True
+
+
+cdef bint _disjoint(Py_buffer* a, Py_buffer* b) noexcept:
+    cdef char* pa = <char*>a.buf
+    cdef char* pb = <char*>b.buf
+    return pa + a.len <= pb or pb + b.len <= pa
+
+
+def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
+                 correction, bint save):
+    """The fast path of batchnorm (save=False: returns y) and batchnorm_forward (save=True:
+    returns (y, mean, invstd)), or None when the general path must run."""
+    if type(x) is not _ndarray or not (training is True or training is False):
+        return None
+    if type(eps) is not float or type(momentum) is not float or type(axis) is not int or type(correction) is not int:
+        return None
+    if correction != 0 and correction != 1:
+        return None
+    cdef _Buffers bufs = _Buffers()
+    cdef Py_buffer* bx
+    try:
+        bx = bufs.get(x, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS)
+    except (BufferError, ValueError, TypeError):  # not a plain native-dtype buffer
+        return None
+    cdef int code = _code_of(bx.format, bx.itemsize)
+    cdef int nd = bx.ndim
+    if code < 0 or nd < 2:
+        return None
+    cdef int ax = axis
+    if ax < -nd or ax >= nd:
+        return None
+    if ax < 0:
+        ax += nd
+    cdef int64_t outer = 1, inner = 1
+    cdef int i
+    for i in range(ax):
+        outer *= bx.shape[i]
+    for i in range(ax + 1, nd):
+        inner *= bx.shape[i]
+    cdef int64_t C = bx.shape[ax]
+    cdef pybn_forward_params p
+    p.size = sizeof(pybn_forward_params)
+    p.training = 1 if training else 0
+    p.running_var_correction = correction
+    p.eps = eps
+    p.momentum = momentum
+    p.count = NULL
+    p.mean = NULL
+    p.m2 = NULL
+    p.activation = 0  # PYBN_ACTIVATION_NONE
+    p.reserved = 0
+    p.residual = NULL
+    p.renorm_r_max = 0
+    p.renorm_d_max = 0
+    p.save_renorm_r = NULL
+    p.save_renorm_d = NULL
+    p.virtual_batches = 0
+    cdef void* ptr
+    if not _per_channel_ok(bufs, gamma, C, code, False, &ptr):
+        return None
+    p.gamma = ptr
+    if not _per_channel_ok(bufs, beta, C, code, False, &ptr):
+        return None
+    p.beta = ptr
+    if not _per_channel_ok(bufs, running_mean, C, code, training is True, &ptr):
+        return None
+    p.running_mean = ptr
+    if not _per_channel_ok(bufs, running_var, C, code, training is True, &ptr):
+        return None
+    p.running_var = ptr
+    if training is False and (running_mean is None or running_var is None):
+        return None
+    # as the general path: y may not overlap gamma / beta / the running statistics, and overlaps x
+    # only by being x (checked below, once y's buffer is held)
+    cdef int k
+    cdef Py_buffer* by
+    if out is None:
+        y = (_pool_empty if bx.len >= _pool_threshold and _pool_empty is not None else _np_empty)(
+            x.shape, x.dtype)
+    elif out is x:
+        y = x  # in place
+    elif type(out) is _ndarray:
+        y = out
+    else:
+        return None
+    try:
+        by = bufs.get(y, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
+    except (BufferError, ValueError, TypeError):  # not a plain native-dtype buffer
+        return None
+    if by.ndim != nd or _code_of(by.format, by.itemsize) != code:
+        return None
+    for i in range(nd):
+        if by.shape[i] != bx.shape[i]:
+            return None
+    for k in range(1 if out is x else 0, bufs.n - 1):
+        if not _disjoint(by, &bufs.b[k]):
+            return None
+    smean = sinvstd = None
+    p.save_mean = NULL
+    p.save_invstd = NULL
+    cdef Py_buffer* bs
+    if save:
+        pd = _np.float64 if code == PYBN_FLOAT64 else _np.float32
+        smean, sinvstd = _np_empty(C, pd), _np_empty(C, pd)
+        bs = bufs.get(smean, PyBUF_ND | PyBUF_WRITABLE)
+        p.save_mean = bs.buf
+        bs = bufs.get(sinvstd, PyBUF_ND | PyBUF_WRITABLE)
+        p.save_invstd = bs.buf
+    cdef pybn_view v
+    v.outer, v.channels, v.inner, v.dtype = outer, C, inner, code
+    cdef pybn_status st
+    with nogil:
+        st = pybn_forward_v2(v, bx.buf, by.buf, &p)
+    if st == PYBN_ERROR_OUT_OF_MEMORY or st == PYBN_ERROR_INTERNAL:
+        _check(st)  # not an argument the general path would refuse: MemoryError / PybnError now
+    if st != PYBN_SUCCESS:
+        return None  # a refused argument; nothing was written: the general path reports it
+    if save:
+        return y, smean, sinvstd
+    return y

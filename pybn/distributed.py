@@ -1,14 +1,13 @@
-"""Synchronised batch normalisation: the batch is split across processes (and GPUs) and BN uses
-the statistics of the whole batch, over MPI (mpi4py) or NCCL (CuPy). pybn adds no transport of
-its own: one collective per direction carries the per-channel statistics.
+"""Synchronised batch normalisation: BN with the statistics of a batch split across processes.
 
-    from mpi4py import MPI
-    bn = pybn.distributed.SyncBatchNorm(64, comm=MPI.COMM_WORLD)
-    y = bn(x_local)                 # statistics of every rank's batch
-    dx = bn.backward(dy_local)      # bn.grad_gamma / grad_beta: gradients of the summed loss
+The batch is split across processes (and GPUs) and BN uses the statistics of the whole batch,
+over MPI (mpi4py) or NCCL (CuPy). pybn adds no transport of its own: one collective per
+direction carries the per-channel statistics. The layer is `SyncBatchNorm`; the functional forms
+are `sync_batchnorm`, `sync_batchnorm_forward` and `sync_batchnorm_backward`; `nccl_comm` makes
+an NCCL communicator.
 
-    mpiexec -n 4 python -m mpi4py train.py
-
+Notes
+-----
 Exactness: each rank sends its (count, mean, M2) per channel; every rank merges all of them in
 rank order with pybn's exact merge (unequal counts and empty ranks included, no averaging of
 means, no trip through invstd), so every rank gets bitwise the same statistics and running
@@ -19,18 +18,36 @@ pybn's, not the MPI library's, and identical on every rank.
 Parameter gradients (grad_gamma, grad_beta) are already summed over all ranks (the gradient of
 the sum of the ranks' losses): do not all-reduce them again.
 
-GPU arrays: with an NCCL communicator (cupy.cuda.nccl.NcclCommunicator, see nccl_comm) the
+GPU arrays: with an NCCL communicator (``cupy.cuda.nccl.NcclCommunicator``, see `nccl_comm`) the
 collective runs on the current CuPy stream; with an MPI communicator the statistics are staged
-through host memory, or, with cuda_aware=True (or None and MPI reporting CUDA support), passed
-as device buffers after the current stream is synchronised (MPI does not know CUDA streams).
-Either way the host reads P x 2 numbers (the ranks' error flags and counts) after the
+through host memory, or, with ``cuda_aware=True`` (or None and MPI reporting CUDA support),
+passed as device buffers after the current stream is synchronised (MPI does not know CUDA
+streams). Either way the host reads P x 2 numbers (the ranks' error flags and counts) after the
 collective, to apply the "more than 1 value per channel" rule to the global count and to raise
 the same error on every rank.
 
 Errors: an argument error on one rank is raised there and, as a ValueError naming that rank, on
 every other rank, instead of leaving them waiting in the collective. When the channel count
 itself cannot be read (x is not an array) the error is raised on that rank alone: run under
-`python -m mpi4py` so that an uncaught exception aborts the job.
+``python -m mpi4py`` so that an uncaught exception aborts the job. `sync_batchnorm_forward` and
+`sync_batchnorm_backward` list the other errors raised before the exchange.
+
+Examples
+--------
+A training step on every rank of a job started with ``mpiexec -n 4 python -m mpi4py train.py``::
+
+    from mpi4py import MPI
+    bn = pybn.distributed.SyncBatchNorm(64, comm=MPI.COMM_WORLD)
+    y = bn(x_local)                 # statistics of every rank's batch
+    dx = bn.backward(dy_local)      # bn.grad_gamma / grad_beta: gradients of the summed loss
+
+With one process (``COMM_SELF``) it computes what `pybn.BatchNorm` does:
+
+>>> from mpi4py import MPI
+>>> x = np.random.default_rng(0).standard_normal((8, 3, 5)).astype(np.float32)
+>>> sbn = pybn.distributed.SyncBatchNorm(3, comm=MPI.COMM_SELF)
+>>> np.allclose(sbn(x), pybn.BatchNorm(3)(x), atol=1e-5)
+True
 """
 from __future__ import annotations
 
@@ -111,8 +128,37 @@ def _collective(comm: Any, cuda_aware: Optional[bool]) -> Any:
 
 
 def nccl_comm(mpi_comm: Any) -> Any:
-    """An NCCL communicator over the ranks of an mpi4py communicator (rank 0 makes the unique
-    id, MPI broadcasts it). Select each rank's GPU (cupy.cuda.Device(i).use()) first."""
+    """An NCCL communicator over the ranks of an mpi4py communicator.
+
+    Rank 0 makes the unique id and MPI broadcasts it; every rank of mpi_comm must call it. Select each
+    rank's GPU (``cupy.cuda.Device(i).use()``) first.
+
+    Parameters
+    ----------
+    mpi_comm : mpi4py communicator
+        The ranks of the new communicator (same size and ranks).
+
+    Returns
+    -------
+    cupy.cuda.nccl.NcclCommunicator
+        For `SyncBatchNorm` and the functional forms with CUDA arrays: the collectives then run on
+        CuPy's current stream.
+
+    Raises
+    ------
+    ImportError
+        CuPy (with NCCL) is not installed.
+
+    Examples
+    --------
+    On a GPU machine, in a job of one process per GPU:
+
+    >>> from mpi4py import MPI  # doctest: +SKIP
+    >>> import cupy  # doctest: +SKIP
+    >>> cupy.cuda.Device(MPI.COMM_WORLD.Get_rank() % cupy.cuda.runtime.getDeviceCount()).use()  # doctest: +SKIP
+    >>> comm = pybn.distributed.nccl_comm(MPI.COMM_WORLD)  # doctest: +SKIP
+    >>> bn = pybn.distributed.SyncBatchNorm(64, comm=comm, device="cuda")  # doctest: +SKIP
+    """
     from cupy.cuda import nccl
     uid = nccl.get_unique_id() if mpi_comm.Get_rank() == 0 else None
     uid = mpi_comm.bcast(uid, root=0)
@@ -179,12 +225,76 @@ def sync_batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Option
                            num_features: Optional[int] = None,
                            running_var_correction: int = 1, activation: Optional[str] = None,
                            residual: Optional[Array] = None) -> Tuple[Array, Array, Array]:
-    """batchnorm_forward over the union of every rank's x (same arguments, plus comm): returns
-    (y, mean, invstd) with the global batch statistics. Every rank of comm must call it, with
-    the same channel count, training flag and momentum; a rank may hold zero samples.
-    training=False uses the running statistics and exchanges nothing. num_features (the channel
-    count every rank expects) lets a rank whose x has the wrong channel count fail without
-    stalling the others. running_var_correction: as in pybn.batchnorm (1 unbiased, 0 biased)."""
+    """`batchnorm_forward` over the union of every rank's x: returns (y, mean, invstd) with the global statistics.
+
+    Every rank of comm must call it, with the same channel count, training flag and momentum; a rank
+    may hold zero samples. ``training=False`` uses the running statistics and exchanges nothing.
+
+    Parameters
+    ----------
+    x : array (float16, bfloat16, float32 or float64)
+        This rank's part of the batch, at least 2-D, channels on `axis` (NumPy, or CUDA arrays).
+    gamma, beta, running_mean, running_var : array of shape (C,), optional
+        As in `batchnorm` (per-channel dtype: float32 for 16- and 32-bit x, float64 for float64 x);
+        the running statistics are updated in place with the global statistics, bitwise the same on
+        every rank.
+    comm : mpi4py communicator or cupy.cuda.nccl.NcclCommunicator
+        Keyword-only, required: the ranks that share the batch (NCCL: CUDA arrays only).
+    training, momentum, eps, axis, out, running_var_correction, activation, residual
+        As in `batchnorm` (keyword-only); running_var_correction: 1 unbiased, 0 biased.
+    cuda_aware : bool or None, default None
+        MPI communicators with CUDA arrays: True passes device buffers to MPI (after synchronising the
+        current stream), False stages them through host memory, None asks MPI
+        (``MPI.Query_cuda_support()``; False when it cannot tell). Ignored otherwise.
+    num_features : int, optional
+        The channel count every rank expects: lets a rank whose x has another channel count fail
+        without stalling the others. None: x's channel count.
+
+    Returns
+    -------
+    y : array
+        x's shape and dtype (`out` when given).
+    mean, invstd : array of shape (C,)
+        The global batch mean and ``1 / sqrt(var + eps)``, in the per-channel dtype, identical on
+        every rank (the running statistics' with ``training=False``); for `sync_batchnorm_backward`.
+
+    Raises
+    ------
+    TypeError
+        comm is neither an mpi4py communicator nor an NCCL communicator; x is not an array; the
+        TypeErrors of `batchnorm_forward`.
+    ValueError
+        x does not have num_features channels; fewer than 2 values per channel over all ranks when
+        running_var is updated with ``running_var_correction=1`` (else fewer than 1); on the other
+        ranks, when the call failed on one ("the call failed on rank(s) [...]"); the ValueErrors of
+        `batchnorm_forward`.
+    MemoryError
+        Out of memory for an output or the library's temporaries (nothing was written).
+    RuntimeError
+        ``pybn._core.PybnError``: a CUDA, not-compiled or internal library error.
+
+    See Also
+    --------
+    sync_batchnorm_backward : The backward over all ranks.
+    SyncBatchNorm : The layer.
+
+    Notes
+    -----
+    Argument errors found before the exchange travel through it: the rank that failed raises its
+    own error, the others a ValueError naming it, and nothing is changed on any rank. Raised on this
+    rank alone, before any exchange: an invalid comm, x that is not an array, an invalid axis when
+    num_features is None, a training flag that is not a bool and an invalid running_var_correction.
+    There is no `renorm`, `virtual_batch` or `stream` argument: the work runs on CuPy's current
+    stream.
+
+    Examples
+    --------
+    >>> from mpi4py import MPI
+    >>> x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    >>> y, mean, invstd = pybn.distributed.sync_batchnorm_forward(x, comm=MPI.COMM_SELF)
+    >>> np.allclose(mean, pybn.batchnorm_forward(x)[1], atol=1e-6)
+    True
+    """
     coll = _collective(comm, cuda_aware)
     training = _api._training_flag(training)
     correction = _api.check_correction(running_var_correction)
@@ -223,7 +333,34 @@ def sync_batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array
                    cuda_aware: Optional[bool] = None, num_features: Optional[int] = None,
                    running_var_correction: int = 1, activation: Optional[str] = None,
                    residual: Optional[Array] = None) -> Array:
-    """batchnorm over the union of every rank's x; see sync_batchnorm_forward."""
+    """`batchnorm` over the union of every rank's x; see `sync_batchnorm_forward`.
+
+    Parameters
+    ----------
+    x, gamma, beta, running_mean, running_var : array
+        As in `sync_batchnorm_forward`.
+    comm, training, momentum, eps, axis, out, cuda_aware, num_features, running_var_correction
+        As in `sync_batchnorm_forward` (keyword-only; comm required).
+    activation, residual
+        As in `batchnorm`.
+
+    Returns
+    -------
+    y : array
+        x's shape and dtype, normalised with the global statistics.
+
+    Raises
+    ------
+    TypeError, ValueError, MemoryError, RuntimeError
+        As `sync_batchnorm_forward`.
+
+    Examples
+    --------
+    >>> from mpi4py import MPI
+    >>> x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    >>> np.allclose(pybn.distributed.sync_batchnorm(x, comm=MPI.COMM_SELF), pybn.batchnorm(x), atol=1e-5)
+    True
+    """
     return sync_batchnorm_forward(x, gamma, beta, running_mean, running_var, comm=comm,
                                   training=training, momentum=momentum, eps=eps, axis=axis,
                                   out=out, cuda_aware=cuda_aware, num_features=num_features,
@@ -238,11 +375,74 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
                             num_features: Optional[int] = None, activation: Optional[str] = None,
                             y: Optional[Array] = None,
                             dresidual: Optional[Array] = None) -> Tuple[Array, Array, Array]:
-    """batchnorm_backward over the union of every rank's batch: dx for this rank's x, and
-    dgamma / dbeta summed over all ranks (identical on every rank). training=False treats
-    mean/invstd as constants (dx is local) but still sums dgamma / dbeta over the ranks.
-    num_features: as in sync_batchnorm_forward. activation="relu" with y, and dresidual: as in
-    pybn.batchnorm_backward (here the masked gradient is formed first, one extra pass)."""
+    """`batchnorm_backward` over the union of every rank's batch.
+
+    dx for this rank's x, and dgamma / dbeta summed over all ranks (identical on every rank). Every
+    rank of comm must call it.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of this rank's loss with respect to its y: x's shape and dtype.
+    x : array (float16, bfloat16, float32 or float64)
+        This rank's part of the batch, as passed to `sync_batchnorm_forward`.
+    mean, invstd : array of shape (C,)
+        As returned by `sync_batchnorm_forward` (per-channel dtype).
+    gamma : array of shape (C,), optional
+        The scale (per-channel dtype); None: 1.
+    comm : mpi4py communicator or cupy.cuda.nccl.NcclCommunicator
+        Keyword-only, required: as in `sync_batchnorm_forward`.
+    training : bool, default True
+        True differentiates through the global batch statistics; False treats mean and invstd as
+        constants (dx is local) but still sums dgamma / dbeta over the ranks.
+    axis, out
+        As in `batchnorm_backward`.
+    cuda_aware, num_features
+        As in `sync_batchnorm_forward`.
+    activation : {None, "relu"}, default None
+        With `y`, as in `batchnorm_backward` (here the masked gradient is formed first, one extra
+        pass).
+    y : array, optional
+        The forward's output, the mask of ``activation="relu"``.
+    dresidual : array, optional
+        Receives the residual's gradient, the (masked) dy, as in `batchnorm_backward`.
+
+    Returns
+    -------
+    dx : array
+        x's shape and dtype (`out` when given).
+    dgamma, dbeta : array of shape (C,)
+        In the per-channel dtype, summed over all ranks: the gradients of the sum of the ranks'
+        losses (do not all-reduce them again).
+
+    Raises
+    ------
+    TypeError
+        As `sync_batchnorm_forward` and `batchnorm_backward`.
+    ValueError
+        ``activation="relu"`` without y; no value per channel over all ranks in training; on the
+        other ranks, when the call failed on one; the ValueErrors of `batchnorm_backward`.
+    MemoryError
+        Out of memory for an output or the library's temporaries (nothing was written).
+    RuntimeError
+        ``pybn._core.PybnError``: a CUDA, not-compiled or internal library error.
+
+    Notes
+    -----
+    Errors travel through the exchange as in `sync_batchnorm_forward` (raised on this rank alone: an
+    invalid comm, x that is not an array, an invalid axis when num_features is None). dresidual is
+    written after the exchange, with the (masked) dy.
+
+    Examples
+    --------
+    >>> from mpi4py import MPI
+    >>> x = np.random.default_rng(0).standard_normal((8, 3))
+    >>> dy = np.ones_like(x)
+    >>> y, mean, invstd = pybn.distributed.sync_batchnorm_forward(x, comm=MPI.COMM_SELF)
+    >>> dx, dgamma, dbeta = pybn.distributed.sync_batchnorm_backward(dy, x, mean, invstd, comm=MPI.COMM_SELF)
+    >>> print(dbeta)
+    [8. 8. 8.]
+    """
     coll = _collective(comm, cuda_aware)
     channels = _channels(x, axis) if num_features is None else int(num_features)
     xp, error, rows, run = np, None, None, None
@@ -282,10 +482,63 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
 # --------------------------------------------- layer ---------------------------------------------
 
 class SyncBatchNorm(BatchNorm):
-    """pybn.BatchNorm whose training-mode statistics are those of the whole batch across the
-    ranks of `comm` (an mpi4py communicator, or an NCCL communicator for CUDA arrays). Same
-    interface as BatchNorm; every rank must call forward/backward in step. grad_gamma and
-    grad_beta are summed over the ranks. See the module documentation."""
+    """`pybn.BatchNorm` whose training-mode statistics are those of the whole batch across ranks.
+
+    The ranks of `comm` (an mpi4py communicator, or an NCCL communicator for CUDA arrays) each hold a
+    part of the batch. Same interface as `BatchNorm` (forward / ``__call__``, backward, train, eval,
+    fold_into, state_dict, load_state_dict); every rank must call forward / backward in step.
+    grad_gamma and grad_beta are summed over the ranks. See the module documentation, `pybn.distributed`.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels, the same on every rank (>= 1).
+    comm : mpi4py communicator or cupy.cuda.nccl.NcclCommunicator
+        Keyword-only, required: checked now, not at the first call.
+    cuda_aware : bool or None, default None
+        As in `sync_batchnorm_forward`.
+    **options
+        The keyword arguments of `BatchNorm` (eps, momentum, affine, track_running_stats, axis,
+        dtype, device, running_var_correction, activation), except renorm and virtual_batch.
+
+    Attributes
+    ----------
+    comm, cuda_aware
+        The constructor's arguments; and the attributes of `BatchNorm`.
+
+    Raises
+    ------
+    TypeError
+        comm is neither an mpi4py communicator nor an NCCL communicator; the TypeErrors of
+        `BatchNorm`.
+    ValueError
+        renorm (not supported yet) or virtual_batch (ghost batches are local to a device: use
+        ``pybn.BatchNorm(virtual_batch=k)``) given; the ValueErrors of `BatchNorm`.
+
+    See Also
+    --------
+    sync_batchnorm_forward, sync_batchnorm_backward : The functional forms it runs.
+
+    Notes
+    -----
+    forward does not check x before the exchange, so that an error on one rank reaches every rank
+    through the collective (the other ranks raise a ValueError naming it) instead of leaving them
+    waiting. In eval (with track_running_stats) forward uses the running statistics and exchanges
+    nothing; backward still sums grad_gamma / grad_beta over the ranks. The ranks' running
+    statistics stay bitwise identical.
+
+    Examples
+    --------
+    >>> from mpi4py import MPI
+    >>> x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    >>> sbn = pybn.distributed.SyncBatchNorm(3, comm=MPI.COMM_SELF, momentum=0.1)
+    >>> y = sbn(x)
+    >>> dx = sbn.backward(np.ones_like(y))
+    >>> print(sbn.grad_beta)
+    [8. 8. 8.]
+    >>> sbn
+    SyncBatchNorm(3, eps=1e-05, ...) over 1 ranks
+    """
 
     def __init__(self, num_features: int, *, comm: Any, cuda_aware: Optional[bool] = None,
                  **options: Any):

@@ -132,11 +132,13 @@ print(json.dumps({{"isa": pybn.cpu_isa(), "threads": pybn.get_num_threads(), "ou
 """
 
 
-def _child(env_extra):
+def _child(env_extra, stderr=None):
     env = dict(os.environ, **env_extra)
     code = _CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
+    if stderr is not None:
+        stderr.append(run.stderr)
     return json.loads(run.stdout)
 
 
@@ -152,8 +154,11 @@ def test_environment_controls_isa_and_threads():
     lowest = ISAS[-1]
     child = _child({"PYBN_CPU_ISA": lowest, "OMP_NUM_THREADS": "3"})
     assert child["isa"] == lowest and child["threads"] == 3
-    ignored = _child({"PYBN_CPU_ISA": "no-such-isa"})  # unknown: the best path
+    err = []
+    ignored = _child({"PYBN_CPU_ISA": "no-such-isa"}, err)  # unknown: the best path, said once
     assert ignored["isa"] == ISAS[0]
+    warning = f"pybn: warning: PYBN_CPU_ISA=no-such-isa is not a CPU path this machine supports ({','.join(ISAS)}); using {ISAS[0]}"
+    assert err[0].count(warning) == 1, err[0]
 
 
 def test_thread_and_isa_argument_errors():

@@ -13,7 +13,7 @@ import pytest
 import pybn
 from pybn.distributed import SyncBatchNorm, sync_batchnorm, sync_batchnorm_backward, sync_batchnorm_forward
 
-MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py is not installed (pip install 'pybn[mpi]')")
+MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py is not installed (pip install 'pybn-kernels[mpi]')")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,7 +28,7 @@ def _mpiexec():
 def _run_ranks(sizes, device="cpu"):
     mpiexec = _mpiexec()
     if mpiexec is None:
-        pytest.skip("no mpiexec (pip install 'pybn[mpi]')")
+        pytest.skip("no mpiexec (pip install 'pybn-kernels[mpi]')")
     cmd = [mpiexec, "-n", str(len(sizes)), sys.executable, "-m", "mpi4py",
            os.path.join(HERE, "mpi_sync_check.py"), ",".join(map(str, sizes)), device]
     # -m mpi4py: an exception on any rank aborts the whole job instead of leaving it hanging
@@ -138,7 +138,7 @@ def test_example_trains():
     """examples/sync_bn_mpi.py on 3 ranks: the loss falls and the ranks stay in step."""
     mpiexec = _mpiexec()
     if mpiexec is None:
-        pytest.skip("no mpiexec (pip install 'pybn[mpi]')")
+        pytest.skip("no mpiexec (pip install 'pybn-kernels[mpi]')")
     script = os.path.join(os.path.dirname(HERE), "examples", "sync_bn_mpi.py")
     p = subprocess.run([mpiexec, "-n", "3", sys.executable, "-m", "mpi4py", script, "101"],
                        capture_output=True, text=True, timeout=600, cwd=HERE)

@@ -54,8 +54,8 @@ FORWARD_CASES = [
     ("one-value", {"x": np.ones((1, 3), np.float32)}, ValueError, r"at least 2 values per channel, got 1"),
     ("one-value-4d", {"x": np.ones((1, 3, 1, 1), np.float32)}, ValueError, r"at least 2 values per channel, got 1"),
     ("out-shape", {"out": np.empty((4, 3, 6), np.float32)}, ValueError, r"out must have the shape of x \(4, 3, 5\), got \(4, 3, 6\)"),
-    ("out-dtype", {"out": np.empty((4, 3, 5), np.float64)}, ValueError, r"out must have the dtype of x \(float32\), got float64"),
-    ("out-big-endian", {"out": np.empty((4, 3, 5), ">f4")}, ValueError, r"out must have the dtype of x \(float32\), got float32 in non-native byte order"),
+    ("out-dtype", {"out": np.empty((4, 3, 5), np.float64)}, TypeError, r"out must have the dtype of x \(float32\), got float64"),
+    ("out-big-endian", {"out": np.empty((4, 3, 5), ">f4")}, TypeError, r"out must have the dtype of x \(float32\), got float32 in non-native byte order"),
     ("out-ro", {"out": ro(np.empty((4, 3, 5), np.float32))}, ValueError, r"out is read-only"),
     ("out-list", {"out": []}, TypeError, r"out must be a NumPy array"),
     ("mixed-devices", {"gamma": FakeCudaArray((3,))}, TypeError, r"same device.*x on cpu, gamma on cuda"),
@@ -156,7 +156,7 @@ def test_cuda_arrays_are_refused_clearly_without_cuda_or_cupy():
     try:
         import cupy  # noqa: F401
     except ImportError:
-        with pytest.raises(TypeError, match=r"CUDA arrays need CuPy: pip install 'pybn\[cuda12\]'"):
+        with pytest.raises(TypeError, match=r"CUDA arrays need CuPy: pip install 'pybn-kernels\[cuda12\]'"):
             pybn.batchnorm(FakeCudaArray((4, 3)))
         return
     pytest.skip("CUDA build with CuPy: GPU behaviour is tested in test_gpu.py")

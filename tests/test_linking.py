@@ -88,3 +88,47 @@ def test_plain_cmake_install_is_relocatable(tmp_path):
     assert len(cmake_dirs) == 1
     assert (moved / "include" / "pybn" / "pybn.h").is_file()
     build_examples(tmp_path, cmake_dirs[0])
+
+
+def _script(name):
+    """A console script of this Python's environment (next to the interpreter, else on PATH)."""
+    here = pathlib.Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
+def test_pybn_config_works_from_the_repository_root(tmp_path):
+    """The README's commands as written, run from the repository root: pybn-config (a console
+    script: no current folder on sys.path) gives the installed package's flags, and the CMake
+    example builds with them; `python -m pybn` there is an immediate, clear error."""
+    tool = _script("pybn-config")
+    assert tool, "pybn-config is not installed next to the interpreter nor on PATH"
+    assert sh([tool, "--cmake-dir"], cwd=ROOT).strip() == pybn.get_cmake_dir()
+    flags = sh([tool, "--includes", "--libs"], cwd=ROOT).split()
+    exe = tmp_path / "train_step"
+    sh(["cc", "-std=c99", str(EXAMPLES / "c" / "train_step.c"), *flags, "-lm", "-o", str(exe)], cwd=ROOT)
+    assert sh([str(exe)]).strip().endswith("OK")
+    build = tmp_path / "build-examples"
+    sh(["cmake", "-S", "examples", "-B", str(build), f"-Dpybn_DIR={sh([tool, '--cmake-dir'], cwd=ROOT).strip()}"],
+       cwd=ROOT)
+    run = subprocess.run([sys.executable, "-m", "pybn", "--cmake-dir"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "imported from its source folder" in run.stderr and "pybn-config" in run.stderr
+    assert "circular import" not in run.stderr
+
+
+def test_pkgconf_pypi_finds_pybn_without_pkg_config_path(tmp_path):
+    """pkgconf-pypi (the pkgconf wheel, in the test extra) finds pybn.pc through the package's
+    pkg_config entry point: no PKG_CONFIG_PATH, no warning."""
+    tool = _script("pkgconf-pypi")
+    if tool is None:
+        pytest.skip("pkgconf-pypi is not installed (pip install pkgconf)")
+    env = {k: v for k, v in os.environ.items() if k != "PKG_CONFIG_PATH"}
+    run = subprocess.run([tool, "--cflags", "--libs", "pybn"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "Warning" not in run.stderr, run.stderr
+    flags = run.stdout.split()
+    include = [f[2:] for f in flags if f.startswith("-I")]
+    assert [os.path.realpath(d) for d in include] == [os.path.realpath(pybn.get_include())], flags
+    exe = tmp_path / "train_step"
+    sh(["cc", "-std=c99", str(EXAMPLES / "c" / "train_step.c"), *flags, "-lm", "-o", str(exe)])
+    assert sh([str(exe)]).strip().endswith("OK")

@@ -51,12 +51,25 @@ const KernelTable* best() {
     return &portable::table();
 }
 
-// PYBN_CPU_ISA=name picks a supported path (to test a lower one); otherwise the best.
+// PYBN_CPU_ISA=name picks a supported path (to test a lower one); otherwise the best. A name
+// that is not a supported path is reported once on stderr (a misspelt variable must not go
+// unnoticed) and the best path is used.
 const KernelTable* initial() {
     const char* want = std::getenv("PYBN_CPU_ISA");
-    if (want && *want)
+    if (!want || !*want) return best();
+    for (const Isa& isa : kIsas)
+        if (std::strcmp(isa.table().isa, want) == 0 && isa.supported()) return &isa.table();
+    static std::atomic<bool> warned{false};
+    if (!warned.exchange(true)) {
+        char names[64] = "";
         for (const Isa& isa : kIsas)
-            if (std::strcmp(isa.table().isa, want) == 0 && isa.supported()) return &isa.table();
+            if (isa.supported()) {
+                if (names[0]) std::strncat(names, ",", sizeof(names) - std::strlen(names) - 1);
+                std::strncat(names, isa.table().isa, sizeof(names) - std::strlen(names) - 1);
+            }
+        std::fprintf(stderr, "pybn: warning: PYBN_CPU_ISA=%s is not a CPU path this machine supports (%s); using %s\n",
+                     want, names, best()->isa);
+    }
     return best();
 }
 

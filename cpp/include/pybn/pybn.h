@@ -140,7 +140,8 @@ PYBN_API int pybn_abi_version(void);
 PYBN_API int pybn_has_cuda(void);
 /** Name of the CPU kernel path in use: "avx512", "avx2", "portable" (x86-64) or "neon". The
  *  best path the CPU supports is chosen at first use; the environment variable PYBN_CPU_ISA=name
- *  picks a lower one (e.g. to test it). */
+ *  picks a lower one (e.g. to test it); a name that is not a supported path is reported once on
+ *  stderr ("pybn: warning: ...") and the best path is used. */
 PYBN_API const char* pybn_cpu_isa(void);
 /** Comma-separated names of the compiled paths this CPU supports, best first. */
 PYBN_API const char* pybn_cpu_isas(void);
