@@ -33,11 +33,15 @@ import numpy as np
 
 import pybn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import CPU_PEERS  # noqa: E402  (bench/peers.py, next to this file)
+
 # passes over memory of the unfused minimum (the roofline's yardstick): training forward reads x
 # twice and writes y; backward reads dy and x twice and writes dx; the fused epilogues add the
 # residual's read (BN + add + ReLU) or y's two reads (ReLU backward: the mask)
 PASSES = {"train": 3, "infer": 2, "backward": 5, "train_relu": 3, "train_add_relu": 4, "backward_relu": 7}
 FUSED = ("train_relu", "train_add_relu", "backward_relu")
+BUSY_SPREAD = 1.5  # max / min of one measurement's samples above this: a busy machine
 # ResNet-50's BN layers (C, H, W)
 RESNET = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28), (512, 28, 28),
           (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7)]
@@ -98,12 +102,13 @@ def make_inputs(case: Case, xp, rng) -> Dict[str, Any]:
     return out
 
 
-def pybn_ops(a) -> Dict[str, Callable[[], Any]]:
+def pybn_ops(a, fresh: bool = True) -> Dict[str, Callable[[], Any]]:
+    """pybn's calls as users make them: fresh outputs (fresh=True), or out= a preallocated y."""
     ax = a["axis"]
     x, g, b, rm, rv, z = a["x"], a["gamma"], a["beta"], a["rm"], a["rv"], a["dy"]  # dy doubles as the residual
     _, mean, invstd = pybn.batchnorm_forward(x, g, b, axis=ax)
     a["y_relu"] = pybn.batchnorm(x, g, b, axis=ax, activation="relu")  # the mask of the ReLU backward
-    y = x.copy()
+    y = None if fresh else x.copy()
     return {
         "train": lambda: pybn.batchnorm(x, g, b, rm, rv, axis=ax, out=y),
         "infer": lambda: pybn.batchnorm(x, g, b, rm, rv, training=False, axis=ax, out=y),
@@ -220,16 +225,35 @@ def _torchable(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
 
 
-def peers_for(case: Case, device: str, a, xp) -> Dict[str, Any]:
-    """name -> ops dict, or a string saying why the peer is missing."""
-    peers: Dict[str, Any] = {"pybn_separate": separate_ops(a, xp)}
+CPU_PEER_NAMES = ["pybn_separate", "numpy", "torch", *CPU_PEERS]
+GPU_PEER_NAMES = ["pybn_separate", "torch_cudnn", "torch_native", "cupy"]
+
+
+def peers_for(case: Case, device: str, a, xp, wanted: Optional[List[str]] = None) -> Dict[str, Any]:
+    """name -> ops dict, or a string saying why the peer is missing; `wanted` filters (--peers)."""
+    peers: Dict[str, Any] = {}
+    keep = (lambda n: True) if not wanted else (lambda n: n in wanted)
+    if keep("pybn_separate"):
+        peers["pybn_separate"] = separate_ops(a, xp)
     if device == "cpu":
-        peers["numpy"] = array_ops(a, np) if case.dtype == "float32" else "float32 only"
-        peers["torch"] = _try_torch(a, "cpu", cudnn=False)
+        if keep("numpy"):
+            peers["numpy"] = array_ops(a, np) if case.dtype == "float32" else "float32 only"
+        if keep("torch"):
+            peers["torch"] = _try_torch(a, "cpu", cudnn=False)
+        for name, make in CPU_PEERS.items():
+            if keep(name):
+                try:
+                    peers[name] = make(a, pybn.get_num_threads())
+                except Exception as e:  # a peer's own failure is reported, never fatal
+                    peers[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        return peers
     else:
-        peers["torch_cudnn"] = _try_torch(a, "cuda", cudnn=True)
-        peers["torch_native"] = _try_torch(a, "cuda", cudnn=False)
-        peers["cupy"] = array_ops(a, xp) if case.dtype == "float32" else "float32 only"
+        if keep("torch_cudnn"):
+            peers["torch_cudnn"] = _try_torch(a, "cuda", cudnn=True)
+        if keep("torch_native"):
+            peers["torch_native"] = _try_torch(a, "cuda", cudnn=False)
+        if keep("cupy"):
+            peers["cupy"] = array_ops(a, xp) if case.dtype == "float32" else "float32 only"
     return peers
 
 
@@ -273,10 +297,14 @@ class CpuTimer:
         fn()
         return float(np.median([_t(fn) for _ in range(self.repeat)]))
 
-    def median_vs_copy(self, fn, copy) -> Tuple[float, float]:
+    def median_vs_copy(self, fn, copy) -> Tuple[float, float, Dict[str, float]]:
+        """(median time, median copy/time ratio, {min, median, max, copy_median})."""
         fn()
         pairs = [(_t(copy), _t(fn)) for _ in range(self.repeat)]
-        return float(np.median([p[1] for p in pairs])), float(np.median([p[0] / p[1] for p in pairs]))
+        ts = [p[1] for p in pairs]
+        spread = dict(min=float(min(ts)), median=float(np.median(ts)), max=float(max(ts)),
+                      copy_median=float(np.median([p[0] for p in pairs])))
+        return float(np.median(ts)), float(np.median([p[0] / p[1] for p in pairs])), spread
 
 
 class GpuTimer:
@@ -298,9 +326,10 @@ class GpuTimer:
         r = self.benchmark(fn, n_repeat=self.repeat, n_warmup=5)
         return float(np.median(r.gpu_times[0]))
 
-    def median_vs_copy(self, fn, copy) -> Tuple[float, float]:
-        t = self.median(fn)
-        return t, self.median(copy) / t
+    def median_vs_copy(self, fn, copy) -> Tuple[float, float, Dict[str, float]]:
+        r = self.benchmark(fn, n_repeat=self.repeat, n_warmup=5).gpu_times[0]
+        t, c = float(np.median(r)), self.median(copy)
+        return t, c / t, dict(min=float(np.min(r)), median=t, max=float(np.max(r)), copy_median=c)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,6 +353,13 @@ def environment(devices: List[str]) -> Dict[str, Any]:
         env.update(cupy=cupy.__version__, gpu=props["name"].decode(),
                    driver=cupy.cuda.runtime.driverGetVersion(), runtime=cupy.cuda.runtime.runtimeGetVersion())
     return env
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # not on this OS
+        return None
 
 
 def _cpu_name() -> str:
@@ -362,6 +398,7 @@ def run(args) -> Dict[str, Any]:
              and (not args.shape or any(s in c.name for s in args.shape))]
     ops = [o for o in PASSES if not args.op or o in args.op]
     rng = np.random.default_rng(0)
+    load_start = _loadavg()
     rows, total, done = [], len(cases) * len(devices), 0
     ceilings: Dict[str, List[float]] = {}
     for device in devices:
@@ -379,25 +416,35 @@ def run(args) -> Dict[str, Any]:
             nbytes = a["x"].nbytes
             copy = timer.copy_fn(nbytes)
             ceilings.setdefault(device, []).append(2 * nbytes / timer.median(copy))
-            ours = pybn_ops(a)
-            peers = peers_for(case, device, a, xp)
+            ours, ours_out = pybn_ops(a, fresh=True), pybn_ops(a, fresh=False)
+            peers = peers_for(case, device, a, xp, args.peers)
             for op in ops:
-                t, copy_ratio = timer.median_vs_copy(ours[op], copy)
+                t, copy_ratio, spread = timer.median_vs_copy(ours[op], copy)
+                t_out, ratio_out, spread_out = timer.median_vs_copy(ours_out[op], copy)
                 row = dict(device=device, case=case.name, shape=list(case.shape), layout=case.layout,
-                           dtype=case.dtype, op=op, bytes=nbytes, pybn_s=t,
-                           roofline=copy_ratio * PASSES[op] / 2, peers={})
+                           dtype=case.dtype, op=op, bytes=nbytes, pybn_s=t, pybn_spread=spread,
+                           pybn_out_s=t_out, pybn_out_spread=spread_out,
+                           roofline=copy_ratio * PASSES[op] / 2, roofline_out=ratio_out * PASSES[op] / 2,
+                           copy_GBps=2 * nbytes / spread["copy_median"], peers={})
                 for name, p in peers.items():
                     if isinstance(p, dict) and op not in p:
-                        row["peers"][name] = {"missing": "fused ops only" if op not in FUSED else "unfused ops only"}
+                        why = ("fused ops only" if name == "pybn_separate" and op not in FUSED else
+                               "unfused ops only" if op in FUSED and name == "pybn_separate" else "op not offered")
+                        row["peers"][name] = {"missing": why}
+                    elif isinstance(p, dict):
+                        tp, _, sp = timer.median_vs_copy(p[op], copy)
+                        row["peers"][name] = {"s": tp, "spread": sp}
                     else:
-                        row["peers"][name] = ({"s": timer.median_vs_copy(p[op], copy)[0]}
-                                              if isinstance(p, dict) else {"missing": p})
+                        row["peers"][name] = {"missing": p}
                 rows.append(row)
-            del a, ours, peers
+            del a, ours, ours_out, peers
     if total:
         progress(total, total, "done")
         sys.stderr.write("\n")
-    return {"environment": environment(devices),
+    env = environment(devices)
+    env["loadavg_end"] = _loadavg()
+    env["loadavg_start"] = load_start
+    return {"environment": env,
             "copy_bandwidth_GBps": {d: float(np.median(v)) / 1e9 for d, v in ceilings.items()},
             "rows": rows}
 
@@ -409,15 +456,24 @@ def print_table(result: Dict[str, Any]) -> None:
           + f"; PyTorch {env['torch'] or 'missing'}")
     print("copy bandwidth (same run): " + ", ".join(f"{d} {v:.1f} GB/s" for d, v in result["copy_bandwidth_GBps"].items()))
     peer_names = sorted({n for r in result["rows"] if r.get("op") for n in r["peers"]})
-    head = f"{'device':6} {'case':16} {'layout':6} {'dtype':8} {'op':14} {'pybn ms':>9} {'%roof':>6}"
+    if env.get("loadavg_start") is not None:
+        print(f"load average (1, 5, 15 min): {env['loadavg_start']} at the start, {env['loadavg_end']} at the end")
+    print("pybn ms: fresh outputs (as users call it); out ms: with out= (the kernel alone); vs X: X's time / "
+          "pybn's fresh time")
+    head = f"{'device':6} {'case':16} {'layout':6} {'dtype':8} {'op':14} {'pybn ms':>9} {'out ms':>9} {'%roof':>6}"
     print(head + "".join(f" {'vs ' + n:>14}" for n in peer_names))
-    missing = {}
+    missing: Dict[str, Any] = {}
+    busy: List[str] = []
     for r in result["rows"]:
         if not r.get("op"):
             print(f"{r['device']:6} {r['case']:16} {r['layout']:6} {r['dtype']:8} skipped: {r['error']}")
             continue
         line = (f"{r['device']:6} {r['case']:16} {r['layout']:6} {r['dtype']:8} {r['op']:14} "
-                f"{r['pybn_s'] * 1e3:9.3f} {r['roofline'] * 100:5.0f}%")
+                f"{r['pybn_s'] * 1e3:9.3f} {r.get('pybn_out_s', float('nan')) * 1e3:9.3f} {r['roofline'] * 100:5.0f}%")
+        sp = r.get("pybn_spread")
+        if sp and sp["max"] > BUSY_SPREAD * sp["min"]:
+            busy.append(f"{r['case']} {r['layout']} {r['dtype']} {r['op']}")
+            line += " *"
         for n in peer_names:
             p = r["peers"].get(n)
             if p is None or "missing" in p:
@@ -429,6 +485,9 @@ def print_table(result: Dict[str, Any]) -> None:
         print(line)
     for n, why in missing.items():
         print(f"missing {n}: " + "; ".join(sorted(why)))
+    if busy:
+        print(f"warning: {len(busy)} row(s) marked * had samples more than {BUSY_SPREAD:g}x apart (max / min of "
+              "pybn's samples): the machine was busy; their ratios are unreliable, rerun them (--shape / --op)")
 
 
 PLOT_OPS = {"train": "training forward", "infer": "inference", "backward": "backward"}
@@ -519,6 +578,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layout", nargs="*", choices=["nchw", "nhwc"])
     ap.add_argument("--shape", nargs="*", help="keep cases whose name contains one of these, e.g. 64x56")
     ap.add_argument("--device", nargs="*", choices=["cpu", "cuda"])
+    ap.add_argument("--peers", nargs="*", choices=sorted(set(CPU_PEER_NAMES + GPU_PEER_NAMES)),
+                    help="peers to run (default: all; each missing one is reported with the reason)")
     args = ap.parse_args(argv)
     if args.repeat is None:
         args.repeat = 5 if args.quick else 9

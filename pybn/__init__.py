@@ -87,6 +87,10 @@ def get_library_dir() -> str:
     str
         The absolute path of the installed package folder, which holds the shared library.
 
+    See Also
+    --------
+    get_include, get_cmake_dir, get_pkgconfig_dir : The other folders a build needs.
+
     Notes
     -----
     ``pybn-config --libs`` prints the linker flags, with an rpath.
@@ -109,6 +113,10 @@ def get_cmake_dir() -> str:
     str
         The absolute path of ``lib/cmake/pybn`` in the installed package.
 
+    See Also
+    --------
+    get_include, get_library_dir, get_pkgconfig_dir : The other folders a build needs.
+
     Notes
     -----
     ``pybn-config --cmake-dir`` prints the same. See the C ABI guide, docs/c_guide.md.
@@ -129,6 +137,10 @@ def get_pkgconfig_dir() -> str:
     -------
     str
         The absolute path of ``lib/pkgconfig`` in the installed package.
+
+    See Also
+    --------
+    get_include, get_library_dir, get_cmake_dir : The other folders a build needs.
 
     Notes
     -----
@@ -165,6 +177,10 @@ def has_cuda() -> bool:
     bool
         Whether CUDA arrays are supported (they also need CuPy and a GPU at run time).
 
+    See Also
+    --------
+    cpu_isa : The CPU kernel path in use.
+
     Examples
     --------
     >>> pybn.has_cuda() in (True, False)
@@ -182,6 +198,10 @@ def cpu_isa() -> str:
         One of `cpu_isas`: the best this CPU supports unless `set_cpu_isa` or the environment
         variable ``PYBN_CPU_ISA`` chose another.
 
+    See Also
+    --------
+    cpu_isas, set_cpu_isa : The paths to choose from, and how to choose one.
+
     Examples
     --------
     >>> pybn.cpu_isa() in pybn.cpu_isas()
@@ -197,6 +217,10 @@ def cpu_isas() -> list:
     -------
     list of str
         E.g. ``['avx2', 'portable']``; the names `set_cpu_isa` takes.
+
+    See Also
+    --------
+    cpu_isa, set_cpu_isa : The path in use, and how to choose another.
 
     Examples
     --------
@@ -221,6 +245,11 @@ def set_cpu_isa(name: str = "") -> None:
         name is not a str.
     ValueError
         name is not a compiled path, or one this CPU does not support.
+
+    See Also
+    --------
+    cpu_isa : The path in use.
+    cpu_isas : The paths to choose from.
 
     Notes
     -----
@@ -247,7 +276,7 @@ def set_num_threads(n: int) -> None:
     Parameters
     ----------
     n : int
-        n >= 1 threads, or 0 for the default (``OMP_NUM_THREADS``, else the number of cores).
+        The number of threads, >= 1, or 0 for the default (``OMP_NUM_THREADS``, else the number of cores).
 
     Raises
     ------
@@ -255,6 +284,10 @@ def set_num_threads(n: int) -> None:
         n is not an int (a bool is not accepted).
     ValueError
         n is negative.
+
+    See Also
+    --------
+    get_num_threads : The count in use.
 
     Notes
     -----
@@ -276,13 +309,17 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """Threads the CPU kernels use now.
+    """Return the number of threads the CPU kernels use now.
 
     Returns
     -------
     int
         The count `set_num_threads` set, or the default (``OMP_NUM_THREADS``, else the number of
         cores).
+
+    See Also
+    --------
+    set_num_threads : Sets it.
 
     Examples
     --------

@@ -354,7 +354,7 @@ def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = N
     activation : {None, "relu"}, default None
         "relu" applies ``max(0, .)`` last, in the same sweep (fused epilogue).
     residual : array, optional
-        x's shape and dtype: added after the affine step, before the activation (fused epilogue).
+        Added after the affine step, before the activation (fused epilogue): x's shape and dtype.
     renorm : (float, float), optional
         ``(r_max, d_max)``: batch renormalisation, with ``r_max >= 1`` and ``d_max >= 0`` (finite);
         needs ``training=True`` and both running statistics. See Notes.
@@ -369,7 +369,7 @@ def batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array] = N
     Returns
     -------
     y : array
-        x's shape and dtype, on x's device (a NumPy array for host input, a CuPy array for CUDA
+        The normalised x: x's shape and dtype, on x's device (a NumPy array for host input, a CuPy array for CUDA
         input), laid out like x (the same memory order for C-contiguous and channels-last x); `out`
         itself when it is given.
 
@@ -485,16 +485,38 @@ def batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Optional[Ar
 
     Parameters
     ----------
-    x, gamma, beta, running_mean, running_var : array
-        As in `batchnorm`: x float16, bfloat16, float32 or float64, at least 2-D; the others of shape
-        (C,) in the per-channel dtype (float32 for 16- and 32-bit x, float64 for float64 x), optional.
-    training, momentum, eps, axis, out, running_var_correction, activation, residual, stream
-        As in `batchnorm` (all keyword-only).
+    x : array (float16, bfloat16, float32 or float64)
+        The data, at least 2-D, channels on `axis`, as in `batchnorm`.
+    gamma, beta : array of shape (C,), optional
+        Scale and shift in the per-channel dtype (float32 for 16- and 32-bit x, float64 for float64
+        x). None: 1 and 0.
+    running_mean, running_var : array of shape (C,), optional
+        Running statistics in the per-channel dtype: updated in place in training, required with
+        ``training=False``, as in `batchnorm`.
+    training : bool, default True
+        True: the batch statistics; False: the running statistics (frozen), as in `batchnorm`.
+    momentum : float, default 0.1
+        Weight of the batch in the running-statistics update, in [0, 1].
+    eps : float, default 1e-5
+        Added to the variance; finite and >= 0.
+    axis : int, default 1
+        The channel axis, in ``[-x.ndim, x.ndim)``.
+    out : array, optional
+        Receives y: x's shape and dtype, writable; it may be x itself (or `residual`).
+    running_var_correction : {1, 0}, default 1
+        The variance that updates running_var: 1 the unbiased one, 0 the biased one.
+    activation : {None, "relu"}, default None
+        A fused ReLU, applied last, as in `batchnorm`.
+    residual : array, optional
+        A fused residual of x's shape and dtype, added before the activation, as in `batchnorm`.
     renorm : (float, float), optional
         ``(r_max, d_max)``, as in `batchnorm`; r and d are then returned as well.
     virtual_batch : int, optional
-        k samples per ghost batch, as in `batchnorm`; in training, mean and invstd then have one row
-        per ghost batch.
+        The number k of samples per ghost batch, as in `batchnorm`; in training, mean and invstd then
+        have one row per ghost batch.
+    stream : CuPy stream, torch.cuda.Stream or int, optional
+        For CUDA arrays: the stream the work is queued on (None: CuPy's current stream); ignored for
+        host arrays.
 
     Returns
     -------
@@ -630,7 +652,7 @@ def batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
                        out: Optional[Array] = None, activation: Optional[str] = None,
                        y: Optional[Array] = None, dresidual: Optional[Array] = None,
                        renorm: Optional[Tuple[Array, Array]] = None) -> Tuple[Array, Array, Array]:
-    """Gradients (dx, dgamma, dbeta) of batch normalisation, from dy and what `batchnorm_forward` returned.
+    """Compute the gradients (dx, dgamma, dbeta) of batch normalisation from dy and `batchnorm_forward`'s results.
 
     Parameters
     ----------
@@ -672,7 +694,7 @@ def batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
     Returns
     -------
     dx : array
-        x's shape and dtype, laid out like x; `out` itself when given.
+        The gradient with respect to x: x's shape and dtype, laid out like x; `out` itself when given.
     dgamma : array of shape (C,)
         ``sum(dy * x_hat)`` per channel, in the per-channel dtype (also when gamma is None).
     dbeta : array of shape (C,)
@@ -919,15 +941,24 @@ def normalize(x: Array, count: Array, mean: Array, m2: Array, gamma: Optional[Ar
         Running statistics in the per-channel dtype, each updated in place when given (writable):
         ``running = (1 - momentum) * running + momentum * batch``, with mean and
         ``M2 / (count - running_var_correction)``.
-    momentum, eps, axis, out, running_var_correction, stream
-        As in `batchnorm` (keyword-only): momentum in [0, 1] (default 0.1), eps finite and >= 0
-        (default 1e-5), axis the channel axis (default 1), out receives y (may be x), correction 1
-        (unbiased, default) or 0 (biased), stream for CUDA arrays.
+    momentum : float, default 0.1
+        Weight of the batch in the running-statistics update, in [0, 1].
+    eps : float, default 1e-5
+        Added to the variance; finite and >= 0.
+    axis : int, default 1
+        The channel axis, in ``[-x.ndim, x.ndim)``.
+    out : array, optional
+        Receives y: x's shape and dtype, writable; it may be x itself.
+    running_var_correction : {1, 0}, default 1
+        The variance that updates running_var: 1 the unbiased one, 0 the biased one.
+    stream : CuPy stream, torch.cuda.Stream or int, optional
+        For CUDA arrays: the stream the work is queued on (None: CuPy's current stream); ignored for
+        host arrays.
 
     Returns
     -------
     y : array
-        x's shape and dtype (`out` when given).
+        The normalised x: x's shape and dtype (`out` when given).
     mean : array of shape (C,)
         The given mean, rounded to the per-channel dtype.
     invstd : array of shape (C,)
@@ -1051,7 +1082,7 @@ def backward_elementwise(dy: Array, x: Array, mean: Array, invstd: Array, gamma:
                          count: Array, sum_dy: Array, sum_dy_xmu: Array,
                          sum_xmu: Optional[Array] = None, *, training: bool = True,
                          axis: int = 1, out: Optional[Array] = None) -> Tuple[Array, Array, Array]:
-    """Gradients (dx, dgamma, dbeta) from per-channel sums over a batch of `count` values per channel.
+    """Compute the gradients (dx, dgamma, dbeta) from per-channel sums over a batch of `count` values per channel.
 
     The second step of `batchnorm_backward` after `backward_reduce`: the sums may have been
     all-reduced across devices, so that each part of a batch gets the gradient of the whole.
@@ -1087,7 +1118,7 @@ def backward_elementwise(dy: Array, x: Array, mean: Array, invstd: Array, gamma:
     Returns
     -------
     dx : array
-        x's shape and dtype (`out` when given).
+        The gradient with respect to x: x's shape and dtype (`out` when given).
     dgamma, dbeta : array of shape (C,)
         In the per-channel dtype, from the sums (of the whole batch when the sums are).
 
@@ -1163,10 +1194,10 @@ def fold(weight: Array, bias: Optional[Array], gamma: Optional[Array], beta: Opt
     Returns
     -------
     weight2 : array
-        weight's shape and dtype: ``weight * s`` along `axis`, with
+        The folded weight, of weight's shape and dtype: ``weight * s`` along `axis`, with
         ``s = gamma / sqrt(running_var + eps)``.
     bias2 : array of shape (C,)
-        In weight's dtype: ``(bias - running_mean) * s + beta``.
+        The folded bias, in weight's dtype: ``(bias - running_mean) * s + beta``.
 
     Raises
     ------

@@ -165,8 +165,38 @@ POOL = Pool(_initial_limit())
 
 
 def set_memory_pool_limit(nbytes: int) -> None:
-    """Bytes of released large output buffers pybn keeps for reuse (0: no pool; the kept
-    buffers are unmapped). Buffers in use are never affected."""
+    """Set how many bytes of released large output buffers pybn keeps for reuse.
+
+    Parameters
+    ----------
+    nbytes : int
+        The limit, >= 0. 0 turns the pool off and unmaps every kept buffer. Buffers in use (still
+        referenced by an array or a view) are never affected; they return to the pool, or are
+        unmapped, when the last reference goes.
+
+    Raises
+    ------
+    TypeError
+        If `nbytes` is not an int (a bool is refused).
+    ValueError
+        If `nbytes` is negative.
+
+    Notes
+    -----
+    Only host outputs of at least 1 MiB come from the pool (``memory_pool_info()["threshold_bytes"]``).
+    The default, min(1 GiB, 1/8 of physical memory), or the environment variable
+    ``PYBN_MEMORY_POOL_LIMIT`` (bytes, or with a K / M / G suffix) read at import, sets the
+    initial limit. A pooled output's contents are undefined until pybn writes it, as with
+    ``numpy.empty``.
+
+    Examples
+    --------
+    >>> limit = pybn.memory_pool_info()["limit_bytes"]
+    >>> pybn.set_memory_pool_limit(0)
+    >>> pybn.memory_pool_info()["kept_bytes"]
+    0
+    >>> pybn.set_memory_pool_limit(limit)
+    """
     if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
         raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
     if nbytes < 0:
@@ -175,7 +205,19 @@ def set_memory_pool_limit(nbytes: int) -> None:
 
 
 def memory_pool_info() -> Dict[str, int]:
-    """The pool's state: limit_bytes, kept_bytes / kept_blocks (released, ready for reuse),
-    in_use_bytes / in_use_blocks (handed out, still referenced), hits, misses, threshold_bytes
-    (smaller outputs do not use the pool)."""
+    """The state of the pool of large host output buffers.
+
+    Returns
+    -------
+    dict of str to int
+        ``limit_bytes`` (the limit on kept bytes), ``kept_bytes`` / ``kept_blocks`` (released
+        buffers ready for reuse), ``in_use_bytes`` / ``in_use_blocks`` (handed out and still
+        referenced), ``hits`` / ``misses`` (outputs served from kept buffers / newly mapped) and
+        ``threshold_bytes`` (smaller outputs do not use the pool).
+
+    Examples
+    --------
+    >>> sorted(pybn.memory_pool_info())
+    ['hits', 'in_use_blocks', 'in_use_bytes', 'kept_blocks', 'kept_bytes', 'limit_bytes', 'misses', 'threshold_bytes']
+    """
     return POOL.info()

@@ -149,6 +149,10 @@ def nccl_comm(mpi_comm: Any) -> Any:
     ImportError
         CuPy (with NCCL) is not installed.
 
+    See Also
+    --------
+    SyncBatchNorm : The layer that takes it as comm.
+
     Examples
     --------
     On a GPU machine, in a job of one process per GPU:
@@ -240,8 +244,16 @@ def sync_batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Option
         every rank.
     comm : mpi4py communicator or cupy.cuda.nccl.NcclCommunicator
         Keyword-only, required: the ranks that share the batch (NCCL: CUDA arrays only).
-    training, momentum, eps, axis, out, running_var_correction, activation, residual
-        As in `batchnorm` (keyword-only); running_var_correction: 1 unbiased, 0 biased.
+    training : bool, default True
+        True: the batch statistics; False: the running statistics (frozen), as in `batchnorm`.
+    momentum : float, default 0.1
+        Weight of the batch in the running-statistics update, in [0, 1].
+    eps : float, default 1e-5
+        Added to the variance; finite and >= 0.
+    axis : int, default 1
+        The channel axis, in ``[-x.ndim, x.ndim)``.
+    out : array, optional
+        Receives y: x's shape and dtype, writable; it may be x itself (or `residual`).
     cuda_aware : bool or None, default None
         MPI communicators with CUDA arrays: True passes device buffers to MPI (after synchronising the
         current stream), False stages them through host memory, None asks MPI
@@ -249,11 +261,17 @@ def sync_batchnorm_forward(x: Array, gamma: Optional[Array] = None, beta: Option
     num_features : int, optional
         The channel count every rank expects: lets a rank whose x has another channel count fail
         without stalling the others. None: x's channel count.
+    running_var_correction : {1, 0}, default 1
+        The variance that updates running_var: 1 the unbiased one, 0 the biased one.
+    activation : {None, "relu"}, default None
+        A fused ReLU, applied last, as in `batchnorm`.
+    residual : array, optional
+        A fused residual of x's shape and dtype, added before the activation, as in `batchnorm`.
 
     Returns
     -------
     y : array
-        x's shape and dtype (`out` when given).
+        The normalised x: x's shape and dtype (`out` when given).
     mean, invstd : array of shape (C,)
         The global batch mean and ``1 / sqrt(var + eps)``, in the per-channel dtype, identical on
         every rank (the running statistics' with ``training=False``); for `sync_batchnorm_backward`.
@@ -337,22 +355,47 @@ def sync_batchnorm(x: Array, gamma: Optional[Array] = None, beta: Optional[Array
 
     Parameters
     ----------
-    x, gamma, beta, running_mean, running_var : array
+    x : array (float16, bfloat16, float32 or float64)
+        This rank's part of the batch, at least 2-D, channels on `axis`.
+    gamma, beta, running_mean, running_var : array of shape (C,), optional
+        As in `sync_batchnorm_forward` (per-channel dtype; the running statistics are updated with
+        the global statistics).
+    comm : mpi4py communicator or cupy.cuda.nccl.NcclCommunicator
+        Required: the ranks that share the batch.
+    training : bool, default True
+        True: the batch statistics; False: the running statistics (frozen), as in `batchnorm`.
+    momentum : float, default 0.1
+        Weight of the batch in the running-statistics update, in [0, 1].
+    eps : float, default 1e-5
+        Added to the variance; finite and >= 0.
+    axis : int, default 1
+        The channel axis, in ``[-x.ndim, x.ndim)``.
+    out : array, optional
+        Receives y: x's shape and dtype, writable; it may be x itself (or `residual`).
+    cuda_aware : bool or None, default None
         As in `sync_batchnorm_forward`.
-    comm, training, momentum, eps, axis, out, cuda_aware, num_features, running_var_correction
-        As in `sync_batchnorm_forward` (keyword-only; comm required).
-    activation, residual
-        As in `batchnorm`.
+    num_features : int, optional
+        The channel count every rank expects, as in `sync_batchnorm_forward`.
+    running_var_correction : {1, 0}, default 1
+        The variance that updates running_var: 1 the unbiased one, 0 the biased one.
+    activation : {None, "relu"}, default None
+        A fused ReLU, applied last, as in `batchnorm`.
+    residual : array, optional
+        A fused residual of x's shape and dtype, added before the activation, as in `batchnorm`.
 
     Returns
     -------
     y : array
-        x's shape and dtype, normalised with the global statistics.
+        The normalised x (x's shape and dtype), with the global statistics.
 
     Raises
     ------
     TypeError, ValueError, MemoryError, RuntimeError
         As `sync_batchnorm_forward`.
+
+    See Also
+    --------
+    sync_batchnorm_forward : The same, also returning mean and invstd.
 
     Examples
     --------
@@ -395,10 +438,14 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
     training : bool, default True
         True differentiates through the global batch statistics; False treats mean and invstd as
         constants (dx is local) but still sums dgamma / dbeta over the ranks.
-    axis, out
-        As in `batchnorm_backward`.
-    cuda_aware, num_features
+    axis : int, default 1
+        The channel axis, in ``[-x.ndim, x.ndim)``.
+    out : array, optional
+        Receives dx: x's shape and dtype, writable; it may be dy or x itself.
+    cuda_aware : bool or None, default None
         As in `sync_batchnorm_forward`.
+    num_features : int, optional
+        The channel count every rank expects, as in `sync_batchnorm_forward`.
     activation : {None, "relu"}, default None
         With `y`, as in `batchnorm_backward` (here the masked gradient is formed first, one extra
         pass).
@@ -410,7 +457,7 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
     Returns
     -------
     dx : array
-        x's shape and dtype (`out` when given).
+        The gradient with respect to this rank's x: its shape and dtype (`out` when given).
     dgamma, dbeta : array of shape (C,)
         In the per-channel dtype, summed over all ranks: the gradients of the sum of the ranks'
         losses (do not all-reduce them again).
@@ -426,6 +473,11 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
         Out of memory for an output or the library's temporaries (nothing was written).
     RuntimeError
         ``pybn._core.PybnError``: a CUDA, not-compiled or internal library error.
+
+    See Also
+    --------
+    sync_batchnorm_forward : The forward whose mean and invstd this takes.
+    batchnorm_backward : The same for one process.
 
     Notes
     -----

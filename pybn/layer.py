@@ -54,8 +54,8 @@ class BatchNorm:
         ``(r_max, d_max)``: batch renormalisation in training (needs track_running_stats; see
         `batchnorm`); r and d are kept for backward, as constants.
     virtual_batch : int, optional
-        k: ghost batches in training, each group of k consecutive samples normalised with its own
-        statistics (see `batchnorm`; Keras's ``virtual_batch_size``); not combined with renorm.
+        The number k of samples per ghost batch in training: each group of k consecutive samples is
+        normalised with its own statistics (see `batchnorm`; Keras's ``virtual_batch_size``); not combined with renorm.
 
     Attributes
     ----------
@@ -233,12 +233,16 @@ class BatchNorm:
         Returns
         -------
         y : array
-            x's shape and dtype.
+            The normalised x, of its shape and dtype.
 
         Raises
         ------
         TypeError, ValueError, MemoryError, RuntimeError
             As `forward`.
+
+        See Also
+        --------
+        forward : What it calls.
 
         Examples
         --------
@@ -284,7 +288,7 @@ class BatchNorm:
         Returns
         -------
         y : array
-            x's shape and dtype.
+            The normalised x, of its shape and dtype.
 
         Raises
         ------
@@ -341,7 +345,7 @@ class BatchNorm:
         return y
 
     def backward(self, dy: Array) -> Array:
-        """dx for the last forward; sets grad_gamma and grad_beta (None when affine=False).
+        """Compute dx for the last forward; set grad_gamma and grad_beta (None when affine=False).
 
         Parameters
         ----------
@@ -407,7 +411,7 @@ class BatchNorm:
                                   axis=self.axis, activation=self.activation, y=y, renorm=rd)
 
     def fold_into(self, weight: Array, bias: Optional[Array] = None, axis: int = 0) -> tuple:
-        """This layer's inference-mode BN folded into the preceding layer's weight and bias.
+        """Fold this layer's inference-mode BN into the preceding layer's weight and bias.
 
         Parameters
         ----------
@@ -416,14 +420,14 @@ class BatchNorm:
         bias : array of shape (num_features,), optional
             Its bias; None: 0.
         axis : int, default 0
-            weight's output-channel axis: 0 for conv OIHW and linear (out, in), 1 for transposed conv
+            The output-channel axis of weight: 0 for conv OIHW and linear (out, in), 1 for transposed conv
             IOHW, -1 for HWIO / (in, out).
 
         Returns
         -------
         weight2, bias2 : array
-            As `fold` returns them: in weight's dtype, with this layer's gamma, beta, running statistics
-            and eps (its mode does not matter).
+            The folded weight and bias, as `fold` returns them: in weight's dtype, with this layer's
+            gamma, beta, running statistics and eps (its mode does not matter).
 
         Raises
         ------

@@ -280,7 +280,7 @@ def test_allocation_failure_mid_call_changes_nothing(shape, axis, op, vb):
     """PYBN_FAIL_SCRATCH=k fails the k-th scratch allocation; for every k until the call
     succeeds, an in-place call raises MemoryError and leaves x (or dy) and the running statistics
     exactly as they were."""
-    env = dict(os.environ, PYBN_CACHE_BUDGET="20000", PYBN_NUM_THREADS="2")
+    env = dict(os.environ, PYBN_CACHE_BUDGET="20000", OMP_NUM_THREADS="2")
     seen = []
     for k in range(1, 40):
         env["PYBN_FAIL_SCRATCH"] = str(k)

@@ -58,7 +58,8 @@
  * pybn_abi_version()) is the ABI level: it grows by one when a level adds entry points or
  * parameter blocks, and a library of level N provides every function of levels 1..N, so a
  * program built against level k runs with any library whose pybn_abi_version() >= k.
- *   Level 1: the positional entry points (pybn_forward_train, pybn_backward, ...).
+ *   Level 1: the positional entry points (pybn_forward_train, pybn_backward, ...); their
+ *            `int training` arguments read any non-zero value as 1.
  *   Level 2: parameter blocks (pybn_forward_params, pybn_backward_params) and the *_v2 entry
  *            points; the running-variance convention (running_var_correction); CUDA entry
  *            points with a caller-provided workspace (no allocation, CUDA-graph capturable).
@@ -99,9 +100,13 @@ extern "C" {
 /** Status of every call. Append-only: values are never reordered or reused. */
 typedef enum pybn_status {
     PYBN_SUCCESS = 0,
-    PYBN_ERROR_INVALID_ARGUMENT = 1, /* NULL pointer, negative or overflowing size, bad enum   */
+    PYBN_ERROR_INVALID_ARGUMENT = 1, /* NULL pointer, negative or overflowing size, bad params
+                                        block, unknown CPU path name, inconsistent options     */
     PYBN_ERROR_UNSUPPORTED_DTYPE = 2, /* dtype value unknown to this library                   */
-    PYBN_ERROR_INVALID_VALUE = 3,    /* eps < 0 / non-finite, momentum outside [0, 1] or NaN    */
+    PYBN_ERROR_INVALID_VALUE = 3,    /* a value out of range: eps < 0 / non-finite, momentum
+                                        outside [0, 1] or NaN, a flag not 0 / 1, an unknown
+                                        activation, renorm limits, a given count < 1, a CPU
+                                        path this CPU lacks, a negative thread count            */
     PYBN_ERROR_TOO_FEW_VALUES = 4,   /* too few values per channel (see running_var_correction) */
     PYBN_ERROR_OUT_OF_MEMORY = 5,    /* a temporary buffer could not be allocated               */
     PYBN_ERROR_NOT_COMPILED = 6,     /* a CUDA entry point in a build without CUDA              */
@@ -149,7 +154,8 @@ PYBN_API const char* pybn_cpu_isas(void);
  *  Not meant to be called while other threads run pybn kernels. */
 PYBN_API pybn_status pybn_set_cpu_isa(const char* name);
 /** Threads the CPU kernels use: n >= 1, or 0 for the default (OMP_NUM_THREADS, else the number
- *  of cores). Results are bitwise identical for every thread count. */
+ *  of cores); n < 0: PYBN_ERROR_INVALID_VALUE. Results are bitwise identical for every thread
+ *  count. */
 PYBN_API pybn_status pybn_set_num_threads(int n);
 /** The thread count the CPU kernels use now. */
 PYBN_API int pybn_get_num_threads(void);
@@ -387,14 +393,15 @@ typedef struct pybn_forward_params {
     double renorm_d_max;
     void* save_renorm_r;
     void* save_renorm_d;
-    /* Ghost (virtual) batches (Hoffer et al. 2017; Keras's virtual_batch_size), training with
+    /* Ghost (virtual) batches (Hoffer et al. 2017; cf. Keras's virtual_batch_size, which groups
+     * strided samples: see docs/conventions.md for the exact mapping), training with
      * batch statistics only: the view's outer rows are split into virtual_batches = G equal,
      * contiguous groups (outer must be a multiple of G; with the batch axis outermost, each
      * group is outer / G consecutive samples), and each group is normalised with its own
      * statistics. save_mean / save_invstd then hold G x C values (row g: group g), what
      * pybn_backward_v2 takes with the same virtual_batches. The running statistics are updated
      * once per call: mean_batch is the average of the group means, var_batch the average of the
-     * group variances M2_g / (n_g - running_var_correction) (as Keras does). Each group needs
+     * group variances M2_g / (n_g - running_var_correction) (Keras's rule). Each group needs
      * the values per channel a training batch needs. 0 or 1: one batch (default 0). Not with
      * given statistics or batch renormalisation.                                              */
     int64_t virtual_batches;
