@@ -646,7 +646,15 @@ class _BackwardCall:
         return self.dx.finish(), dgamma, dbeta
 
 
-@_on_device
+def _fast_backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, activation=None, y=None,
+                   dresidual=None, renorm=None):
+    """The Cython fast path of batchnorm_backward (_core.fast_backward) without fused options."""
+    if activation is None and y is None and dresidual is None and renorm is None:
+        return _core.fast_backward(dy, x, mean, invstd, gamma, training, axis, out)
+    return None
+
+
+@functools.partial(_on_device, fast=_fast_backward)
 def batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
                        gamma: Optional[Array] = None, *, training: bool = True, axis: int = 1,
                        out: Optional[Array] = None, activation: Optional[str] = None,
@@ -884,6 +892,9 @@ def merge_stats(count: Array, mean: Array, m2: Array) -> Tuple[Array, Array, Arr
     >>> print(count, mean, m2)
     [4. 4. 4.] [4.5 5.5 6.5] [45. 45. 45.]
     """
+    for name, a in (("count", count), ("mean", mean), ("m2", m2)):
+        if a is None:
+            raise TypeError(f"{name} is required: a (K, C) float64 array")
     backend = backend_of((("count", count), ("mean", mean), ("m2", m2)))
     parts = []
     count, mean, m2 = (backend.adopt(a) for a in (count, mean, m2))

@@ -611,3 +611,113 @@ def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, 
     if save:
         return y, smean, sinvstd
     return y
+
+
+cdef Py_buffer* _like(_Buffers bufs, object a, Py_buffer* bx, int code, bint writable) except? NULL:
+    """a's buffer when a is a C-contiguous ndarray of x's shape and dtype, else NULL."""
+    if type(a) is not _ndarray:
+        return NULL
+    cdef Py_buffer* b
+    try:
+        b = bufs.get(a, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0))
+    except (BufferError, ValueError, TypeError):
+        return NULL
+    if b.ndim != bx.ndim or _code_of(b.format, b.itemsize) != code:
+        return NULL
+    cdef int i
+    for i in range(b.ndim):
+        if b.shape[i] != bx.shape[i]:
+            return NULL
+    return b
+
+
+def fast_backward(dy, x, mean, invstd, gamma, training, axis, out):
+    """The fast path of batchnorm_backward without the fused options: (dx, dgamma, dbeta), or
+    None when the general path must run (see fast_forward)."""
+    if type(x) is not _ndarray or not (training is True or training is False) or type(axis) is not int:
+        return None
+    if mean is None or invstd is None:
+        return None
+    cdef _Buffers bufs = _Buffers()
+    cdef Py_buffer* bx
+    try:
+        bx = bufs.get(x, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS)
+    except (BufferError, ValueError, TypeError):
+        return None
+    cdef int code = _code_of(bx.format, bx.itemsize)
+    cdef int nd = bx.ndim
+    if code < 0 or nd < 2:
+        return None
+    cdef int ax = axis
+    if ax < -nd or ax >= nd:
+        return None
+    if ax < 0:
+        ax += nd
+    cdef int64_t outer = 1, inner = 1
+    cdef int i
+    for i in range(ax):
+        outer *= bx.shape[i]
+    for i in range(ax + 1, nd):
+        inner *= bx.shape[i]
+    cdef int64_t C = bx.shape[ax]
+    cdef Py_buffer* bdy = _like(bufs, dy, bx, code, False)
+    if bdy == NULL:
+        return None
+    cdef pybn_backward_params p
+    p.size = sizeof(pybn_backward_params)
+    p.training = 1 if training else 0
+    p.activation = 0
+    p.count = NULL
+    p.sum_dy = NULL
+    p.sum_dy_xmu = NULL
+    p.sum_xmu = NULL
+    p.y = NULL
+    p.dresidual = NULL
+    p.renorm_r = NULL
+    p.renorm_d = NULL
+    p.virtual_batches = 0
+    cdef void* ptr
+    if mean.__class__ is not _ndarray or getattr(mean, "ndim", 0) != 1:
+        return None  # 2-D: ghost-batch statistics, the general path
+    if not _per_channel_ok(bufs, mean, C, code, False, &ptr):
+        return None
+    p.mean = ptr
+    if not _per_channel_ok(bufs, invstd, C, code, False, &ptr):
+        return None
+    p.invstd = ptr
+    if not _per_channel_ok(bufs, gamma, C, code, False, &ptr):
+        return None
+    p.gamma = ptr
+    cdef int nin = bufs.n  # x, dy, mean, invstd (, gamma)
+    if out is None:
+        dx = (_pool_empty if bx.len >= _pool_threshold and _pool_empty is not None else _np_empty)(
+            x.shape, x.dtype)
+    elif out is x or out is dy or type(out) is _ndarray:
+        dx = out
+    else:
+        return None
+    cdef Py_buffer* bdx = _like(bufs, dx, bx, code, True)
+    if bdx == NULL:
+        return None
+    cdef int k
+    for k in range(nin):  # dx overlaps nothing but, exactly, dy or x (as the general path)
+        if (k == 0 and out is x) or (k == 1 and out is dy):
+            continue
+        if not _disjoint(bdx, &bufs.b[k]):
+            return None
+    pd = _np.float64 if code == PYBN_FLOAT64 else _np.float32
+    dgamma, dbeta = _np_empty(C, pd), _np_empty(C, pd)
+    cdef Py_buffer* bs = bufs.get(dgamma, PyBUF_ND | PyBUF_WRITABLE)
+    p.dgamma = bs.buf
+    bs = bufs.get(dbeta, PyBUF_ND | PyBUF_WRITABLE)
+    p.dbeta = bs.buf
+    cdef pybn_view v
+    v.outer, v.channels, v.inner, v.dtype = outer, C, inner, code
+    cdef pybn_status st
+    with nogil:
+        st = pybn_backward_v2(v, bdy.buf, bx.buf, bdx.buf, &p)
+    if st == PYBN_ERROR_OUT_OF_MEMORY or st == PYBN_ERROR_INTERNAL:
+        _check(st)
+    if st != PYBN_SUCCESS:
+        return None
+    return dx, dgamma, dbeta

@@ -503,6 +503,16 @@ def sync_batchnorm_backward(dy: Array, x: Array, mean: Array, invstd: Array,
         be = backend_of((("x", x), ("dy", dy), ("y", y), ("dresidual", dresidual)))
         xp = be.xp
         _check_channels(x, axis, channels)
+        # y and dresidual checked here, before the exchange and before dy is masked (as the
+        # one-process backward does): dtype and shape of x, dresidual writable and overlapping
+        # nothing but (possibly) dy
+        cx0 = _api._prepare(x, axis, ())
+        if y is not None:
+            cx0.like_x("y", y)
+        if dresidual is not None:
+            cx0.output(dresidual, (("dy", dy if out is not dy else None), ("x", x), ("y", y), ("out", out),
+                                   ("mean", mean), ("invstd", invstd), ("gamma", gamma)), in_place=(dy,),
+                       name="dresidual")
         if _api.check_activation(activation) != 0:
             if y is None:
                 raise ValueError(f"activation={activation!r} needs y, the forward's output (the mask is y > 0)")

@@ -29,3 +29,13 @@ def test_quick_benchmark_subset_writes_table_json_and_plots(tmp_path):
     assert result["environment"]["cpu_isa"] and result["copy_bandwidth_GBps"]["cpu"] > 0
     for png in ("roofline.png", "speedup_cpu.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_loop_benchmark_runs_and_writes_json(tmp_path):
+    loop = BENCH.parent / "train_loop.py"
+    run = subprocess.run([sys.executable, str(loop), "--shape", "8x4x16x16", "--steps", "3", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "train_loop.json").read_text())
+    assert set(result["ratio"]) == {"train", "backward", "infer"} and all(v > 0 for v in result["ratio"].values())
+    assert "fresh / out=" in run.stdout and "pool:" in run.stdout

@@ -118,6 +118,16 @@ def test_errors_change_nothing(rng):
     np.testing.assert_array_equal(rv, 1)
     np.testing.assert_array_equal(bn.running_mean, 0)
     assert bn.num_batches_tracked == 0
+    # the backward checks y and dresidual before the exchange: nothing written on error
+    y, m, r = sync_batchnorm_forward(x, comm=MPI.COMM_SELF)
+    dy, out = np.ones_like(x), np.full_like(x, 7)
+    with pytest.raises((TypeError, ValueError), match="dresidual must have the dtype of x"):
+        sync_batchnorm_backward(dy, x, m, r, comm=MPI.COMM_SELF, out=out, dresidual=np.zeros((4, 3)))
+    with pytest.raises((TypeError, ValueError), match="dresidual must have the shape of x"):
+        sync_batchnorm_backward(dy, x, m, r, comm=MPI.COMM_SELF, out=out, dresidual=np.zeros((4, 4), np.float32))
+    with pytest.raises((TypeError, ValueError), match="y must have the dtype of x"):
+        sync_batchnorm_backward(dy, x, m, r, comm=MPI.COMM_SELF, out=out, activation="relu", y=y.astype(np.float64))
+    assert (out == 7).all()
 
 
 def test_nccl_needs_cuda_arrays():

@@ -160,3 +160,10 @@ def test_cuda_arrays_are_refused_clearly_without_cuda_or_cupy():
             pybn.batchnorm(FakeCudaArray((4, 3)))
         return
     pytest.skip("CUDA build with CuPy: GPU behaviour is tested in test_gpu.py")
+
+
+def test_merge_stats_without_an_array_is_a_type_error():
+    m = np.zeros((2, 3))
+    for args in ((None, m, m), (m, None, m), (m, m, None)):
+        with pytest.raises(TypeError, match="is required: a \\(K, C\\) float64 array"):
+            pybn.merge_stats(*args)
