@@ -138,7 +138,7 @@ int64_t llc_bytes() {
 }
 }  // namespace
 
-bool stream_output(int64_t bytes) { return bytes > 4 * cache_budget(); }
+bool stream_output(int64_t bytes) { return bytes > 2 * cache_budget(); }
 
 // A quarter of the last-level cache (measured best: bench/NOTES.md), or PYBN_CACHE_BUDGET bytes (a tuning and testing knob: a small value
 // forces channel groups and non-temporal stores on small tensors).

@@ -87,8 +87,9 @@ const KernelTable& kernels();
 // Bytes of data the fused kernels keep in the cache between their two sweeps: a quarter of the
 // last-level cache, or the environment variable PYBN_CACHE_BUDGET.
 int64_t cache_budget();
-// True when an output of `bytes` should bypass the caches: larger than 4 * cache_budget() (the
-// whole last-level cache by default), it could not stay cached anyway and would evict the inputs.
+// True when an output of `bytes` should bypass the caches: larger than 2 * cache_budget() (half
+// the last-level cache by default), the sweep's working set (its input and its output) does not
+// fit, and write-allocating the output would evict the input (bench/NOTES.md, step 27).
 bool stream_output(int64_t bytes);
 
 // Heap memory for kernel temporaries (uninitialised), defined in a baseline unit so that the
