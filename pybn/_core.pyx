@@ -499,6 +499,31 @@ cdef bint _disjoint(Py_buffer* a, Py_buffer* b) noexcept:
     return pa + a.len <= pb or pb + b.len <= pa
 
 
+cdef bint _host_view(_Buffers bufs, object x, object axis, pybn_view* v) except -1:
+    """x's buffer (bufs.b[0]) and canonical view when x is a C-contiguous native float32 /
+    float64 / float16 array of >= 2 dimensions and axis a valid int; else False."""
+    cdef Py_buffer* bx
+    try:
+        bx = bufs.get(x, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS)
+    except (BufferError, ValueError, TypeError):  # not a plain native-dtype buffer
+        return False
+    cdef int code = _code_of(bx.format, bx.itemsize)
+    cdef int nd = bx.ndim, ax, i
+    if code < 0 or nd < 2:
+        return False
+    ax = axis
+    if ax < -nd or ax >= nd:
+        return False
+    if ax < 0:
+        ax += nd
+    v.outer, v.channels, v.inner, v.dtype = 1, bx.shape[ax], 1, code
+    for i in range(ax):
+        v.outer *= bx.shape[i]
+    for i in range(ax + 1, nd):
+        v.inner *= bx.shape[i]
+    return True
+
+
 def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
                  correction, bint save):
     """The fast path of batchnorm (save=False: returns y) and batchnorm_forward (save=True:
@@ -510,27 +535,12 @@ def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, 
     if correction != 0 and correction != 1:
         return None
     cdef _Buffers bufs = _Buffers()
-    cdef Py_buffer* bx
-    try:
-        bx = bufs.get(x, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS)
-    except (BufferError, ValueError, TypeError):  # not a plain native-dtype buffer
+    cdef pybn_view v
+    if not _host_view(bufs, x, axis, &v):
         return None
-    cdef int code = _code_of(bx.format, bx.itemsize)
-    cdef int nd = bx.ndim
-    if code < 0 or nd < 2:
-        return None
-    cdef int ax = axis
-    if ax < -nd or ax >= nd:
-        return None
-    if ax < 0:
-        ax += nd
-    cdef int64_t outer = 1, inner = 1
-    cdef int i
-    for i in range(ax):
-        outer *= bx.shape[i]
-    for i in range(ax + 1, nd):
-        inner *= bx.shape[i]
-    cdef int64_t C = bx.shape[ax]
+    cdef Py_buffer* bx = &bufs.b[0]
+    cdef int code = v.dtype, nd = bx.ndim, i
+    cdef int64_t C = v.channels
     cdef pybn_forward_params p
     p.size = sizeof(pybn_forward_params)
     p.training = 1 if training else 0
@@ -599,8 +609,6 @@ def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, 
         p.save_mean = bs.buf
         bs = bufs.get(sinvstd, PyBUF_ND | PyBUF_WRITABLE)
         p.save_invstd = bs.buf
-    cdef pybn_view v
-    v.outer, v.channels, v.inner, v.dtype = outer, C, inner, code
     cdef pybn_status st
     with nogil:
         st = pybn_forward_v2(v, bx.buf, by.buf, &p)
@@ -639,27 +647,12 @@ def fast_backward(dy, x, mean, invstd, gamma, training, axis, out):
     if mean is None or invstd is None:
         return None
     cdef _Buffers bufs = _Buffers()
-    cdef Py_buffer* bx
-    try:
-        bx = bufs.get(x, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS)
-    except (BufferError, ValueError, TypeError):
+    cdef pybn_view v
+    if not _host_view(bufs, x, axis, &v):
         return None
-    cdef int code = _code_of(bx.format, bx.itemsize)
-    cdef int nd = bx.ndim
-    if code < 0 or nd < 2:
-        return None
-    cdef int ax = axis
-    if ax < -nd or ax >= nd:
-        return None
-    if ax < 0:
-        ax += nd
-    cdef int64_t outer = 1, inner = 1
-    cdef int i
-    for i in range(ax):
-        outer *= bx.shape[i]
-    for i in range(ax + 1, nd):
-        inner *= bx.shape[i]
-    cdef int64_t C = bx.shape[ax]
+    cdef Py_buffer* bx = &bufs.b[0]
+    cdef int code = v.dtype, nd = bx.ndim, i
+    cdef int64_t C = v.channels
     cdef Py_buffer* bdy = _like(bufs, dy, bx, code, False)
     if bdy == NULL:
         return None
@@ -711,8 +704,6 @@ def fast_backward(dy, x, mean, invstd, gamma, training, axis, out):
     p.dgamma = bs.buf
     bs = bufs.get(dbeta, PyBUF_ND | PyBUF_WRITABLE)
     p.dbeta = bs.buf
-    cdef pybn_view v
-    v.outer, v.channels, v.inner, v.dtype = outer, C, inner, code
     cdef pybn_status st
     with nogil:
         st = pybn_backward_v2(v, bdy.buf, bx.buf, bdx.buf, &p)
