@@ -62,10 +62,6 @@ template <class P> struct GhostSumsStep {
     __device__ void operator()(int64_t c) const { ghost_backward_channel(args, groups, c, sums); }
 };
 
-int64_t ghost_groups(const pybn_backward_params& p, BackwardMode mode) {
-    return mode == BackwardMode::fused && p.virtual_batches > 1 ? p.virtual_batches : 1;
-}
-
 size_t backward_workspace(const pybn_view& v, const pybn_backward_params& p, BackwardMode mode) {
     return workspace_bytes(v, [&](auto t, Workspace& ws) {
         using T = decltype(t);

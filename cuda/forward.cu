@@ -60,10 +60,6 @@ template <class P> struct InferStep {
     __device__ void operator()(int64_t c) const { infer_channel(args, c); }
 };
 
-int64_t ghost_groups(const pybn_forward_params& p, ForwardMode mode) {
-    return mode == ForwardMode::train && p.virtual_batches > 1 ? p.virtual_batches : 1;
-}
-
 size_t forward_workspace(const pybn_view& v, const pybn_forward_params& p, ForwardMode mode) {
     return workspace_bytes(v, [&](auto t, Workspace& ws) {
         using T = decltype(t);

@@ -373,21 +373,15 @@ class Canonical:
         if a is None:
             return None
         given, a = a, self.backend.adopt(a)
-        if rows:
-            if np.dtype(a.dtype) != self.pdtype:
-                raise TypeError(f"{name} must have dtype {self.pdtype.name} (per-channel dtype for {self.dtype.name} "
-                                f"x), got {dtype_name(a.dtype)}")
-            if tuple(a.shape) != (rows, self.channels):
-                raise ValueError(f"{name} must have shape ({rows}, {self.channels}) (one row per virtual batch), "
-                                 f"got {tuple(a.shape)}")
-            return self.backend.contiguous(a)
         if np.dtype(a.dtype) != self.pdtype:
             raise TypeError(
                 f"{name} must have dtype {self.pdtype.name} (per-channel dtype for {self.dtype.name} x), "
                 f"got {dtype_name(a.dtype)}"
             )
-        if tuple(a.shape) != (self.channels,):
-            raise ValueError(f"{name} must have shape ({self.channels},) (one value per channel), got {tuple(a.shape)}")
+        shape, what = ((rows, self.channels), "one row per virtual batch") if rows else \
+            ((self.channels,), "one value per channel")
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} ({what}), got {tuple(a.shape)}")
         if writable and not self.backend.writable(given):
             raise ValueError(f"{name} is read-only; it is updated in place and must be writable")
         return self.backend.contiguous(a)

@@ -435,6 +435,14 @@ def _set_output_allocator(empty, Py_ssize_t threshold):
     _pool_threshold = threshold
 
 
+cdef object _new_like(object x, Py_ssize_t nbytes):
+    """A new C-contiguous array of x's shape and dtype: from the pool when it is large enough
+    (the pool's own threshold, so that small outputs skip a Python-level call)."""
+    if nbytes >= _pool_threshold and _pool_empty is not None:
+        return _pool_empty(x.shape, x.dtype)
+    return _np_empty(x.shape, x.dtype)
+
+
 cdef int _code_of(const char* fmt, Py_ssize_t itemsize) noexcept:
     # native NumPy formats: "f" float32, "d" float64, "e" float16 (a leading "=" or "@" is native)
     if fmt == NULL:
@@ -578,8 +586,7 @@ def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, 
     cdef int k
     cdef Py_buffer* by
     if out is None:
-        y = (_pool_empty if bx.len >= _pool_threshold and _pool_empty is not None else _np_empty)(
-            x.shape, x.dtype)
+        y = _new_like(x, bx.len)
     elif out is x:
         y = x  # in place
     elif type(out) is _ndarray:
@@ -683,8 +690,7 @@ def fast_backward(dy, x, mean, invstd, gamma, training, axis, out):
     p.gamma = ptr
     cdef int nin = bufs.n  # x, dy, mean, invstd (, gamma)
     if out is None:
-        dx = (_pool_empty if bx.len >= _pool_threshold and _pool_empty is not None else _np_empty)(
-            x.shape, x.dtype)
+        dx = _new_like(x, bx.len)
     elif out is x or out is dy or type(out) is _ndarray:
         dx = out
     else:

@@ -128,13 +128,11 @@ class Pool:
         with self._lock:
             self._in_use -= size
             self._in_use_blocks -= 1
-            keep = self._kept + size <= self._limit
-            if keep:
+            if self._kept + size <= self._limit:
                 self._free.setdefault(size, []).append(block)
                 self._kept += size
-        # not kept: the mapping goes when its last reference does (the dying array still holds
-        # its buffer while this runs, so it cannot be closed here)
-        del block
+        # not kept: the mapping goes with its last reference (the dying array still holds its
+        # buffer while this runs, so it cannot be closed here)
 
     def _trim_locked(self) -> List[mmap.mmap]:
         """Drops kept blocks (largest first) until they fit the limit; returns them to close."""

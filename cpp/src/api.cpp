@@ -39,7 +39,7 @@ template <class P> class ForwardOutputs {
             if (k < 2)  // running statistics are read and updated
                 copy_[k].assign(static_cast<const P*>(dst_[k]), static_cast<const P*>(dst_[k]) + C);
             else  // saved values: one row per ghost batch
-                copy_[k].resize(static_cast<size_t>(C * (p.virtual_batches > 1 ? p.virtual_batches : 1)));
+                copy_[k].resize(static_cast<size_t>(C * ghost_groups(p, mode)));
         }
         void** redirect[kOutputs] = {&params_.running_mean, &params_.running_var,   &params_.save_mean,
                                      &params_.save_invstd,  &params_.save_renorm_r, &params_.save_renorm_d};
@@ -118,8 +118,8 @@ pybn_status forward_impl(const char* fn, const pybn_view& v, const void* x, void
     if (mode == ForwardMode::given_stats) PYBN_CHECK(check_counts(fn, C, p.count, double(train_minimum(p))));
     ForwardOutputs<P> outputs(C, p, mode);
     const cpu::OutputOps ops{p.activation, p.residual};
-    if (mode == ForwardMode::train && p.virtual_batches > 1) {
-        if (C > 0) PYBN_CHECK(ghost_forward(v, x, y, outputs.args(C, nullptr), p.virtual_batches, ops));
+    if (ghost_groups(p, mode) > 1) {
+        if (C > 0) PYBN_CHECK(ghost_forward(v, x, y, outputs.args(C, nullptr), ghost_groups(p, mode), ops));
     } else if (mode == ForwardMode::train) {
         const TrainEpilogue<P> epilogue(outputs.args(C, nullptr), double(per_channel(v)));
         if (C > 0) PYBN_CHECK(cpu::kernels().forward_train(v, x, y, epilogue, ops));
@@ -194,8 +194,8 @@ pybn_status backward_impl(const char* fn, const pybn_view& v, const void* dy, co
     args.p.dgamma = dg.data();  // written back after the kernel
     args.p.dbeta = db.data();
     const cpu::GradOps ops{p.activation, p.y, p.dresidual};
-    if (mode == BackwardMode::fused && p.virtual_batches > 1) {
-        if (C > 0) PYBN_CHECK(ghost_backward(v, dy, x, dx, args, p.virtual_batches, ops));
+    if (ghost_groups(p, mode) > 1) {
+        if (C > 0) PYBN_CHECK(ghost_backward(v, dy, x, dx, args, ghost_groups(p, mode), ops));
     } else if (mode == BackwardMode::fused) {
         const SumsEpilogue<P> epilogue(args);
         if (has_values(v)) {

@@ -71,6 +71,13 @@ pybn_status check_train_count(const char* fn, const pybn_view& v, int64_t minimu
     return PYBN_SUCCESS;
 }
 
+int64_t ghost_groups(const pybn_forward_params& p, ForwardMode mode) {
+    return mode == ForwardMode::train && p.virtual_batches > 1 ? p.virtual_batches : 1;
+}
+int64_t ghost_groups(const pybn_backward_params& p, BackwardMode mode) {
+    return mode == BackwardMode::fused && p.virtual_batches > 1 ? p.virtual_batches : 1;
+}
+
 pybn_view group_view(const pybn_view& v, int64_t virtual_batches) {
     pybn_view g = v;
     if (virtual_batches > 1) g.outer = v.outer / virtual_batches;

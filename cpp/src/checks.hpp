@@ -39,6 +39,10 @@ pybn_status check_virtual_batches(const char* fn, const pybn_view& v, int64_t vi
 // What a backward call computes: reduce dy and x itself, or use the given sums.
 enum class BackwardMode { fused, given_sums };
 BackwardMode backward_mode(const pybn_backward_params& p);
+// The ghost batches of a validated call: params.virtual_batches where it applies (training with
+// batch statistics, the fused backward), else 1.
+int64_t ghost_groups(const pybn_forward_params& p, ForwardMode mode);
+int64_t ghost_groups(const pybn_backward_params& p, BackwardMode mode);
 
 // How an entry point checks its pointers: `required` ones (non-NULL; for CUDA also device-
 // accessible) and `optional` ones (may be NULL; for CUDA device-accessible when not).

@@ -60,16 +60,9 @@ const KernelTable* initial() {
     for (const Isa& isa : kIsas)
         if (std::strcmp(isa.table().isa, want) == 0 && isa.supported()) return &isa.table();
     static std::atomic<bool> warned{false};
-    if (!warned.exchange(true)) {
-        char names[64] = "";
-        for (const Isa& isa : kIsas)
-            if (isa.supported()) {
-                if (names[0]) std::strncat(names, ",", sizeof(names) - std::strlen(names) - 1);
-                std::strncat(names, isa.table().isa, sizeof(names) - std::strlen(names) - 1);
-            }
+    if (!warned.exchange(true))
         std::fprintf(stderr, "pybn: warning: PYBN_CPU_ISA=%s is not a CPU path this machine supports (%s); using %s\n",
-                     want, names, best()->isa);
-    }
+                     want, pybn_cpu_isas(), best()->isa);
     return best();
 }
 
