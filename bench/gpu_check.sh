@@ -30,7 +30,7 @@ fi
 python -c "import pybn; assert pybn.has_cuda(); print('pybn', pybn.__version__, 'CUDA build')" | tee -a "$out/summary.txt"
 
 log "GPU tests"
-(cd tests && timeout 300 python -m pytest -ra -q test_gpu.py test_distributed.py test_abi_v2.py test_cuda_host.py) \
+(cd tests && timeout 300 python -m pytest -ra -q test_gpu.py test_distributed.py test_abi_v2.py test_cuda_host.py test_cuda_sass.py) \
   > "$out/tests.log" 2>&1 || status=1
 tail -15 "$out/tests.log" | tee -a "$out/summary.txt"
 

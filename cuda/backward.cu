@@ -11,21 +11,48 @@ namespace {
 // dx = a * g + b * (x - mean) + c, coef = [mean | a | b | c]; x == nullptr: dx = a * g. g = dy,
 // masked by y > 0 behind a ReLU (y != nullptr); dres (may be null) receives g; dx may be null.
 template <class T> struct BackwardOp {
+    using A = acc_t<T>;
     const T *dy, *x;
     T* dx;
-    const acc_t<T>* coef;
+    const A* coef;
     int64_t C;
     const T* y;
     T* dres;
-    int64_t group_elems = 0;  // ghost batches: values per group, each with its 4 x C coefficients
-    __device__ void operator()(int64_t e, int64_t c) const {
-        acc_t<T> g = load(dy[e]);
-        if (y && !(load(y[e]) > acc_t<T>(0))) g = acc_t<T>(0);
-        if (dres) dres[e] = store<T>(g);
+    template <int V> struct Unit { Vec<T, V> dy, x, y; };
+    template <int V> __device__ Unit<V> fetch(int64_t e) const {
+        Unit<V> u;
+        u.dy = load_vec<V>(dy + e);
+        if (x && dx) u.x = load_vec<V>(x + e);
+        if (y) u.y = load_vec<V>(y + e);
+        return u;
+    }
+    template <int V, bool Cols> __device__ void put(int64_t e, int64_t c, const Unit<V>& u) const {
+        Vec<T, V> g, out;
+        PYBN_UNROLL
+        for (int l = 0; l < V; ++l) {
+            A gl = load(u.dy.v[l]);
+            if (y && !(load(u.y.v[l]) > A(0))) gl = A(0);
+            g.v[l] = store<T>(gl);
+        }
+        if (dres) store_vec<V>(dres + e, g);
         if (!dx) return;
-        const acc_t<T>* k = group_elems ? coef + (e / group_elems) * 4 * C : coef;
-        const acc_t<T> ag = k[C + c] * g;
-        dx[e] = store<T>(x ? ag + k[2 * C + c] * (load(x[e]) - k[c]) + k[3 * C + c] : ag);
+        if constexpr (Cols) {  // consecutive channels: the coefficients as vectors too
+            const Vec<A, V> m = load_vec<V>(coef + c), a = load_vec<V>(coef + C + c);
+            const Vec<A, V> b = load_vec<V>(coef + 2 * C + c), k = load_vec<V>(coef + 3 * C + c);
+            PYBN_UNROLL
+            for (int l = 0; l < V; ++l) out.v[l] = value(u, l, m.v[l], a.v[l], b.v[l], k.v[l]);
+        } else {
+            const A m = coef[c], a = coef[C + c], b = coef[2 * C + c], k = coef[3 * C + c];
+            PYBN_UNROLL
+            for (int l = 0; l < V; ++l) out.v[l] = value(u, l, m, a, b, k);
+        }
+        store_vec<V>(dx + e, out);
+    }
+    template <int V> __device__ T value(const Unit<V>& u, int l, A m, A a, A b, A k) const {
+        A g = load(u.dy.v[l]);
+        if (y && !(load(u.y.v[l]) > A(0))) g = A(0);
+        const A ag = a * g;
+        return store<T>(x ? ag + b * (load(u.x.v[l]) - m) + k : ag);
     }
 };
 
@@ -85,27 +112,35 @@ pybn_status launch_backward(const char* fn, const pybn_view& v, const void* dy, 
         const int64_t step = g.outer * C * g.inner;
         const BackwardArgs<P> args{v.channels, p, double(g.outer * g.inner), tmp.coef};
         const T* ymask = p.activation == PYBN_ACTIVATION_RELU ? static_cast<const T*>(p.y) : nullptr;
+        const T* xin = p.training ? static_cast<const T*>(x) : nullptr;
+        const int vec = vec_width<T>(v, {dy, x, dx, ymask, p.dresidual});
         if (G > 1) {  // ghost batches: the groups' sums, then one step per channel
             for (int64_t i = 0; i < G && st == PYBN_SUCCESS; ++i) {
                 const typename SumsReducer<T>::Inputs in{static_cast<const T*>(dy) + i * step,
                                                          static_cast<const T*>(x) + i * step,
                                                          static_cast<const P*>(p.mean) + i * C,
                                                          ymask ? ymask + i * step : nullptr};
-                st = run_reduce<SumsReducer<T>>(fn, g, in, StoreSums{tmp.stats + 3 * i * C, C}, tmp.parts, stream);
+                st = run_reduce<SumsReducer<T>>(fn, g, in, vec, StoreSums{tmp.stats + 3 * i * C, C}, tmp.reduce,
+                                                stream);
             }
             if (st == PYBN_SUCCESS) st = run_per_channel(fn, C, GhostSumsStep<P>{args, G, tmp.stats}, stream);
         } else if (mode == BackwardMode::fused) {
             const typename SumsReducer<T>::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
                                                      static_cast<const P*>(p.mean), ymask};
-            st = run_reduce<SumsReducer<T>>(fn, v, in, SumsEpilogue<P>{args}, tmp.parts, stream);
+            st = run_reduce<SumsReducer<T>>(fn, v, in, vec, SumsEpilogue<P>{args}, tmp.reduce, stream);
         } else {
             st = run_per_channel(fn, v.channels, GivenSumsStep<P>{args}, stream);
         }
-        if (st != PYBN_SUCCESS || (dx == nullptr && p.dresidual == nullptr)) return;
-        const BackwardOp<T> op{static_cast<const T*>(dy), p.training ? static_cast<const T*>(x) : nullptr,
-                               static_cast<T*>(dx), tmp.coef, v.channels, ymask, static_cast<T*>(p.dresidual),
-                               G > 1 ? step : 0};
-        st = run_elementwise(fn, v, op, stream);
+        if (dx == nullptr && p.dresidual == nullptr) return;
+        // the sweep, a launch per ghost batch (each with its coefficients)
+        for (int64_t i = 0; i < G && st == PYBN_SUCCESS; ++i) {
+            const int64_t off = G > 1 ? i * step : 0;
+            T* dres = static_cast<T*>(p.dresidual);
+            const BackwardOp<T> op{static_cast<const T*>(dy) + off, xin ? xin + off : nullptr,
+                                   dx ? static_cast<T*>(dx) + off : nullptr, tmp.coef + 4 * i * C, C,
+                                   ymask ? ymask + off : nullptr, dres ? dres + off : nullptr};
+            st = run_elementwise<T>(fn, G > 1 ? g : v, vec, op, stream);
+        }
     }));
     return st;
 }

@@ -10,19 +10,39 @@ namespace {
 // y = activation(((x - hi) - lo) * scale + shift + z), coef = [hi | lo | scale | shift] (see
 // formulas.hpp); z: the residual, or nullptr; relu: max(0, v) with NaN kept (as on the CPU).
 template <class T> struct NormalizeOp {
+    using A = acc_t<T>;
     const T* x;
     T* y;
-    const acc_t<T>* coef;
+    const A* coef;
     int64_t C;
     const T* z;
     bool relu;
-    int64_t group_elems = 0;  // ghost batches: values per group, each with its 4 x C coefficients
-    __device__ void operator()(int64_t e, int64_t c) const {
-        const acc_t<T>* k = group_elems ? coef + (e / group_elems) * 4 * C : coef;
-        acc_t<T> v = ((load(x[e]) - k[c]) - k[C + c]) * k[2 * C + c] + k[3 * C + c];
-        if (z) v = v + load(z[e]);
-        if (relu && v < acc_t<T>(0)) v = acc_t<T>(0);
-        y[e] = store<T>(v);
+    template <int V> struct Unit { Vec<T, V> x, z; };
+    template <int V> __device__ Unit<V> fetch(int64_t e) const {
+        Unit<V> u;
+        u.x = load_vec<V>(x + e);
+        if (z) u.z = load_vec<V>(z + e);
+        return u;
+    }
+    template <int V, bool Cols> __device__ void put(int64_t e, int64_t c, const Unit<V>& u) const {
+        Vec<T, V> out;
+        if constexpr (Cols) {  // consecutive channels: the coefficients as vectors too
+            const Vec<A, V> hi = load_vec<V>(coef + c), lo = load_vec<V>(coef + C + c);
+            const Vec<A, V> sc = load_vec<V>(coef + 2 * C + c), sh = load_vec<V>(coef + 3 * C + c);
+            PYBN_UNROLL
+            for (int l = 0; l < V; ++l) out.v[l] = value(u, l, hi.v[l], lo.v[l], sc.v[l], sh.v[l]);
+        } else {
+            const A hi = coef[c], lo = coef[C + c], sc = coef[2 * C + c], sh = coef[3 * C + c];
+            PYBN_UNROLL
+            for (int l = 0; l < V; ++l) out.v[l] = value(u, l, hi, lo, sc, sh);
+        }
+        store_vec<V>(y + e, out);
+    }
+    template <int V> __device__ T value(const Unit<V>& u, int l, A hi, A lo, A sc, A sh) const {
+        A v = ((load(u.x.v[l]) - hi) - lo) * sc + sh;
+        if (z) v = v + load(u.z.v[l]);
+        if (relu && v < A(0)) v = A(0);
+        return store<T>(v);
     }
 };
 
@@ -81,26 +101,30 @@ pybn_status launch_forward(const char* fn, const pybn_view& v, const void* x, vo
         const NormalizeArgs<P> args{v.channels, p, tmp.coef};
         const pybn_view g = group_view(v, G);
         const int64_t step = g.outer * C * g.inner;
+        const int vec = vec_width<T>(v, {x, y, p.residual});
         if (G > 1) {  // ghost batches: the groups' statistics, then one step per channel
             for (int64_t i = 0; i < G && st == PYBN_SUCCESS; ++i)
-                st = run_reduce<StatsReducer<T>>(fn, g, {static_cast<const T*>(x) + i * step},
-                                                 StoreMoments{tmp.stats + i * C, tmp.stats + (G + i) * C}, tmp.parts,
+                st = run_reduce<StatsReducer<T>>(fn, g, {static_cast<const T*>(x) + i * step}, vec,
+                                                 StoreMoments{tmp.stats + i * C, tmp.stats + (G + i) * C}, tmp.reduce,
                                                  stream);
             if (st == PYBN_SUCCESS)
                 st = run_per_channel(fn, C, GhostStep<P>{args, G, double(g.outer * g.inner), tmp.stats,
                                                          tmp.stats + G * C}, stream);
         } else if (mode == ForwardMode::train)
-            st = run_reduce<StatsReducer<T>>(fn, v, {static_cast<const T*>(x)}, TrainEpilogue<P>{args}, tmp.parts,
-                                             stream);
+            st = run_reduce<StatsReducer<T>>(fn, v, {static_cast<const T*>(x)}, vec, TrainEpilogue<P>{args},
+                                             tmp.reduce, stream);
         else if (mode == ForwardMode::given_stats)
             st = run_per_channel(fn, v.channels, GivenStatsStep<P>{args}, stream);
         else
             st = run_per_channel(fn, v.channels, InferStep<P>{args}, stream);
-        if (st != PYBN_SUCCESS) return;
-        const NormalizeOp<T> op{static_cast<const T*>(x), static_cast<T*>(y), tmp.coef, v.channels,
-                                static_cast<const T*>(p.residual), p.activation == PYBN_ACTIVATION_RELU,
-                                G > 1 ? step : 0};
-        st = run_elementwise(fn, v, op, stream);
+        // the sweep, a launch per ghost batch (each with its coefficients)
+        for (int64_t i = 0; i < G && st == PYBN_SUCCESS; ++i) {
+            const int64_t off = G > 1 ? i * step : 0;
+            const T* z = static_cast<const T*>(p.residual);
+            const NormalizeOp<T> op{static_cast<const T*>(x) + off, static_cast<T*>(y) + off, tmp.coef + 4 * i * C,
+                                    C, z ? z + off : nullptr, p.activation == PYBN_ACTIVATION_RELU};
+            st = run_elementwise<T>(fn, G > 1 ? g : v, vec, op, stream);
+        }
     }));
     return st;
 }

@@ -32,12 +32,10 @@ struct MergeChannel {
     __device__ void operator()(int64_t c) const { merge_channel(k, channels, c, counts, means, m2s, count, mean, m2); }
 };
 
-// One workspace size for both reductions: the partials of the larger Part.
+// One workspace size for both reductions: the temporaries of the larger Part.
 static_assert(sizeof(Moments) >= sizeof(Sums), "the reduction workspace is sized for Moments");
 size_t reduce_workspace(const pybn_view& v) {
-    Workspace sizing(nullptr, 0);
-    sizing.take<Moments>(size_t(v.channels * plan_reduce(v).chunks));
-    return sizing.used();
+    return workspace_bytes(v, [&](auto t, Workspace& ws) { reduce_temps<StatsReducer<decltype(t)>>(v, ws); });
 }
 
 pybn_status launch_batch_stats(const char* fn, const pybn_view& v, const void* x, double* count, double* mean,
@@ -45,10 +43,11 @@ pybn_status launch_batch_stats(const char* fn, const pybn_view& v, const void* x
     clear_stale_error();
     pybn_status st = PYBN_SUCCESS;
     PYBN_CHECK(visit_dtype<DeviceStorage>(v.dtype, [&](auto t) {
-        using R = StatsReducer<decltype(t)>;
+        using T = decltype(t);
+        using R = StatsReducer<T>;
         Workspace ws(workspace, bytes);
-        st = run_reduce<R>(fn, v, {static_cast<const decltype(t)*>(x)}, StatsOut{count, mean, m2},
-                           reduce_parts<R>(v, ws), stream);
+        st = run_reduce<R>(fn, v, {static_cast<const T*>(x)}, vec_width<T>(v, {x}), StatsOut{count, mean, m2},
+                           reduce_temps<R>(v, ws), stream);
     }));
     return st;
 }
@@ -64,7 +63,8 @@ pybn_status launch_backward_reduce(const char* fn, const pybn_view& v, const voi
         Workspace ws(workspace, bytes);
         const typename R::Inputs in{static_cast<const T*>(dy), static_cast<const T*>(x),
                                     static_cast<const acc_t<T>*>(mean)};
-        st = run_reduce<R>(fn, v, in, SumsOut{sum_dy, sum_dy_xmu, sum_xmu}, reduce_parts<R>(v, ws), stream);
+        st = run_reduce<R>(fn, v, in, vec_width<T>(v, {dy, x}), SumsOut{sum_dy, sum_dy_xmu, sum_xmu},
+                           reduce_temps<R>(v, ws), stream);
     }));
     return st;
 }
