@@ -211,14 +211,16 @@ def test_cuda_workspace_queries_need_no_gpu():
         return
     assert st == SUCCESS, last_error()
     train = n.value
-    # 4 x 64 float coefficients, then 64 channels x ceil(32 / ceil(16384 / 3136)) = 6 Moments (32 B)
-    assert train == 1024 + 64 * 6 * 32
+    # 4 x 64 float coefficients; then 64 channels x 25 partials (cuda/plan.hpp: blocks of
+    # floor_pow2(6422528 / 1056) = 4096 values, ceil(32 * 3136 / 4096) = 25 a channel) of 32-byte
+    # Moments; then 64 ticket counters (4 B), each region aligned to 256 bytes
+    assert train == 1024 + 64 * 25 * 32 + 64 * 4
     LIB.pybn_cuda_forward_workspace_size(view, ctypes.byref(forward_params(training=0)), ctypes.byref(n))
     assert n.value == 1024
     LIB.pybn_cuda_backward_workspace_size(view, ctypes.byref(backward_params()), ctypes.byref(n))
-    assert n.value == 1024 + 64 * 6 * 24
+    assert n.value == 1024 + 64 * 25 * 24 + 64 * 4  # 24-byte Sums
     LIB.pybn_cuda_reduce_workspace_size(view, ctypes.byref(n))
-    assert n.value == 64 * 6 * 32
+    assert n.value == 64 * 25 * 32 + 64 * 4
     for shape in [(4, 3, 0), (0, 3, 5), (3, 0, 4), (1 << 20, 7, 1)]:  # empty sizes divide by nothing
         assert LIB.pybn_cuda_reduce_workspace_size(View(*shape, 0), ctypes.byref(n)) == SUCCESS
     # a workspace that is too small is refused before anything runs (no GPU touched)
