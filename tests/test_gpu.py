@@ -360,3 +360,71 @@ def test_gpu_ghost_batches_match_cpu(rng, shape, axis, k, relu):
     assert_close(host(dx), dxh, np.float32, what="dx")
     assert_close(host(dg), dgh, np.float32, scale=scale, what="dgamma")
     assert_close(host(db), dbh, np.float32, scale=scale, what="dbeta")
+
+
+# ---- every branch of the launch plans (cuda/plan.hpp; the branches each shape takes are the
+# host simulation's, tests/c/cuda_plan.cpp) ----------------------------------------------------
+
+PLAN_CASES = [
+    ((32, 64, 3136), 1, np.float32, 0),    # NCHW, 16-byte units, 25 partials a channel, fused stage 2
+    ((8, 16, 49), 1, np.float32, 0),       # NCHW, inner 49: scalar units, one block a channel
+    ((1, 4, 224 * 224), 1, np.float32, 0),  # one long row a channel, split over 25 blocks
+    ((32, 64, 3136), 1, np.float32, 1),    # misaligned by one value: scalar units
+    ((9, 8, 64), 1, np.float16, 0),        # 8-value units
+    ((7, 6, 40), 1, np.float64, 0),        # 2-value units
+    ((5000, 3), 1, np.float32, 0),         # channels-last C = 3: tx = 4, 64 rows a step
+    ((100352, 64), 1, np.float32, 0),      # NHWC 32x56x56x64: tx = 16, fused over 98 chunks
+    ((4096, 1024), 1, np.float32, 0),      # BatchNorm1d: 256 chunks, separate finish kernel
+    ((4096, 1024), 1, np.float16, 0),      # 16-bit channels-last: 4-channel (8-byte) units
+    ((300, 37), 1, np.float32, 0),         # C not a multiple of the unit: scalar units
+]
+
+
+def _misaligned(xp, a, offset):
+    """a copy of `a` that starts `offset` values into a fresh buffer (not 16-byte aligned)."""
+    if offset == 0:
+        return xp.asarray(a)
+    buf = xp.zeros(a.size + offset, a.dtype)
+    buf[offset:] = xp.asarray(a).ravel()
+    return buf[offset:].reshape(a.shape)
+
+
+@pytest.mark.parametrize("shape,axis,dtype,offset", PLAN_CASES, ids=lambda c: str(c))
+def test_gpu_every_plan_branch_matches_cpu(rng, shape, axis, dtype, offset):
+    """Forward (training, inference), backward and both reductions on each plan branch: the same
+    method as the CPU, so agreement to a few ulps of the dtype's accumulation."""
+    xh = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dyh = rng.standard_normal(shape).astype(dtype)
+    c = shape[axis]
+    acc = np.float64 if dtype == np.float64 else np.float32
+    gh, bh = rng.uniform(0.5, 2, c).astype(acc), rng.standard_normal(c).astype(acc)
+    outs = {}
+    for dev, xp in (("cpu", np), ("gpu", cp)):
+        x = _misaligned(xp, xh, offset) if dev == "gpu" else xh
+        dy = _misaligned(xp, dyh, offset) if dev == "gpu" else dyh
+        g, b = xp.asarray(gh), xp.asarray(bh)
+        rm, rv = xp.zeros(c, acc), xp.ones(c, acc)
+        y, mean, invstd = pybn.batchnorm_forward(x, g, b, rm, rv, axis=axis)
+        dx, dg, db = pybn.batchnorm_backward(dy, x, mean, invstd, g, axis=axis)
+        yr = pybn.batchnorm(x, g, b, axis=axis, activation="relu", residual=dy)
+        yi = pybn.batchnorm(x, g, b, rm, rv, training=False, axis=axis)
+        stats = pybn.batch_stats(x, axis=axis)
+        outs[dev] = [host(a) if dev == "gpu" else a for a in (y, mean, invstd, rm, rv, dx, dg, db, yr, yi, *stats)]
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for i, (a, b) in enumerate(zip(outs["cpu"], outs["gpu"])):
+        if a.dtype == np.float16:  # one 16-bit rounding apart at most
+            np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32), rtol=2e-3, atol=2e-3,
+                                       err_msg=f"output {i}")
+        else:
+            np.testing.assert_allclose(b, a, rtol=tol, atol=tol, err_msg=f"output {i}")
+
+
+def test_gpu_reduction_with_a_separate_finish_kernel():
+    """One channel of 2^27 values: 8192 partials, more than the last block merges (kFusedMerges),
+    so stage 2 is its own kernel; against float64 statistics computed by CuPy."""
+    x = cp.random.default_rng(3).standard_normal((1, 1, 1 << 27), dtype=cp.float32) * 2 + 5
+    count, mean, m2 = pybn.batch_stats(x, axis=1)
+    xd = x.astype(cp.float64)
+    assert float(count[0]) == 1 << 27
+    np.testing.assert_allclose(float(mean[0]), float(xd.mean()), rtol=1e-12)
+    np.testing.assert_allclose(float(m2[0]), float(((xd - xd.mean()) ** 2).sum()), rtol=1e-9)
