@@ -388,6 +388,7 @@ PYBN_INLINE void write_run(T* out, int64_t n, bool stream, VecF vf, ScalarF sf) 
         for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kOutBytes) != 0; ++i) out[i] = store<T>(sf(i));
         for (; i + L <= n; i += L) vstream_as(out + i, vf(i));
     } else {
+        for (; i + 2 * L <= n; i += 2 * L) vstore2_as(out + i, vf(i), vf(i + L));
         for (; i + L <= n; i += L) vstore_as(out + i, vf(i));
     }
     for (; i < n; ++i) out[i] = store<T>(sf(i));
@@ -409,6 +410,13 @@ PYBN_INLINE void write_cols(T* out, int64_t n, int64_t P, bool stream, VecF vf, 
             out[i] = store<T>(sf(i, j));
         for (; i + L <= n; i += L, step(L)) vstream_as(out + i, vf(i, j));
     } else {
+        for (; i + 2 * L <= n; i += 2 * L) {
+            const vec<acc_t<T>> a = vf(i, j);
+            step(L);
+            const vec<acc_t<T>> b = vf(i + L, j);
+            step(L);
+            vstore2_as(out + i, a, b);
+        }
         for (; i + L <= n; i += L, step(L)) vstore_as(out + i, vf(i, j));
     }
     for (; i < n; ++i, step(1)) out[i] = store<T>(sf(i, j));

@@ -103,12 +103,23 @@ template <class T> PYBN_INLINE vec<acc_t<T>> vload_as(const T* p) {
     if constexpr (kNative<T>) {
         return vload(p);
     } else if constexpr (std::is_same_v<T, bfloat16_t>) {
+        // one zero-extending load and a shift (GCC lowers the vector-extension form below to five
+        // instructions with a cross-lane insert on AVX2); the lanes keep their order
+#if defined(__AVX512F__)
+        // (masked forms: GCC 12 warns on the plain ones' undefined operands)
+        return (vec<float>)_mm512_castsi512_ps(_mm512_maskz_slli_epi32(
+            0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#elif defined(__AVX2__)
+        return (vec<float>)_mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#else
         u16vec h;
         __builtin_memcpy(&h, p, sizeof h);
         const u32vec w = __builtin_convertvector(h, u32vec) << 16;
         vec<float> f;
         __builtin_memcpy(&f, &w, sizeof f);
         return f;
+#endif
     } else {
 #if defined(__AVX512F__)
         // masked forms: GCC 12 warns on the plain ones' undefined operands
@@ -123,20 +134,26 @@ template <class T> PYBN_INLINE vec<acc_t<T>> vload_as(const T* p) {
     }
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// bfloat16 rounding of 8 floats (to nearest even, a NaN kept as a quiet NaN) in 8 instructions
+// (GCC makes ~20 of the vector-extension form): each result in the low 16 bits of its 32-bit
+// lane, ready for packus. The NaN test is an unordered compare.
+PYBN_INLINE __m256i bf16_round_avx2(__m256 f) {
+    const __m256i u = _mm256_castps_si256(f), hi = _mm256_srli_epi32(u, 16);
+    const __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), _mm256_and_si256(hi, _mm256_set1_epi32(1))),
+        16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+}
+#endif
+
 template <class T> PYBN_INLINE void vstore_as(T* p, const vec<acc_t<T>>& v) {
     if constexpr (kNative<T>) {
         vstore(p, v);
     } else if constexpr (std::is_same_v<T, bfloat16_t>) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-        // the same rounding in 11 instructions (GCC makes ~20 of the vector-extension form):
-        // NaN found by an unordered compare, the 16-bit halves packed with one packus
-        const __m256 f = (__m256)v;
-        const __m256i u = _mm256_castps_si256(f), hi = _mm256_srli_epi32(u, 16);
-        const __m256i r = _mm256_srli_epi32(
-            _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), _mm256_and_si256(hi, _mm256_set1_epi32(1))),
-            16);
-        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-        const __m256i b = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+        const __m256i b = bf16_round_avx2((__m256)v);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                          _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 #else
@@ -157,6 +174,21 @@ template <class T> PYBN_INLINE void vstore_as(T* p, const vec<acc_t<T>>& v) {
         for (int l = 0; l < kLanes32; ++l) p[l] = store<T>(v[l]);
 #endif
     }
+}
+
+// Two vectors of T values (2 x kLanes32, in order) from two acc_t<T> vectors: bitwise two
+// vstore_as calls; bfloat16 on AVX2 packs both roundings with one packus and one lane permute
+// into one 256-bit store (instead of an extract, a pack and a 128-bit store per vector).
+template <class T> PYBN_INLINE void vstore2_as(T* p, const vec<acc_t<T>>& a, const vec<acc_t<T>>& b) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, bfloat16_t>) {
+        const __m256i packed = _mm256_packus_epi32(bf16_round_avx2((__m256)a), bf16_round_avx2((__m256)b));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
+        return;
+    }
+#endif
+    vstore_as(p, a);
+    vstore_as(p + kLanesOf<acc_t<T>>, b);
 }
 
 template <class T> inline void to_acc(const T* p, int64_t n, acc_t<T>* out) {
