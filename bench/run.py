@@ -13,10 +13,11 @@ GPU), timed right before every sample so that drifts of the machine's bandwidth 
 
 Peers, measured side by side: a NumPy float32 implementation and PyTorch CPU at the same thread
 count; on a GPU PyTorch CUDA with cuDNN and with its native kernels, and a plain CuPy
-implementation. Every contender is timed the same way (on the CPU each sample right after the
-copy, which leaves the caches in the same state for all; tensors of a few MB run ~1.3x slower
-after it than back to back). A peer that is not installed or does not support a case is
-reported as missing, with the reason.
+implementation. Every contender is timed the same way and, on the CPU, in the same rounds: each
+round times the copy, then pybn (fresh outputs and out=) and every peer once each, the order
+reversed every other round, so a machine whose speed drifts (a shared VM moves by 1.5x within
+minutes) moves all contenders alike and their ratios hold (bench/NOTES.md, step 29). A peer
+that is not installed or does not support a case is reported as missing, with the reason.
 """
 from __future__ import annotations
 
@@ -308,12 +309,28 @@ class CpuTimer:
 
     def median_vs_copy(self, fn, copy) -> Tuple[float, float, Dict[str, float]]:
         """(median time, median copy/time ratio, {min, median, max, copy_median})."""
-        fn()
-        pairs = [(_t(copy), _t(fn)) for _ in range(self.repeat)]
-        ts = [p[1] for p in pairs]
-        spread = dict(min=float(min(ts)), median=float(np.median(ts)), max=float(max(ts)),
-                      copy_median=float(np.median([p[0] for p in pairs])))
-        return float(np.median(ts)), float(np.median([p[0] / p[1] for p in pairs])), spread
+        return self.interleaved({"fn": fn}, copy)["fn"]
+
+    def interleaved(self, fns: Dict[str, Callable[[], Any]], copy) -> Dict[str, Tuple[float, float, Dict[str, float]]]:
+        """Every contender timed in the same rounds: each round times the copy, then each
+        function once (in turn, the order reversed every other round), so that a machine whose
+        speed drifts (a shared VM) moves every contender alike and the ratios hold. Per function:
+        (median time, median of the round's copy / time, {min, median, max, copy_median})."""
+        names = list(fns)
+        for name in names:
+            fns[name]()
+        times: Dict[str, List[float]] = {n: [] for n in names}
+        copies: List[float] = []
+        for r in range(self.repeat):
+            copies.append(_t(copy))
+            for name in (names if r % 2 == 0 else names[::-1]):
+                times[name].append(_t(fns[name]))
+        out = {}
+        for name, ts in times.items():
+            spread = dict(min=float(min(ts)), median=float(np.median(ts)), max=float(max(ts)),
+                          copy_median=float(np.median(copies)))
+            out[name] = (float(np.median(ts)), float(np.median([c / t for c, t in zip(copies, ts)])), spread)
+        return out
 
 
 class GpuTimer:
@@ -339,6 +356,10 @@ class GpuTimer:
         r = self.benchmark(fn, n_repeat=self.repeat, n_warmup=5).gpu_times[0]
         t, c = float(np.median(r)), self.median(copy)
         return t, c / t, dict(min=float(np.min(r)), median=t, max=float(np.max(r)), copy_median=c)
+
+    def interleaved(self, fns: Dict[str, Callable[[], Any]], copy) -> Dict[str, Tuple[float, float, Dict[str, float]]]:
+        """CUDA-event times are the GPU's own, not the host's: one function after the other."""
+        return {name: self.median_vs_copy(fn, copy) for name, fn in fns.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,8 +449,12 @@ def run(args) -> Dict[str, Any]:
             ours, ours_out = pybn_ops(a, fresh=True), pybn_ops(a, fresh=False)
             peers = peers_for(case, device, a, xp, args.peers)
             for op in ops:
-                t, copy_ratio, spread = timer.median_vs_copy(ours[op], copy)
-                t_out, ratio_out, spread_out = timer.median_vs_copy(ours_out[op], copy)
+                # pybn (fresh and out=) and every peer that offers the op, in the same rounds
+                contenders = {"pybn": ours[op], "pybn_out": ours_out[op]}
+                contenders.update({"peer:" + n: p[op] for n, p in peers.items() if isinstance(p, dict) and op in p})
+                timed = timer.interleaved(contenders, copy)
+                t, copy_ratio, spread = timed["pybn"]
+                t_out, ratio_out, spread_out = timed["pybn_out"]
                 row = dict(device=device, case=case.name, shape=list(case.shape), layout=case.layout,
                            dtype=case.dtype, op=op, bytes=nbytes, pybn_s=t, pybn_spread=spread,
                            pybn_out_s=t_out, pybn_out_spread=spread_out,
@@ -441,7 +466,7 @@ def run(args) -> Dict[str, Any]:
                                "unfused ops only" if op in FUSED and name == "pybn_separate" else "op not offered")
                         row["peers"][name] = {"missing": why}
                     elif isinstance(p, dict):
-                        tp, _, sp = timer.median_vs_copy(p[op], copy)
+                        tp, _, sp = timed["peer:" + name]
                         row["peers"][name] = {"s": tp, "spread": sp}
                     else:
                         row["peers"][name] = {"missing": p}
