@@ -338,6 +338,7 @@ template <class A>
 struct ColumnCoefs {
     int64_t C, inner, W, P, E;
     Scratch buf;
+    bool zero_lo = false;  // every lo coefficient is +0 (inference): sweeps may skip it
     // Allocated only (fill() sets the values): one buffer for every ghost batch of a call.
     ColumnCoefs(int64_t C_, int64_t inner_, bool column_path)
         : C(C_), inner(inner_), W(C_ * inner_), P(W * ceil_div(kLanesOf<A>, W)), E(P + kLanesOf<A>),
@@ -347,6 +348,11 @@ struct ColumnCoefs {
     }
     void fill(const A* coef) {
         if (buf.as<A>() == nullptr) return;  // row path: not used
+        zero_lo = true;
+        for (int64_t c = 0; c < C && zero_lo; ++c) {
+            const A zero = 0;
+            zero_lo = __builtin_memcmp(&coef[C + c], &zero, sizeof zero) == 0;
+        }
         A* out = buf.as<A>();
         for (int64_t k = 0; k < 4; ++k) {
             if (inner == 1)  // channels-last: a plain copy (the loop below ran at ~3 ns a value)
