@@ -36,16 +36,7 @@ template <class T> struct BackwardOp {
         }
         if (dres) store_vec<V>(dres + e, g);
         if (!dx) return;
-        if constexpr (Cols) {  // consecutive channels: the coefficients as vectors too
-            const Vec<A, V> m = load_vec<V>(coef + c), a = load_vec<V>(coef + C + c);
-            const Vec<A, V> b = load_vec<V>(coef + 2 * C + c), k = load_vec<V>(coef + 3 * C + c);
-            PYBN_UNROLL
-            for (int l = 0; l < V; ++l) out.v[l] = value(u, l, m.v[l], a.v[l], b.v[l], k.v[l]);
-        } else {
-            const A m = coef[c], a = coef[C + c], b = coef[2 * C + c], k = coef[3 * C + c];
-            PYBN_UNROLL
-            for (int l = 0; l < V; ++l) out.v[l] = value(u, l, m, a, b, k);
-        }
+        for_lanes<V, Cols>(coef, C, c, [&](int l, A m, A a, A bb, A k) { out.v[l] = value(u, l, m, a, bb, k); });
         store_vec<V>(dx + e, out);
     }
     template <int V> __device__ T value(const Unit<V>& u, int l, A m, A a, A b, A k) const {

@@ -26,16 +26,7 @@ template <class T> struct NormalizeOp {
     }
     template <int V, bool Cols> __device__ void put(int64_t e, int64_t c, const Unit<V>& u) const {
         Vec<T, V> out;
-        if constexpr (Cols) {  // consecutive channels: the coefficients as vectors too
-            const Vec<A, V> hi = load_vec<V>(coef + c), lo = load_vec<V>(coef + C + c);
-            const Vec<A, V> sc = load_vec<V>(coef + 2 * C + c), sh = load_vec<V>(coef + 3 * C + c);
-            PYBN_UNROLL
-            for (int l = 0; l < V; ++l) out.v[l] = value(u, l, hi.v[l], lo.v[l], sc.v[l], sh.v[l]);
-        } else {
-            const A hi = coef[c], lo = coef[C + c], sc = coef[2 * C + c], sh = coef[3 * C + c];
-            PYBN_UNROLL
-            for (int l = 0; l < V; ++l) out.v[l] = value(u, l, hi, lo, sc, sh);
-        }
+        for_lanes<V, Cols>(coef, C, c, [&](int l, A hi, A lo, A sc, A sh) { out.v[l] = value(u, l, hi, lo, sc, sh); });
         store_vec<V>(y + e, out);
     }
     template <int V> __device__ T value(const Unit<V>& u, int l, A hi, A lo, A sc, A sh) const {

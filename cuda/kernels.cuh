@@ -292,6 +292,23 @@ bool reduce_launches(const pybn_view& v, const ReducePlan& p, const typename R::
     return true;
 }
 
+// The four coefficient arrays [k0 | k1 | k2 | k3] (C each) at a unit: f(lane, k0, k1, k2, k3)
+// for each of its V lanes. Cols: lane l is channel c + l (the coefficients loaded as vectors);
+// else every lane is channel c.
+template <int V, bool Cols, class A, class F>
+__device__ inline void for_lanes(const A* coef, int64_t C, int64_t c, F&& f) {
+    if constexpr (Cols) {
+        const Vec<A, V> k0 = load_vec<V>(coef + c), k1 = load_vec<V>(coef + C + c);
+        const Vec<A, V> k2 = load_vec<V>(coef + 2 * C + c), k3 = load_vec<V>(coef + 3 * C + c);
+        PYBN_UNROLL
+        for (int l = 0; l < V; ++l) f(l, k0.v[l], k1.v[l], k2.v[l], k3.v[l]);
+    } else {
+        const A k0 = coef[c], k1 = coef[C + c], k2 = coef[2 * C + c], k3 = coef[3 * C + c];
+        PYBN_UNROLL
+        for (int l = 0; l < V; ++l) f(l, k0, k1, k2, k3);
+    }
+}
+
 // ---- elementwise -------------------------------------------------------------------------------
 // An elementwise Op provides Unit<V>, fetch<V>(element_index) (the loads) and
 // put<V, Cols>(element_index, channel, unit) (the arithmetic and stores; channel: the unit's
