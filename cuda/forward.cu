@@ -7,36 +7,6 @@ using namespace pybn::cuda;
 
 namespace {
 
-// y = activation(((x - hi) - lo) * scale + shift + z), coef = [hi | lo | scale | shift] (see
-// formulas.hpp); z: the residual, or nullptr; relu: max(0, v) with NaN kept (as on the CPU).
-template <class T> struct NormalizeOp {
-    using A = acc_t<T>;
-    const T* x;
-    T* y;
-    const A* coef;
-    int64_t C;
-    const T* z;
-    bool relu;
-    template <int V> struct Unit { Vec<T, V> x, z; };
-    template <int V> __device__ Unit<V> fetch(int64_t e) const {
-        Unit<V> u;
-        u.x = load_vec<V>(x + e);
-        if (z) u.z = load_vec<V>(z + e);
-        return u;
-    }
-    template <int V, bool Cols> __device__ void put(int64_t e, int64_t c, const Unit<V>& u) const {
-        Vec<T, V> out;
-        for_lanes<V, Cols>(coef, C, c, [&](int l, A hi, A lo, A sc, A sh) { out.v[l] = value(u, l, hi, lo, sc, sh); });
-        store_vec<V>(y + e, out);
-    }
-    template <int V> __device__ T value(const Unit<V>& u, int l, A hi, A lo, A sc, A sh) const {
-        A v = ((load(u.x.v[l]) - hi) - lo) * sc + sh;
-        if (z) v = v + load(u.z.v[l]);
-        if (relu && v < A(0)) v = A(0);
-        return store<T>(v);
-    }
-};
-
 // The per-channel steps of the three modes (formulas.hpp): statistics merged by the reduction
 // feed the coefficients and running statistics in the same launch (thread 0 of each channel's
 // finishing block); given statistics and inference run one thread per channel.

@@ -339,6 +339,77 @@ void elementwise_launches(const pybn_view& v, int vec, const Op& op, const Launc
     });
 }
 
+// ---- the two sweeps ------------------------------------------------------------------------
+
+// y = activation(((x - hi) - lo) * scale + shift + z), coef = [hi | lo | scale | shift] (see
+// formulas.hpp); z: the residual, or nullptr; relu: max(0, v) with NaN kept (as on the CPU).
+template <class T> struct NormalizeOp {
+    using A = acc_t<T>;
+    const T* x;
+    T* y;
+    const A* coef;
+    int64_t C;
+    const T* z;
+    bool relu;
+    template <int V> struct Unit { Vec<T, V> x, z; };
+    template <int V> __device__ Unit<V> fetch(int64_t e) const {
+        Unit<V> u;
+        u.x = load_vec<V>(x + e);
+        if (z) u.z = load_vec<V>(z + e);
+        return u;
+    }
+    template <int V, bool Cols> __device__ void put(int64_t e, int64_t c, const Unit<V>& u) const {
+        Vec<T, V> out;
+        for_lanes<V, Cols>(coef, C, c, [&](int l, A hi, A lo, A sc, A sh) { out.v[l] = value(u, l, hi, lo, sc, sh); });
+        store_vec<V>(y + e, out);
+    }
+    template <int V> __device__ T value(const Unit<V>& u, int l, A hi, A lo, A sc, A sh) const {
+        A v = ((load(u.x.v[l]) - hi) - lo) * sc + sh;
+        if (z) v = v + load(u.z.v[l]);
+        if (relu && v < A(0)) v = A(0);
+        return store<T>(v);
+    }
+};
+
+// dx = a * g + b * (x - mean) + c, coef = [mean | a | b | c]; x == nullptr: dx = a * g. g = dy,
+// masked by y > 0 behind a ReLU (y != nullptr); dres (may be null) receives g; dx may be null.
+template <class T> struct BackwardOp {
+    using A = acc_t<T>;
+    const T *dy, *x;
+    T* dx;
+    const A* coef;
+    int64_t C;
+    const T* y;
+    T* dres;
+    template <int V> struct Unit { Vec<T, V> dy, x, y; };
+    template <int V> __device__ Unit<V> fetch(int64_t e) const {
+        Unit<V> u;
+        u.dy = load_vec<V>(dy + e);
+        if (x && dx) u.x = load_vec<V>(x + e);
+        if (y) u.y = load_vec<V>(y + e);
+        return u;
+    }
+    template <int V, bool Cols> __device__ void put(int64_t e, int64_t c, const Unit<V>& u) const {
+        Vec<T, V> g, out;
+        PYBN_UNROLL
+        for (int l = 0; l < V; ++l) {
+            A gl = load(u.dy.v[l]);
+            if (y && !(load(u.y.v[l]) > A(0))) gl = A(0);
+            g.v[l] = store<T>(gl);
+        }
+        if (dres) store_vec<V>(dres + e, g);
+        if (!dx) return;
+        for_lanes<V, Cols>(coef, C, c, [&](int l, A m, A a, A bb, A k) { out.v[l] = value(u, l, m, a, bb, k); });
+        store_vec<V>(dx + e, out);
+    }
+    template <int V> __device__ T value(const Unit<V>& u, int l, A m, A a, A b, A k) const {
+        A g = load(u.dy.v[l]);
+        if (y && !(load(u.y.v[l]) > A(0))) g = A(0);
+        const A ag = a * g;
+        return store<T>(x ? ag + b * (load(u.x.v[l]) - m) + k : ag);
+    }
+};
+
 // ---- reducers ---------------------------------------------------------------------------------
 // Batch statistics: shifted float32 runs of kDepth, blocks of kChunk values per thread with their
 // own shift, merged as pybn::Moments (as on the CPU).

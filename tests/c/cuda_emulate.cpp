@@ -9,7 +9,8 @@
 //
 // Checked against float64 references, for a table of shapes that takes every branch of the plans,
 // every dtype, aligned and misaligned data: the batch statistics (count, mean, M2), the backward
-// sums (with and without the ReLU mask) and the elementwise sweep (each unit gets its channel).
+// sums (with and without the ReLU mask), the elementwise walk (each unit gets its channel) and
+// the library's forward and backward sweeps (residual, ReLU, dresidual, inference) value by value.
 // Prints "<checks> checks, <failures> failures"; exit status 1 on any failure.
 #include <atomic>
 #include <cmath>
@@ -267,6 +268,51 @@ template <class T> void run_case(const pybn_view& v, int offset, const char* nam
         ok = ok && std::memcmp(&out[e], &want, sizeof(T)) == 0;
     });
     expect(ok, "elementwise: every value with its channel", v, name, offset);
+
+    // the library's two sweeps, with random coefficients, against the same formulas per value
+    using A = acc_t<T>;
+    std::vector<A> coef(size_t(4 * C + 4));
+    std::uniform_real_distribution<double> ud(-2.0, 2.0);
+    for (auto& k : coef) k = A(ud(rng));
+    const int64_t C4 = C;
+    auto k_of = [&](int j, int64_t c) { return coef[size_t(j * C4 + c)]; };
+    for (int variant = 0; variant < 2; ++variant) {  // plain; with residual and ReLU
+        const bool fused = variant == 1;
+        const int vv = vec_width<T>(v, {x, out, fused ? dy : nullptr});
+        elementwise_launches<T>(v, vv, NormalizeOp<T>{x, out, coef.data(), C, fused ? dy : nullptr, fused}, EmuLauncher{});
+        ok = true;
+        each([&](int64_t c, int64_t e) {
+            A r = ((cuda::load(x[e]) - k_of(0, c)) - k_of(1, c)) * k_of(2, c) + k_of(3, c);
+            if (fused) r = r + cuda::load(dy[e]);
+            if (fused && r < A(0)) r = A(0);
+            const T want = cuda::store<T>(r);
+            ok = ok && std::memcmp(&out[e], &want, sizeof(T)) == 0;
+        });
+        expect(ok, fused ? "forward sweep with residual and ReLU" : "forward sweep", v, name, offset);
+    }
+    std::vector<T> dress(size_t(n + 16));
+    T* dres = aligned(dress);
+    for (int variant = 0; variant < 3; ++variant) {  // training; behind a ReLU with dresidual; inference (no x)
+        const bool masked = variant == 1, train = variant != 2;
+        const int vv = vec_width<T>(v, {dy, x, out, masked ? y : nullptr, masked ? dres : nullptr});
+        elementwise_launches<T>(v, vv,
+                                BackwardOp<T>{dy, train ? x : nullptr, out, coef.data(), C, masked ? y : nullptr,
+                                              masked ? dres : nullptr},
+                                EmuLauncher{});
+        ok = true;
+        each([&](int64_t c, int64_t e) {
+            A g = cuda::load(dy[e]);
+            if (masked && !(cuda::load(y[e]) > A(0))) g = A(0);
+            const A ag = k_of(1, c) * g;
+            const T want = cuda::store<T>(train ? ag + k_of(2, c) * (cuda::load(x[e]) - k_of(0, c)) + k_of(3, c) : ag);
+            const T gw = cuda::store<T>(g);
+            ok = ok && std::memcmp(&out[e], &want, sizeof(T)) == 0 &&
+                 (!masked || std::memcmp(&dres[e], &gw, sizeof(T)) == 0);
+        });
+        expect(ok, variant == 0 ? "backward sweep" : variant == 1 ? "backward sweep behind a ReLU, dresidual" :
+                                                                    "backward sweep, inference",
+               v, name, offset);
+    }
 }
 
 int main() {
