@@ -307,10 +307,6 @@ class CpuTimer:
         fn()
         return float(np.median([_t(fn) for _ in range(self.repeat)]))
 
-    def median_vs_copy(self, fn, copy) -> Tuple[float, float, Dict[str, float]]:
-        """(median time, median copy/time ratio, {min, median, max, copy_median})."""
-        return self.interleaved({"fn": fn}, copy)["fn"]
-
     def interleaved(self, fns: Dict[str, Callable[[], Any]], copy) -> Dict[str, Tuple[float, float, Dict[str, float]]]:
         """Every contender timed in the same rounds: each round times the copy, then each
         function once (in turn, the order reversed every other round), so that a machine whose

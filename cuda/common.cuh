@@ -119,8 +119,6 @@ pybn_status run_per_channel(const char* fn, int64_t channels, F f, cudaStream_t 
     return launched(fn);
 }
 
-
-
 // The reduction temporaries of a view, from the workspace: stage-1 partials (enough for every
 // unit size a call may pick) and the tickets.
 template <class R> struct ReduceTemps {

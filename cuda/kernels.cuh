@@ -1,9 +1,10 @@
-// The CUDA kernels of every op file, as device code only: dtypes, 16-byte units, the
-// deterministic per-channel reduction skeleton (rows and channels-last, stage 2 in the last block
-// or in its own kernel), the elementwise sweep and the two reducers. No CUDA runtime call and no
-// launch here: common.cuh launches them. tests/c/cuda_emulate.cpp compiles this file with a host
-// compiler (PYBN_CUDA_EMULATION: a block's threads are CPU threads, __syncthreads a barrier) and
-// runs the kernels on the CPU against float64 references.
+// The CUDA kernels of every op file and how they are launched, with no CUDA runtime call: dtypes,
+// 16-byte units, the deterministic per-channel reduction skeleton (rows and channels-last,
+// stage 2 in the last block or in its own kernel), the elementwise walk, the two sweeps and the
+// two reducers, and reduce_launches / elementwise_launches, which pick the kernels of a plan and
+// queue them through a launcher (common.cuh: <<<>>> on a stream). tests/c/cuda_emulate.cpp
+// compiles this file with a host compiler (PYBN_CUDA_EMULATION: a block's threads are fibers,
+// __syncthreads a switch) and runs the kernels on the CPU against float64 references.
 #pragma once
 
 #if !defined(PYBN_CUDA_EMULATION)
@@ -72,7 +73,6 @@ template <int Max, class F> void with_vec(int vec, F&& f) {
     if (Max > 1 && vec == Max) f(std::integral_constant<int, Max>{});
     else f(std::integral_constant<int, 1>{});
 }
-
 
 // Resident blocks per SM each kernel is compiled for, chosen so that ptxas spills nothing (the
 // tests check it): 2 (128 registers a thread), or 1 where the accumulators are wider (16-bit

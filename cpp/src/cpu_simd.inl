@@ -135,14 +135,14 @@ template <class T> PYBN_INLINE vec<acc_t<T>> vload_as(const T* p) {
 }
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// bfloat16 rounding of 8 floats (to nearest even, a NaN kept as a quiet NaN) in 8 instructions
-// (GCC makes ~20 of the vector-extension form): each result in the low 16 bits of its 32-bit
-// lane, ready for packus. The NaN test is an unordered compare.
-// Without NaNs: (u + 0x7fff + lsb) >> 16.
+// bfloat16 rounding of 8 floats to nearest even, each result in the low 16 bits of its 32-bit
+// lane, ready for packus. Without NaNs: (u + 0x7fff + lsb) >> 16, 5 instructions.
 PYBN_INLINE __m256i bf16_round_finite_avx2(__m256i u) {
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
 }
+// Any floats, a NaN kept as a quiet NaN (found by an unordered compare): 8 instructions (GCC
+// makes ~20 of the vector-extension form).
 PYBN_INLINE __m256i bf16_round_avx2(__m256 f) {
     const __m256i u = _mm256_castps_si256(f), hi = _mm256_srli_epi32(u, 16);
     const __m256i r = bf16_round_finite_avx2(u);
