@@ -414,8 +414,9 @@ def backward_reduce(tuple view, uintptr_t dy, uintptr_t x, uintptr_t mean, uintp
 
 # ------------------------------------------------------------------------------------------------
 # Fast path of the functional forward for the common host call: NumPy arrays, C-contiguous,
-# float32 / float64 / float16, default options. It checks everything it relies on through the
-# buffer protocol (a few hundred ns) and calls pybn_forward_v2 directly; anything else, and any
+# float32 / float64 / float16 / bfloat16 (ml_dtypes', read through a uint16 view since NumPy exports
+# no bfloat16 buffer), default options. It checks everything it relies on through the buffer
+# protocol (a few hundred ns) and calls pybn_forward_v2 directly; anything else, and any
 # call the library refuses (a refused call changes nothing), returns None, and the general Python
 # path then runs and raises its precise error. Results are those of the general path, bit for bit
 # (same library call, same parameter block).
@@ -460,6 +461,22 @@ cdef int _code_of(const char* fmt, Py_ssize_t itemsize) noexcept:
     return -1
 
 
+cdef object _bf16_dtype = None  # the native bfloat16 dtype (ml_dtypes'), once an array of it is seen
+cdef object _u16 = _np.uint16
+
+
+cdef bint _is_bf16(object dt) except -1:
+    """dt is a native bfloat16 dtype (NumPy exports no buffer of it: the fast path reads its bits
+    through a uint16 view)."""
+    global _bf16_dtype
+    if dt is _bf16_dtype:
+        return True
+    if _bf16_dtype is None and dt.itemsize == 2 and dt.kind == "V" and dt.name == "bfloat16" and dt.isnative:
+        _bf16_dtype = dt
+        return True
+    return False
+
+
 cdef class _Buffers:
     """The buffers held for one fast call (x, 4 per-channel arrays, y, 2 saved arrays), released
     together."""
@@ -475,6 +492,19 @@ cdef class _Buffers:
         PyObject_GetBuffer(a, &self.b[self.n], flags)
         self.n += 1
         return &self.b[self.n - 1]
+
+    cdef Py_buffer* array(self, object a, int flags, int* code) except? NULL:
+        """The buffer of ndarray a (C-contiguous, with flags) and its dtype code (-1: not one the
+        fast path takes); NULL when a exports no such buffer. A bfloat16 array's buffer is that
+        of its uint16 view (the buffer holds the view)."""
+        cdef Py_buffer* b
+        cdef bint bf16 = _is_bf16(a.dtype)
+        try:
+            b = self.get(a.view(_u16) if bf16 else a, flags | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS)
+        except (BufferError, ValueError, TypeError):  # not a plain native-dtype buffer
+            return NULL
+        code[0] = PYBN_BFLOAT16 if bf16 else _code_of(b.format, b.itemsize)
+        return b
 
     def __dealloc__(self):
         cdef int i
@@ -510,12 +540,10 @@ cdef bint _disjoint(Py_buffer* a, Py_buffer* b) noexcept:
 cdef bint _host_view(_Buffers bufs, object x, object axis, pybn_view* v) except -1:
     """x's buffer (bufs.b[0]) and canonical view when x is a C-contiguous native float32 /
     float64 / float16 array of >= 2 dimensions and axis a valid int; else False."""
-    cdef Py_buffer* bx
-    try:
-        bx = bufs.get(x, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS)
-    except (BufferError, ValueError, TypeError):  # not a plain native-dtype buffer
+    cdef int code
+    cdef Py_buffer* bx = bufs.array(x, 0, &code)
+    if bx == NULL:
         return False
-    cdef int code = _code_of(bx.format, bx.itemsize)
     cdef int nd = bx.ndim, ax, i
     if code < 0 or nd < 2:
         return False
@@ -593,11 +621,9 @@ def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, 
         y = out
     else:
         return None
-    try:
-        by = bufs.get(y, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
-    except (BufferError, ValueError, TypeError):  # not a plain native-dtype buffer
-        return None
-    if by.ndim != nd or _code_of(by.format, by.itemsize) != code:
+    cdef int ycode
+    by = bufs.array(y, PyBUF_WRITABLE, &ycode)
+    if by == NULL or by.ndim != nd or ycode != code:
         return None
     for i in range(nd):
         if by.shape[i] != bx.shape[i]:
@@ -632,12 +658,9 @@ cdef Py_buffer* _like(_Buffers bufs, object a, Py_buffer* bx, int code, bint wri
     """a's buffer when a is a C-contiguous ndarray of x's shape and dtype, else NULL."""
     if type(a) is not _ndarray:
         return NULL
-    cdef Py_buffer* b
-    try:
-        b = bufs.get(a, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0))
-    except (BufferError, ValueError, TypeError):
-        return NULL
-    if b.ndim != bx.ndim or _code_of(b.format, b.itemsize) != code:
+    cdef int acode
+    cdef Py_buffer* b = bufs.array(a, PyBUF_WRITABLE if writable else 0, &acode)
+    if b == NULL or b.ndim != bx.ndim or acode != code:
         return NULL
     cdef int i
     for i in range(b.ndim):

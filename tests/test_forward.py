@@ -183,3 +183,50 @@ def test_concurrent_calls_from_threads_match_sequential(rng):
     for e, g in zip(expected, got):
         for a, b in zip(e, g):
             assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: d.name)
+def test_fast_path_takes_every_dtype_and_matches_the_general_path(rng, dtype, monkeypatch):
+    """The Cython fast path (plain NumPy calls, default options) serves float16, bfloat16, float32
+    and float64 alike, fresh and with out=, and gives the general path's results bit for bit."""
+    from pybn import _core
+
+    shape = (6, 5, 7, 3)
+    x = randn(rng, shape, dtype, loc=1.0)
+    dy = randn(rng, shape, dtype)
+    pd = np.float64 if dtype == np.float64 else np.float32
+    g, b = randn(rng, 5, pd), randn(rng, 5, pd)
+    rm0, rv0 = randn(rng, 5, pd), np.abs(randn(rng, 5, pd)) + 0.5
+
+    def calls():
+        rm, rv = rm0.copy(), rv0.copy()
+        y, mean, invstd = pybn.batchnorm_forward(x, g, b, rm, rv)
+        out = np.empty_like(x)
+        y_out = pybn.batchnorm(x, g, b, rm, rv, training=True, out=out)
+        assert y_out is out
+        yi = pybn.batchnorm(x, g, b, rm, rv, training=False)
+        dx, dg, db = pybn.batchnorm_backward(dy, x, mean, invstd, g)
+        dx_out = np.empty_like(x)
+        assert pybn.batchnorm_backward(dy, x, mean, invstd, g, out=dx_out)[0] is dx_out
+        return [y, mean, invstd, y_out, yi, rm, rv, dx, dg, db, dx_out]
+
+    taken = []
+    fast_f, fast_b = _core.fast_forward, _core.fast_backward
+
+    def count(fn, name):
+        def wrapped(*a):
+            r = fn(*a)
+            taken.append((name, r is not None))
+            return r
+        return wrapped
+
+    monkeypatch.setattr(_core, "fast_forward", count(fast_f, "forward"))
+    monkeypatch.setattr(_core, "fast_backward", count(fast_b, "backward"))
+    fast = calls()
+    assert taken and all(ok for _, ok in taken), f"the fast path refused {dtype}: {taken}"
+    monkeypatch.setattr(_core, "fast_forward", lambda *a: None)
+    monkeypatch.setattr(_core, "fast_backward", lambda *a: None)
+    general = calls()
+    for i, (a, e) in enumerate(zip(fast, general)):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        assert a.tobytes() == e.tobytes(), f"result {i} differs between the fast and general paths"
