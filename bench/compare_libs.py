@@ -131,6 +131,25 @@ def calls(rng, code, dt, shape):
         st = lib.pybn_forward_v2(view, ptr(x), ptr(y), ct.byref(p))
         return st, [y, rm, rv, sm, si]
 
+    def relu_forward(lib, training):  # y = relu(bn(x)), level 2, no residual
+        y, rm, rv, sm, si = np.empty_like(x), rmean.copy(), rvar.copy(), np.empty(C, pd), np.empty(C, pd)
+        p = ForwardParams(size=ct.sizeof(ForwardParams), training=training, running_var_correction=1,
+                          gamma=gamma.ctypes.data, beta=beta.ctypes.data, eps=1e-5, running_mean=rm.ctypes.data,
+                          running_var=rv.ctypes.data, momentum=0.1, save_mean=sm.ctypes.data,
+                          save_invstd=si.ctypes.data, activation=1)
+        st = lib.pybn_forward_v2(view, ptr(x), ptr(y), ct.byref(p))
+        return st, [y, rm, rv, sm, si]
+
+    def relu_backward(lib, training):  # relu mask from y, no dresidual, level 2
+        mean = x.astype(np.float64).mean(axis=(0, 2)).astype(pd)
+        invstd = (1 / np.sqrt(x.astype(np.float64).var(axis=(0, 2)) + 1e-5)).astype(pd)
+        dx, dg, db = np.empty_like(x), np.empty(C, pd), np.empty(C, pd)
+        p = BackwardParams(size=ct.sizeof(BackwardParams), training=training, activation=1, mean=mean.ctypes.data,
+                           invstd=invstd.ctypes.data, gamma=gamma.ctypes.data, dgamma=dg.ctypes.data,
+                           dbeta=db.ctypes.data, y=z.ctypes.data)
+        st = lib.pybn_backward_v2(view, ptr(dy), ptr(x), ptr(dx), ct.byref(p))
+        return st, [dx, dg, db]
+
     def fused_backward(lib, training):  # relu mask from y, dresidual, level 2
         mean = x.astype(np.float64).mean(axis=(0, 2)).astype(pd)
         invstd = (1 / np.sqrt(x.astype(np.float64).var(axis=(0, 2)) + 1e-5)).astype(pd)
@@ -145,6 +164,9 @@ def calls(rng, code, dt, shape):
             ("fused_forward_infer", lambda lib: fused_forward(lib, 0)),
             ("fused_backward_train", lambda lib: fused_backward(lib, 1)),
             ("fused_backward_frozen", lambda lib: fused_backward(lib, 0)),
+            ("relu_forward_train", lambda lib: relu_forward(lib, 1)),
+            ("relu_backward_train", lambda lib: relu_backward(lib, 1)),
+            ("relu_backward_frozen", lambda lib: relu_backward(lib, 0)),
             ("forward_train", forward_train), ("forward_infer", forward_infer),
             ("backward_train", lambda lib: backward(lib, 1)), ("backward_frozen", lambda lib: backward(lib, 0)),
             ("batch_stats+normalize", stats_then_normalize),

@@ -118,12 +118,12 @@ PYBN_INLINE void backward_values(const T* dy, const T* x, T* dx, int64_t n, bool
     using A = acc_t<T>;
     const vec<A> Av = vsplat(a[0]), Bv = vsplat(b[0]), Mv = vsplat(m[0]), Cv = vsplat(c[0]);
     if (x == nullptr)
-        write_run<T>(dx, n, stream, [&](int64_t i) { return Av * vload_as(dy + i); },
-                     [&](int64_t i) { return a[0] * load(dy[i]); });
+        write_run_uniform<T>(dx, n, stream, [&](int64_t i, auto ld) { return Av * ld(dy + i); },
+                             [&](int64_t i) { return a[0] * load(dy[i]); });
     else
-        write_run<T>(dx, n, stream,
-                     [&](int64_t i) { return Av * vload_as(dy + i) + Bv * (vload_as(x + i) - Mv) + Cv; },
-                     [&](int64_t i) { return a[0] * load(dy[i]) + b[0] * (load(x[i]) - m[0]) + c[0]; });
+        write_run_uniform<T>(dx, n, stream,
+                             [&](int64_t i, auto ld) { return Av * ld(dy + i) + Bv * (ld(x + i) - Mv) + Cv; },
+                             [&](int64_t i) { return a[0] * load(dy[i]) + b[0] * (load(x[i]) - m[0]) + c[0]; });
 }
 
 // dx = a dy + b (x - m) + c, or a dy when x is null (inference).
@@ -149,8 +149,13 @@ template <class T, bool kRelu, bool kRes> struct Grad {
     const T *dy, *y;
     T* dres;
     PYBN_INLINE vec<A> at(int64_t i) const {
-        vec<A> g = vload_as(dy + i);
-        if constexpr (kRelu) g = relu_masked(g, vload_as(y + i));
+        return at(i, [](const T* p) { return vload_as(p); });
+    }
+    // with the inputs loaded through ld (write_run_uniform's loaders; not with kRes, whose store
+    // of dres is in memory order)
+    template <class Ld> PYBN_INLINE vec<A> at(int64_t i, Ld ld) const {
+        vec<A> g = ld(dy + i);
+        if constexpr (kRelu) g = relu_masked(g, ld(y + i));
         if constexpr (kRes) vstore_as(dres + i, g);
         return g;
     }
@@ -173,11 +178,12 @@ PYBN_INLINE void backward_values_fused(const Grad<T, kRelu, kRes>& g, const T* x
         const Grad<T, kRelu, false> only{g.dy, g.y, nullptr};
         write_run<T>(g.dres, n, false, [&](int64_t i) { return only.at(i); }, [&](int64_t i) { return only.one(i); });
     } else if (x == nullptr) {
-        write_run<T>(dx, n, stream, [&](int64_t i) { return Av * g.at(i); }, [&](int64_t i) { return a[0] * g.one(i); });
+        write_run_uniform<T, !kRes>(dx, n, stream, [&](int64_t i, auto ld) { return Av * g.at(i, ld); },
+                                    [&](int64_t i) { return a[0] * g.one(i); });
     } else {
-        write_run<T>(dx, n, stream,
-                     [&](int64_t i) { return Av * g.at(i) + Bv * (vload_as(x + i) - Mv) + Cv; },
-                     [&](int64_t i) { return a[0] * g.one(i) + b[0] * (load(x[i]) - m[0]) + c[0]; });
+        write_run_uniform<T, !kRes>(dx, n, stream,
+                                    [&](int64_t i, auto ld) { return Av * g.at(i, ld) + Bv * (ld(x + i) - Mv) + Cv; },
+                                    [&](int64_t i) { return a[0] * g.one(i) + b[0] * (load(x[i]) - m[0]) + c[0]; });
     }
 }
 

@@ -21,10 +21,10 @@ PYBN_INLINE void normalize_values(const T* x, const T* z, T* y, int64_t n, bool 
                                   const acc_t<T>* l, const acc_t<T>* a, const acc_t<T>* b) {
     using A = acc_t<T>;
     const vec<A> H = vsplat(h[0]), Lo = vsplat(l[0]), S = vsplat(a[0]), B = vsplat(b[0]);
-    write_run<T>(
+    write_run_uniform<T>(
         y, n, stream,
-        [&](int64_t i) {
-            return epilogue_of<kRelu, kRes>(normalized(vload_as(x + i), H, Lo, S, B), kRes ? vload_as(z + i) : vec<A>{});
+        [&](int64_t i, auto ld) {
+            return epilogue_of<kRelu, kRes>(normalized(ld(x + i), H, Lo, S, B), kRes ? ld(z + i) : vec<A>{});
         },
         [&](int64_t i) {
             return epilogue_of<kRelu, kRes>(normalized(load(x[i]), h[0], l[0], a[0], b[0]), kRes ? load(z[i]) : A(0));

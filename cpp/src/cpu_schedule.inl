@@ -389,9 +389,13 @@ template <class T, class VecF, class ScalarF>
 PYBN_INLINE void write_run(T* out, int64_t n, bool stream, VecF vf, ScalarF sf) {
     constexpr int L = kLanesOf<acc_t<T>>;
     constexpr uintptr_t kOutBytes = uintptr_t(L) * sizeof(T);
+    // vstream2_as stores 16-bit pairs in one 256-bit store; native types store vector by vector
+    // (their alignment, and so which values the scalar head computes, as before)
+    constexpr uintptr_t kStreamAlign = kNative<T> ? kOutBytes : 2 * kOutBytes;
     int64_t i = 0;
     if (stream) {
-        for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kOutBytes) != 0; ++i) out[i] = store<T>(sf(i));
+        for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kStreamAlign) != 0; ++i) out[i] = store<T>(sf(i));
+        for (; i + 2 * L <= n; i += 2 * L) vstream2_as(out + i, vf(i), vf(i + L));
         for (; i + L <= n; i += L) vstream_as(out + i, vf(i));
     } else {
         for (; i + 2 * L <= n; i += 2 * L) vstore2_as(out + i, vf(i), vf(i + L));
@@ -400,29 +404,61 @@ PYBN_INLINE void write_run(T* out, int64_t n, bool stream, VecF vf, ScalarF sf) 
     for (; i < n; ++i) out[i] = store<T>(sf(i));
 }
 
+// write_run for lane-uniform work (the row path): vf(i, ld) computes the vector at i with every
+// input loaded through ld(pointer at i). Where kPermutedPairs<T> (and kAllow: vf stores nothing
+// itself), pairs of vectors are loaded, computed and stored in vload_pair's lane order (the same
+// values, bitwise); else write_run.
+template <class T, bool kAllow = true, class VecF, class ScalarF>
+PYBN_INLINE void write_run_uniform(T* out, int64_t n, bool stream, VecF vf, ScalarF sf) {
+    const auto ordered = [](const auto* p) { return vload_as(p); };
+    if constexpr (!kPermutedPairs<T> || !kAllow) {
+        write_run<T>(out, n, stream, [&](int64_t i) { return vf(i, ordered); }, sf);
+    } else {
+        constexpr int L = kLanesOf<acc_t<T>>;
+        constexpr uintptr_t kPairBytes = uintptr_t(2 * L) * sizeof(T);
+        const auto lo = [](const auto* p) { return vload_pair<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>, 0>(p); };
+        const auto hi = [](const auto* p) { return vload_pair<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>, 1>(p); };
+        int64_t i = 0;
+        if (stream) {
+            for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kPairBytes) != 0; ++i) out[i] = store<T>(sf(i));
+            for (; i + 2 * L <= n; i += 2 * L) vstream_pair(out + i, vf(i, lo), vf(i, hi));
+            for (; i + L <= n; i += L) vstream_as(out + i, vf(i, ordered));
+        } else {
+            for (; i + 2 * L <= n; i += 2 * L) vstore_pair(out + i, vf(i, lo), vf(i, hi));
+            for (; i + L <= n; i += L) vstore_as(out + i, vf(i, ordered));
+        }
+        for (; i < n; ++i) out[i] = store<T>(sf(i));
+    }
+}
+
 // Column path: out[i] = f(i, j) for i in [0, n) of whole rows, j the column position of value i
 // (from 0, wrapping at P: ColumnCoefs).
 template <class T, class VecF, class ScalarF>
 PYBN_INLINE void write_cols(T* out, int64_t n, int64_t P, bool stream, VecF vf, ScalarF sf) {
     constexpr int L = kLanesOf<acc_t<T>>;
     constexpr uintptr_t kOutBytes = uintptr_t(L) * sizeof(T);
+    constexpr uintptr_t kStreamAlign = kNative<T> ? kOutBytes : 2 * kOutBytes;  // as write_run
     int64_t i = 0, j = 0;
     auto step = [&](int64_t by) {
         j += by;
         if (j >= P) j -= P;
     };
-    if (stream) {
-        for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kOutBytes) != 0; ++i, step(1))
-            out[i] = store<T>(sf(i, j));
-        for (; i + L <= n; i += L, step(L)) vstream_as(out + i, vf(i, j));
-    } else {
+    auto pairs = [&](auto put2) {
         for (; i + 2 * L <= n; i += 2 * L) {
             const vec<acc_t<T>> a = vf(i, j);
             step(L);
             const vec<acc_t<T>> b = vf(i + L, j);
             step(L);
-            vstore2_as(out + i, a, b);
+            put2(out + i, a, b);
         }
+    };
+    if (stream) {
+        for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kStreamAlign) != 0; ++i, step(1))
+            out[i] = store<T>(sf(i, j));
+        pairs([](T* p, const vec<acc_t<T>>& a, const vec<acc_t<T>>& b) { vstream2_as(p, a, b); });
+        for (; i + L <= n; i += L, step(L)) vstream_as(out + i, vf(i, j));
+    } else {
+        pairs([](T* p, const vec<acc_t<T>>& a, const vec<acc_t<T>>& b) { vstore2_as(p, a, b); });
         for (; i + L <= n; i += L, step(L)) vstore_as(out + i, vf(i, j));
     }
     for (; i < n; ++i, step(1)) out[i] = store<T>(sf(i, j));

@@ -182,20 +182,30 @@ template <class T> PYBN_INLINE void vstore_as(T* p, const vec<acc_t<T>>& v) {
 // Two vectors of T values (2 x kLanes32, in order) from two acc_t<T> vectors: bitwise two
 // vstore_as calls; bfloat16 on AVX2 packs both roundings with one packus and one lane permute
 // into one 256-bit store (instead of an extract, a pack and a 128-bit store per vector).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// 16 bfloat16 values (a's 8, then b's) rounded from two float32 vectors, in one 256-bit register.
+// Each 128-bit half packs its own lanes: a's 4 + b's 4, so the halves' middle quarters swap.
+PYBN_INLINE __m256i bf16_packed_avx2(__m256 fa, __m256 fb) {
+    __m256i ra, rb;
+    if (__builtin_expect(_mm256_testz_ps(_mm256_cmp_ps(fa, fb, _CMP_UNORD_Q), _mm256_set1_ps(-0.0f)), 1)) {
+        // no NaN in either (one compare for both): the rounding alone, 5 instructions each
+        ra = bf16_round_finite_avx2(_mm256_castps_si256(fa));
+        rb = bf16_round_finite_avx2(_mm256_castps_si256(fb));
+    } else {
+        ra = bf16_round_avx2(fa);
+        rb = bf16_round_avx2(fb);
+    }
+    return _mm256_packus_epi32(ra, rb);
+}
+PYBN_INLINE __m256i bf16_round2_avx2(__m256 fa, __m256 fb) {
+    return _mm256_permute4x64_epi64(bf16_packed_avx2(fa, fb), 0xD8);
+}
+#endif
+
 template <class T> PYBN_INLINE void vstore2_as(T* p, const vec<acc_t<T>>& a, const vec<acc_t<T>>& b) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
     if constexpr (std::is_same_v<T, bfloat16_t>) {
-        const __m256 fa = (__m256)a, fb = (__m256)b;
-        __m256i ra, rb;
-        if (__builtin_expect(_mm256_testz_ps(_mm256_cmp_ps(fa, fb, _CMP_UNORD_Q), _mm256_set1_ps(-0.0f)), 1)) {
-            // no NaN in either (one compare for both): the rounding alone, 5 instructions each
-            ra = bf16_round_finite_avx2(_mm256_castps_si256(fa));
-            rb = bf16_round_finite_avx2(_mm256_castps_si256(fb));
-        } else {
-            ra = bf16_round_avx2(fa);
-            rb = bf16_round_avx2(fb);
-        }
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(_mm256_packus_epi32(ra, rb), 0xD8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_round2_avx2((__m256)a, (__m256)b));
         return;
     }
 #endif
@@ -242,4 +252,71 @@ template <class T> PYBN_INLINE void vstream_as(T* p, const vec<acc_t<T>>& v) {
         vstore_as(p, v);
 #endif
     }
+}
+
+// Two vectors as vstore2_as, stored bypassing the caches (p aligned to the bytes of both). On
+// AVX2 16-bit values leave in one 256-bit streaming store: bfloat16 through vstore2_as' paired
+// rounding, float16 through two conversions joined in one register.
+template <class T> PYBN_INLINE void vstream2_as(T* p, const vec<acc_t<T>>& a, const vec<acc_t<T>>& b) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, bfloat16_t>) {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_round2_avx2((__m256)a, (__m256)b));
+        return;
+    }
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<T, half_t>) {
+        const __m128i ha = _mm256_cvtps_ph((__m256)a, _MM_FROUND_TO_NEAREST_INT);
+        const __m128i hb = _mm256_cvtps_ph((__m256)b, _MM_FROUND_TO_NEAREST_INT);
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm256_inserti128_si256(_mm256_castsi128_si256(ha), hb, 1));
+        return;
+    }
+#endif
+#endif
+    vstream_as(p, a);
+    vstream_as(p + kLanesOf<acc_t<T>>, b);
+}
+
+// Pairs of vectors in a lane order of their own, for work that treats every lane alike (the row
+// path: one channel's coefficients in every lane). A pair covers 2 x kLanes32 values from p;
+// vload_pair<T, 0> and <T, 1> give its two vectors and vstore_pair / vstream_pair write them
+// back in place, so the values stored are those vstore2_as would store, bitwise, whatever the
+// order. bfloat16 on AVX2 is the case that gains: one 256-bit load widened by two unpacks with
+// zero (values 0-3 and 8-11, then 4-7 and 12-15), and a packus that restores the order with no
+// lane permute. 10 instructions a pair fewer on the shift and shuffle ports than vload_as'
+// zero-extend and shift and vstore2_as' permute. Everything else: the ordered vectors.
+template <class T> constexpr bool kPermutedPairs =
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    std::is_same_v<T, bfloat16_t>;
+#else
+    false;
+#endif
+
+template <class T, int kHalf> PYBN_INLINE vec<acc_t<T>> vload_pair(const T* p) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, bfloat16_t>) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), z = _mm256_setzero_si256();
+        return (vec<float>)_mm256_castsi256_ps(kHalf == 0 ? _mm256_unpacklo_epi16(z, v) : _mm256_unpackhi_epi16(z, v));
+    }
+#endif
+    return vload_as(p + kHalf * kLanesOf<acc_t<T>>);
+}
+
+template <class T> PYBN_INLINE void vstore_pair(T* p, const vec<acc_t<T>>& a, const vec<acc_t<T>>& b) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, bfloat16_t>) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_packed_avx2((__m256)a, (__m256)b));
+        return;
+    }
+#endif
+    vstore2_as(p, a, b);
+}
+
+template <class T> PYBN_INLINE void vstream_pair(T* p, const vec<acc_t<T>>& a, const vec<acc_t<T>>& b) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, bfloat16_t>) {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_packed_avx2((__m256)a, (__m256)b));
+        return;
+    }
+#endif
+    vstream2_as(p, a, b);
 }
