@@ -7,8 +7,8 @@ recently released large output buffers and hands them out again:
 
 * Only outputs of at least ``threshold`` bytes (1 MiB) come from the pool; smaller ones are plain
   ``numpy.empty`` (the C heap already reuses them).
-* A buffer is an anonymous memory mapping (``mmap``, huge pages advised where the OS has them)
-  whose size is rounded up to 2 MiB. The array handed out is ``numpy.frombuffer`` of it, shaped;
+* A buffer is a private anonymous memory mapping (``mmap``, huge pages advised where the OS has
+  them) whose size is rounded up to 2 MiB. The array handed out is ``numpy.frombuffer`` of it, shaped;
   a finaliser on that base array returns the buffer to the pool when the last array or view that
   uses it is gone, so memory that is still referenced is never handed out again.
 * The pool keeps at most ``limit`` bytes of released buffers (in use buffers do not count);
@@ -31,6 +31,11 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 _GRAIN = 2 << 20  # sizes round up to 2 MiB: huge-page friendly, and equal shapes share a class
+# A private anonymous mapping, as malloc's: mmap's default on POSIX is MAP_SHARED, which Linux backs
+# with shared memory (tmpfs pages, no transparent huge pages unless shmem_enabled says so) and
+# a fork would share; kernels ran 10-15 % slower writing it (bench/NOTES.md, step 30).
+_PRIVATE = ({"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS}
+            if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS") else {})
 THRESHOLD = 1 << 20
 
 
@@ -111,7 +116,7 @@ class Pool:
             self._in_use_blocks += 1
         if block is None:
             try:
-                block = mmap.mmap(-1, size)
+                block = mmap.mmap(-1, size, **_PRIVATE)
             except (OSError, ValueError):
                 with self._lock:
                     self._in_use -= size
