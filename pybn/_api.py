@@ -293,13 +293,15 @@ class _ForwardCall:
 
 def _fast(save: bool) -> Callable[..., Any]:
     """The Cython fast path of batchnorm / batchnorm_forward (_core.fast_forward): host NumPy
-    arrays with the default options; None sends the call down the general path."""
+    arrays with the default options or the fused epilogue (ReLU, residual); None sends the call
+    down the general path."""
     def fast(x, gamma=None, beta=None, running_mean=None, running_var=None, *, training=True, momentum=0.1,
              eps=1e-5, axis=1, out=None, running_var_correction=1, activation=None, residual=None, renorm=None,
              virtual_batch=None):
-        if activation is None and residual is None and renorm is None and virtual_batch is None:
+        relu = type(activation) is str and activation == "relu"
+        if renorm is None and virtual_batch is None and (activation is None or relu):
             return _core.fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
-                                      running_var_correction, save)
+                                      running_var_correction, save, 0 if activation is None else 1, residual)
         return None
     return fast
 
@@ -648,9 +650,12 @@ class _BackwardCall:
 
 def _fast_backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, activation=None, y=None,
                    dresidual=None, renorm=None):
-    """The Cython fast path of batchnorm_backward (_core.fast_backward) without fused options."""
-    if activation is None and y is None and dresidual is None and renorm is None:
-        return _core.fast_backward(dy, x, mean, invstd, gamma, training, axis, out)
+    """The Cython fast path of batchnorm_backward (_core.fast_backward), fused options included
+    but renorm."""
+    relu = type(activation) is str and activation == "relu"
+    if renorm is None and (activation is None or relu):
+        return _core.fast_backward(dy, x, mean, invstd, gamma, training, axis, out, 0 if activation is None else 1,
+                                   y, dresidual)
     return None
 
 

@@ -478,16 +478,17 @@ cdef bint _is_bf16(object dt) except -1:
 
 
 cdef class _Buffers:
-    """The buffers held for one fast call (x, 4 per-channel arrays, y, 2 saved arrays), released
-    together."""
-    cdef Py_buffer b[8]
+    """The buffers held for one fast call, released together: at most 10 (a backward's x, dy,
+    mean, invstd, gamma, y, dx, dresidual, dgamma, dbeta; a forward's x, 4 per-channel arrays,
+    residual, y and 2 saved arrays)."""
+    cdef Py_buffer b[12]
     cdef int n
 
     def __cinit__(self):
         self.n = 0
 
     cdef Py_buffer* get(self, object a, int flags) except NULL:
-        if self.n == 8:
+        if self.n == 12:
             raise RuntimeError("pybn internal error: _Buffers is full")
         PyObject_GetBuffer(a, &self.b[self.n], flags)
         self.n += 1
@@ -561,9 +562,10 @@ cdef bint _host_view(_Buffers bufs, object x, object axis, pybn_view* v) except 
 
 
 def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, out,
-                 correction, bint save):
+                 correction, bint save, int activation=0, residual=None):
     """The fast path of batchnorm (save=False: returns y) and batchnorm_forward (save=True:
-    returns (y, mean, invstd)), or None when the general path must run."""
+    returns (y, mean, invstd)), with the fused epilogue (activation: 0 none, 1 ReLU; residual:
+    an array like x, or None), or None when the general path must run."""
     if type(x) is not _ndarray or not (training is True or training is False):
         return None
     if type(eps) is not float or type(momentum) is not float or type(axis) is not int or type(correction) is not int:
@@ -586,7 +588,9 @@ def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, 
     p.count = NULL
     p.mean = NULL
     p.m2 = NULL
-    p.activation = 0  # PYBN_ACTIVATION_NONE
+    if activation != 0 and activation != 1:  # PYBN_ACTIVATION_NONE / _RELU
+        return None
+    p.activation = activation
     p.reserved = 0
     p.residual = NULL
     p.renorm_r_max = 0
@@ -609,14 +613,22 @@ def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, 
     p.running_var = ptr
     if training is False and (running_mean is None or running_var is None):
         return None
+    cdef int kz = -1  # the residual's buffer
+    cdef Py_buffer* bz
+    if residual is not None:
+        kz = bufs.n
+        bz = _like(bufs, residual, bx, code, False)
+        if bz == NULL:
+            return None
+        p.residual = bz.buf
     # as the general path: y may not overlap gamma / beta / the running statistics, and overlaps x
-    # only by being x (checked below, once y's buffer is held)
+    # or the residual only by being it (checked below, once y's buffer is held)
     cdef int k
     cdef Py_buffer* by
     if out is None:
         y = _new_like(x, bx.len)
-    elif out is x:
-        y = x  # in place
+    elif out is x or (out is residual and residual is not None):
+        y = out  # in place
     elif type(out) is _ndarray:
         y = out
     else:
@@ -629,6 +641,8 @@ def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, 
         if by.shape[i] != bx.shape[i]:
             return None
     for k in range(1 if out is x else 0, bufs.n - 1):
+        if k == kz and out is residual:
+            continue
         if not _disjoint(by, &bufs.b[k]):
             return None
     smean = sinvstd = None
@@ -669,9 +683,10 @@ cdef Py_buffer* _like(_Buffers bufs, object a, Py_buffer* bx, int code, bint wri
     return b
 
 
-def fast_backward(dy, x, mean, invstd, gamma, training, axis, out):
-    """The fast path of batchnorm_backward without the fused options: (dx, dgamma, dbeta), or
-    None when the general path must run (see fast_forward)."""
+def fast_backward(dy, x, mean, invstd, gamma, training, axis, out, int activation=0, y=None, dresidual=None):
+    """The fast path of batchnorm_backward, with the ReLU mask from y (activation 1) and the
+    residual's gradient written to dresidual (an array like x that overlaps nothing): (dx, dgamma,
+    dbeta), or None when the general path must run (see fast_forward)."""
     if type(x) is not _ndarray or not (training is True or training is False) or type(axis) is not int:
         return None
     if mean is None or invstd is None:
@@ -689,7 +704,9 @@ def fast_backward(dy, x, mean, invstd, gamma, training, axis, out):
     cdef pybn_backward_params p
     p.size = sizeof(pybn_backward_params)
     p.training = 1 if training else 0
-    p.activation = 0
+    if not ((activation == 0 and y is None) or (activation == 1 and y is not None)):
+        return None  # the general path explains (or ignores y, as it does)
+    p.activation = activation
     p.count = NULL
     p.sum_dy = NULL
     p.sum_dy_xmu = NULL
@@ -711,7 +728,13 @@ def fast_backward(dy, x, mean, invstd, gamma, training, axis, out):
     if not _per_channel_ok(bufs, gamma, C, code, False, &ptr):
         return None
     p.gamma = ptr
-    cdef int nin = bufs.n  # x, dy, mean, invstd (, gamma)
+    cdef Py_buffer* bym
+    if y is not None:
+        bym = _like(bufs, y, bx, code, False)
+        if bym == NULL:
+            return None
+        p.y = bym.buf
+    cdef int nin = bufs.n  # x, dy, mean, invstd (, gamma, y)
     if out is None:
         dx = _new_like(x, bx.len)
     elif out is x or out is dy or type(out) is _ndarray:
@@ -727,6 +750,15 @@ def fast_backward(dy, x, mean, invstd, gamma, training, axis, out):
             continue
         if not _disjoint(bdx, &bufs.b[k]):
             return None
+    cdef Py_buffer* bdr
+    if dresidual is not None:  # written too: it may overlap nothing (dy itself: the general path)
+        bdr = _like(bufs, dresidual, bx, code, True)
+        if bdr == NULL:
+            return None
+        for k in range(bufs.n - 1):
+            if not _disjoint(bdr, &bufs.b[k]):
+                return None
+        p.dresidual = bdr.buf
     pd = _np.float64 if code == PYBN_FLOAT64 else _np.float32
     dgamma, dbeta = _np_empty(C, pd), _np_empty(C, pd)
     cdef Py_buffer* bs = bufs.get(dgamma, PyBUF_ND | PyBUF_WRITABLE)

@@ -187,13 +187,15 @@ def test_concurrent_calls_from_threads_match_sequential(rng):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: d.name)
 def test_fast_path_takes_every_dtype_and_matches_the_general_path(rng, dtype, monkeypatch):
-    """The Cython fast path (plain NumPy calls, default options) serves float16, bfloat16, float32
-    and float64 alike, fresh and with out=, and gives the general path's results bit for bit."""
+    """The Cython fast path (plain NumPy calls, default options and the fused epilogues) serves
+    float16, bfloat16, float32 and float64 alike, fresh, with out= and in place, and gives the
+    general path's results bit for bit."""
     from pybn import _core
 
     shape = (6, 5, 7, 3)
     x = randn(rng, shape, dtype, loc=1.0)
     dy = randn(rng, shape, dtype)
+    z = randn(rng, shape, dtype)
     pd = np.float64 if dtype == np.float64 else np.float32
     g, b = randn(rng, 5, pd), randn(rng, 5, pd)
     rm0, rv0 = randn(rng, 5, pd), np.abs(randn(rng, 5, pd)) + 0.5
@@ -208,7 +210,15 @@ def test_fast_path_takes_every_dtype_and_matches_the_general_path(rng, dtype, mo
         dx, dg, db = pybn.batchnorm_backward(dy, x, mean, invstd, g)
         dx_out = np.empty_like(x)
         assert pybn.batchnorm_backward(dy, x, mean, invstd, g, out=dx_out)[0] is dx_out
-        return [y, mean, invstd, y_out, yi, rm, rv, dx, dg, db, dx_out]
+        # the fused epilogues: ReLU, + residual (fresh, into out=, in place on the residual)
+        yr = pybn.batchnorm(x, g, b, rm, rv, activation="relu")
+        yz, zm, zs = pybn.batchnorm_forward(x, g, b, residual=z, activation="relu")
+        zi = z.copy()
+        assert pybn.batchnorm(x, g, b, rm, rv, training=False, residual=zi, out=zi) is zi
+        dxr, dgr, dbr = pybn.batchnorm_backward(dy, x, zm, zs, g, activation="relu", y=yz)
+        dres = np.empty_like(x)
+        dxz = pybn.batchnorm_backward(dy, x, zm, zs, g, activation="relu", y=yz, dresidual=dres)[0]
+        return [y, mean, invstd, y_out, yi, rm, rv, dx, dg, db, dx_out, yr, yz, zm, zs, zi, dxr, dgr, dbr, dres, dxz]
 
     taken = []
     fast_f, fast_b = _core.fast_forward, _core.fast_backward
