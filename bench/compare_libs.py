@@ -49,7 +49,8 @@ class BackwardParams(ct.Structure):  # pybn_backward_params
 DTYPES = [(0, np.float32), (1, np.float64), (2, np.float16)]
 if ml_dtypes is not None:
     DTYPES.append((3, np.dtype(ml_dtypes.bfloat16)))
-SHAPES = [(4, 3, 50), (2, 5, 17030), (64, 7, 1), (33, 130, 1), (5, 9, 3), (3, 2, 40000), (1, 64, 1024)]
+SHAPES = [(4, 3, 50), (2, 5, 17030), (64, 7, 1), (33, 130, 1), (5, 9, 3), (3, 2, 40000), (1, 64, 1024),
+          (37, 64, 1), (19, 16, 2), (6, 8, 4)]  # the last three: column blocks of 2 x 8 lanes
 P = ct.c_void_p
 
 

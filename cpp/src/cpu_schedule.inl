@@ -444,6 +444,24 @@ PYBN_INLINE void write_cols(T* out, int64_t n, int64_t P, bool stream, VecF vf, 
         if (j >= P) j -= P;
     };
     auto pairs = [&](auto put2) {
+        // Two blocks of P values at a time when P is a multiple of 2 L (channels-last with C a
+        // multiple of 2 L): value i and value i + P have the same column coefficients, so each
+        // coefficient vector loaded serves both (all four vectors are computed before any store,
+        // so the second use needs no reload). The same values go through vf as below.
+        if (P % (2 * L) == 0) {
+            for (; i + 2 * P <= n; i += P) {
+                for (const int64_t e = i + P; i < e; i += 2 * L) {
+                    const int64_t j0 = j;
+                    step(L);
+                    const int64_t j1 = j;
+                    step(L);
+                    const vec<acc_t<T>> a0 = vf(i, j0), b0 = vf(i + L, j1);
+                    const vec<acc_t<T>> a1 = vf(i + P, j0), b1 = vf(i + P + L, j1);
+                    put2(out + i, a0, b0);
+                    put2(out + i + P, a1, b1);
+                }
+            }
+        }
         for (; i + 2 * L <= n; i += 2 * L) {
             const vec<acc_t<T>> a = vf(i, j);
             step(L);
