@@ -215,7 +215,7 @@ void backward_sweep(const pybn_view& v, const T* dy, const T* x, T* dx, const ac
                     bool row_only, int64_t c0, int64_t c1) {
     using A = acc_t<T>;
     const int64_t C = v.channels, W = C * v.inner;
-    const bool stream = stream_output(v.outer * W * int64_t(sizeof(T)));
+    const bool stream = stream_sweep<T>(v);
     const T* y = static_cast<const T*>(ops.y);
     T* dres = static_cast<T*>(ops.dresidual);
     with_flags(ops.activation == PYBN_ACTIVATION_RELU, dres != nullptr, [&](auto relu, auto res) {
@@ -261,7 +261,7 @@ void backward_elementwise_t(const pybn_view& v, const void* dyv, const void* xv,
     const T* x = static_cast<const T*>(xv);
     T* dx = static_cast<T*>(dxv);
     const int64_t C = v.channels, W = C * v.inner;
-    const bool stream = stream_output(v.outer * W * int64_t(sizeof(T)));
+    const bool stream = stream_sweep<T>(v);
     for_groups(v, groups, static_cast<const A*>(coefv),
                [&](const pybn_view& g, int64_t base, const A* k, const ColumnCoefs<A>& e) {
         elementwise(

@@ -66,7 +66,7 @@ void normalize_sweep(const pybn_view& v, const T* x, T* y, const acc_t<T>* k, co
                      int64_t c0, int64_t c1) {
     using A = acc_t<T>;
     const int64_t C = v.channels, W = C * v.inner;
-    const bool stream = stream_output(v.outer * W * int64_t(sizeof(T)));
+    const bool stream = stream_sweep<T>(v);
     const T* z = static_cast<const T*>(ops.residual);
     with_flags(ops.activation == PYBN_ACTIVATION_RELU, z != nullptr, [&](auto relu, auto res) {
         constexpr bool kRelu = decltype(relu)::value, kRes = decltype(res)::value;

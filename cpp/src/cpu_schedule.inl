@@ -12,6 +12,17 @@ template <class T> bool fetch_ahead(const pybn_view& v, int64_t streams) {
     return stream_output(streams * v.outer * v.channels * v.inner * int64_t(sizeof(T)));
 }
 
+// Whether an elementwise sweep of v streams its output: large enough (stream_output) and, on the
+// row path, rows of at least kStreamRowBytes, so that the lines a row shares with its neighbours
+// (written ordinarily, see write_run) are a small part of it. Measured, 102 MB tensors (old /
+// new in one process): rows of 196 and 392 bytes ran 0.51-0.99x the time written through the
+// cache, rows of 784 bytes and more 0.78-0.92x streamed (bench/NOTES.md, step 30).
+constexpr int64_t kStreamRowBytes = 512;
+template <class T> bool stream_sweep(const pybn_view& v) {
+    const int64_t bytes = v.outer * v.channels * v.inner * int64_t(sizeof(T));
+    return stream_output(bytes) && (v.inner < kRowMin || v.inner * int64_t(sizeof(T)) >= kStreamRowBytes);
+}
+
 // Software prefetch of `bytes` from p.
 inline void prefetch_bytes(const char* p, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
@@ -382,6 +393,24 @@ void for_groups(const pybn_view& v, int64_t groups, const A* k, Sweep sweep) {
     }
 }
 
+// Non-temporal stores pay only for whole cache lines: a line written partly by them and partly
+// by ordinary stores (a row's head or tail, the next row's head) is flushed from the
+// write-combining buffer half full and read back, and short rows then ran 3-8x slower streamed
+// than cached (256 x 2048 x 7 x 7 float32 inference 94 vs 12 ms; bench/NOTES.md, step 30). So
+// the streaming writers below store the vectors before the first line boundary and after the
+// last one ordinarily, and stream only the lines in between; the vectors are the same (same
+// positions, same values), only the store instruction differs.
+constexpr uintptr_t kLineBytes = 64;
+
+// The index of the last cache-line boundary of out at or before out + n (values), at least i.
+template <class T> PYBN_INLINE int64_t line_end(const T* out, int64_t i, int64_t n) {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(out);
+    const uintptr_t end = (base + uintptr_t(n) * sizeof(T)) & ~(kLineBytes - 1);
+    const int64_t e = end > base ? int64_t((end - base) / sizeof(T)) : 0;
+    return e > i ? e : i;
+}
+template <class T> PYBN_INLINE bool at_line(const T* p) { return reinterpret_cast<uintptr_t>(p) % kLineBytes == 0; }
+
 // out[i] = f(i) for i in [0, n), f returning acc_t<T> vectors (vector index) and scalars (tail),
 // converted to T: vector stores, or non-temporal stores when `stream` (outputs larger than the
 // caches).
@@ -395,12 +424,13 @@ PYBN_INLINE void write_run(T* out, int64_t n, bool stream, VecF vf, ScalarF sf) 
     int64_t i = 0;
     if (stream) {
         for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kStreamAlign) != 0; ++i) out[i] = store<T>(sf(i));
-        for (; i + 2 * L <= n; i += 2 * L) vstream2_as(out + i, vf(i), vf(i + L));
-        for (; i + L <= n; i += L) vstream_as(out + i, vf(i));
-    } else {
-        for (; i + 2 * L <= n; i += 2 * L) vstore2_as(out + i, vf(i), vf(i + L));
-        for (; i + L <= n; i += L) vstore_as(out + i, vf(i));
+        for (; i + L <= n && !at_line(out + i); i += L) vstore_as(out + i, vf(i));
+        const int64_t e = line_end(out, i, n);
+        for (; i + 2 * L <= e; i += 2 * L) vstream2_as(out + i, vf(i), vf(i + L));
+        for (; i + L <= e; i += L) vstream_as(out + i, vf(i));
     }
+    for (; i + 2 * L <= n; i += 2 * L) vstore2_as(out + i, vf(i), vf(i + L));
+    for (; i + L <= n; i += L) vstore_as(out + i, vf(i));
     for (; i < n; ++i) out[i] = store<T>(sf(i));
 }
 
@@ -419,14 +449,14 @@ PYBN_INLINE void write_run_uniform(T* out, int64_t n, bool stream, VecF vf, Scal
         const auto lo = [](const auto* p) { return vload_pair<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>, 0>(p); };
         const auto hi = [](const auto* p) { return vload_pair<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>, 1>(p); };
         int64_t i = 0;
-        if (stream) {
+        if (stream) {  // as write_run: only whole lines streamed
             for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kPairBytes) != 0; ++i) out[i] = store<T>(sf(i));
-            for (; i + 2 * L <= n; i += 2 * L) vstream_pair(out + i, vf(i, lo), vf(i, hi));
-            for (; i + L <= n; i += L) vstream_as(out + i, vf(i, ordered));
-        } else {
-            for (; i + 2 * L <= n; i += 2 * L) vstore_pair(out + i, vf(i, lo), vf(i, hi));
-            for (; i + L <= n; i += L) vstore_as(out + i, vf(i, ordered));
+            for (; i + 2 * L <= n && !at_line(out + i); i += 2 * L) vstore_pair(out + i, vf(i, lo), vf(i, hi));
+            for (const int64_t e = line_end(out, i, n); i + 2 * L <= e; i += 2 * L)
+                vstream_pair(out + i, vf(i, lo), vf(i, hi));
         }
+        for (; i + 2 * L <= n; i += 2 * L) vstore_pair(out + i, vf(i, lo), vf(i, hi));
+        for (; i + L <= n; i += L) vstore_as(out + i, vf(i, ordered));
         for (; i < n; ++i) out[i] = store<T>(sf(i));
     }
 }
@@ -443,12 +473,12 @@ PYBN_INLINE void write_cols(T* out, int64_t n, int64_t P, bool stream, VecF vf, 
         j += by;
         if (j >= P) j -= P;
     };
-    auto pairs = [&](auto put2) {
+    auto pairs = [&](int64_t n, auto put2) {  // values up to n
         // Two blocks of P values at a time when P is a multiple of 2 L (channels-last with C a
         // multiple of 2 L): value i and value i + P have the same column coefficients, so each
         // coefficient vector loaded serves both (all four vectors are computed before any store,
         // so the second use needs no reload). The same values go through vf as below.
-        if (P % (2 * L) == 0) {
+        if (!stream && P % (2 * L) == 0) {  // (streamed, the two interleaved lines ran 2.5x slower)
             for (; i + 2 * P <= n; i += P) {
                 for (const int64_t e = i + P; i < e; i += 2 * L) {
                     const int64_t j0 = j;
@@ -470,15 +500,17 @@ PYBN_INLINE void write_cols(T* out, int64_t n, int64_t P, bool stream, VecF vf, 
             put2(out + i, a, b);
         }
     };
-    if (stream) {
+    const auto store2 = [](T* p, const vec<acc_t<T>>& a, const vec<acc_t<T>>& b) { vstore2_as(p, a, b); };
+    if (stream) {  // as write_run: only whole lines streamed
         for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % kStreamAlign) != 0; ++i, step(1))
             out[i] = store<T>(sf(i, j));
-        pairs([](T* p, const vec<acc_t<T>>& a, const vec<acc_t<T>>& b) { vstream2_as(p, a, b); });
-        for (; i + L <= n; i += L, step(L)) vstream_as(out + i, vf(i, j));
-    } else {
-        pairs([](T* p, const vec<acc_t<T>>& a, const vec<acc_t<T>>& b) { vstore2_as(p, a, b); });
-        for (; i + L <= n; i += L, step(L)) vstore_as(out + i, vf(i, j));
+        for (; i + L <= n && !at_line(out + i); i += L, step(L)) vstore_as(out + i, vf(i, j));
+        const int64_t e = line_end(out, i, n);
+        pairs(e, [](T* p, const vec<acc_t<T>>& a, const vec<acc_t<T>>& b) { vstream2_as(p, a, b); });
+        for (; i + L <= e; i += L, step(L)) vstream_as(out + i, vf(i, j));
     }
+    pairs(n, store2);
+    for (; i + L <= n; i += L, step(L)) vstore_as(out + i, vf(i, j));
     for (; i < n; ++i, step(1)) out[i] = store<T>(sf(i, j));
 }
 
