@@ -520,13 +520,10 @@ cdef bint _per_channel_ok(_Buffers bufs, object a, int64_t C, int code, bint wri
         return True
     if type(a) is not _ndarray:
         return False
-    cdef Py_buffer* b
-    try:
-        b = bufs.get(a, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0))
-    except (BufferError, ValueError, TypeError):
-        return False
+    cdef int acode
+    cdef Py_buffer* b = bufs.array(a, PyBUF_WRITABLE if writable else 0, &acode)
     cdef int want = PYBN_FLOAT64 if code == PYBN_FLOAT64 else PYBN_FLOAT32
-    if b.ndim != 1 or b.shape[0] != C or _code_of(b.format, b.itemsize) != want:
+    if b == NULL or b.ndim != 1 or b.shape[0] != C or acode != want:
         return False
     ptr[0] = b.buf
     return True
@@ -627,8 +624,8 @@ def fast_forward(x, gamma, beta, running_mean, running_var, training, momentum, 
     cdef Py_buffer* by
     if out is None:
         y = _new_like(x, bx.len)
-    elif out is x or (out is residual and residual is not None):
-        y = out  # in place
+    elif out is x:
+        y = x  # in place (on the residual: any ndarray below; the overlap check skips it)
     elif type(out) is _ndarray:
         y = out
     else:
