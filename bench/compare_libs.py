@@ -5,7 +5,8 @@ level-1 entry points and the level-2 fused epilogues (ReLU, residual, their grad
 
 A restructuring that must not change numerics (bench/NOTES.md) is shown this way: both libraries
 are loaded into one process and called on the same inputs (every dtype, NCHW / NHWC-like views,
-row and column paths, channel groups forced by a small PYBN_CACHE_BUDGET in a second run, every
+row and column paths, per-core channel blocks, channel groups forced by a small PYBN_CACHE_BUDGET
+and PYBN_CORE_BUDGET=0 in a second run, every
 ISA path both support), and every output byte must agree. Prints one line per difference (the
 first few) and a summary; exits 1 on any difference.
 """
@@ -50,7 +51,8 @@ DTYPES = [(0, np.float32), (1, np.float64), (2, np.float16)]
 if ml_dtypes is not None:
     DTYPES.append((3, np.dtype(ml_dtypes.bfloat16)))
 SHAPES = [(4, 3, 50), (2, 5, 17030), (64, 7, 1), (33, 130, 1), (5, 9, 3), (3, 2, 40000), (1, 64, 1024),
-          (37, 64, 1), (19, 16, 2), (6, 8, 4)]  # the last three: column blocks of 2 x 8 lanes
+          (37, 64, 1), (19, 16, 2), (6, 8, 4),  # column blocks of 2 x 8 lanes
+          (3, 16, 700), (40, 12, 45)]  # per-core channel blocks (long rows, short rows) on 2-4 threads
 P = ct.c_void_p
 
 

@@ -273,6 +273,8 @@ INJECT = textwrap.dedent("""
     ((2000, 12), 1, "forward", None),     # column path
     ((4, 6, 3000), 1, "backward", None),
     ((300, 4, 4, 8), -1, "backward", None),
+    ((4, 8, 3000), 1, "forward", None),   # per-core channel blocks (C = 8 on 2 threads)
+    ((4, 8, 3000), 1, "backward", None),
     ((8, 6, 3000), 1, "forward", 2),      # ghost batches: every group reduced before any write
     ((2000, 12), 1, "forward", 500),
     ((8, 6, 3000), 1, "backward", 2),

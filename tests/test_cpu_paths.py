@@ -19,9 +19,10 @@ ISAS = pybn.cpu_isas()
 # big enough to run on several threads.
 # row path: long rows read in memory order (inner 1155, 1105), short rows channel by channel
 # (inner 63), rows longer than a segment with parts that end inside a row (inner 17030);
-# column path: the rest
+# column path: the rest. C = 8 and 12 (the first and the last): the fused kernels take per-core
+# channel blocks on up to 2 and 3 threads, channel groups on more.
 SHAPES = [((16, 8, 33, 35), 1), ((64, 15, 15, 12), -1), ((2000, 3, 20), 1), ((300, 5, 31), 1), ((40, 2, 65, 17), 1),
-          ((50, 6, 7, 9), 1), ((20, 2, 130, 131), 1)]
+          ((50, 6, 7, 9), 1), ((20, 2, 130, 131), 1), ((40, 12, 45), 1)]
 
 
 @pytest.fixture
@@ -143,10 +144,13 @@ def _child(env_extra, stderr=None):
 
 
 def test_channel_groups_and_streaming_stores_change_no_bit():
-    # a tiny cache budget makes the fused kernels work one channel group at a time and write
-    # with non-temporal stores: the results must be bitwise those of the default run
-    default = _child({})
-    blocked = _child({"PYBN_CACHE_BUDGET": "4096"})
+    # on 2 threads the fused kernels take per-core channel blocks where C >= 8 (SHAPES); without
+    # them (PYBN_CORE_BUDGET=0) they work by channel groups, and a tiny cache budget makes those
+    # groups one channel each and the writes non-temporal: every result must be bitwise the same
+    default = _child({"OMP_NUM_THREADS": "2"})
+    groups = _child({"OMP_NUM_THREADS": "2", "PYBN_CORE_BUDGET": "0"})
+    blocked = _child({"OMP_NUM_THREADS": "2", "PYBN_CORE_BUDGET": "0", "PYBN_CACHE_BUDGET": "4096"})
+    assert groups["out"] == default["out"]
     assert blocked["out"] == default["out"]
 
 

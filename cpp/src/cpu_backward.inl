@@ -208,11 +208,12 @@ void backward_cols_fused(const Grad<T, kRelu, kRes>& g, const T* x, T* dx, int64
     }
 }
 
-// The elementwise sweep of a backward over the row path's rows [c0, c1) (row_only) or the whole
-// view (by ghost batches when ops.groups > 1), with the activation and residual gradient of `ops`.
+// The elementwise sweep of a backward over the row path's rows [c0, c1) (row_only, on nt
+// threads) or the whole view (by ghost batches when ops.groups > 1), with the activation and
+// residual gradient of `ops`.
 template <class T>
 void backward_sweep(const pybn_view& v, const T* dy, const T* x, T* dx, const acc_t<T>* k, const GradOps& ops,
-                    bool row_only, int64_t c0, int64_t c1) {
+                    bool row_only, int64_t c0, int64_t c1, int nt = 0) {
     using A = acc_t<T>;
     const int64_t C = v.channels, W = C * v.inner;
     const bool stream = stream_sweep<T>(v);
@@ -237,7 +238,7 @@ void backward_sweep(const pybn_view& v, const T* dy, const T* x, T* dx, const ac
             };
         };
         if (row_only) {
-            elementwise_rows(v, c0, c1, row_of(0, k));
+            elementwise_rows(v, c0, c1, row_of(0, k), nt > 0 ? nt : num_threads());
             return;
         }
         for_groups(v, ops.groups, k, [&](const pybn_view& g, int64_t base, const A* kg, const ColumnCoefs<A>& e) {
@@ -315,13 +316,32 @@ void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void*
     const T* x = static_cast<const T*>(xv);
     const A* mean = static_cast<const A*>(meanv);
     T* dx = static_cast<T*>(dxv);
+    const SumsRun<T, Terms> kernel{dy, x, static_cast<const T*>(ops.y), mean};
+    const A* k = coef.as<A>();
+    if (const CoreBlocks cb = core_blocks(v, Terms::kInputs * sizeof(T)); cb.nb > 0) {  // per-core channel blocks
+        const int nt = num_threads();
+        const int64_t B = cb.B;
+        const CoreScratch<Sums, SumsRun<T, Terms>> cs(v, B, nt);
+        parallel_for(cb.nb, v.outer * C * v.inner, nt, [&](int64_t b, int t) {
+            const int64_t c0 = cb.begin(C, b), c1 = cb.begin(C, b + 1), nc = c1 - c0;
+            reduce_rows_here(v, c0, c1, cs, t, kernel);
+            double* s = cs.sums(t);
+            for (int64_t c = 0; c < nc; ++c) {
+                s[c] = cs.out(t)[c].dy;
+                s[B + c] = cs.out(t)[c].dy_xmu;
+                s[2 * B + c] = cs.out(t)[c].xmu;
+            }
+            epilogue(c0, c1, s, s + B, s + 2 * B, coef.as<A>());
+            if (sweep) backward_sweep<T>(v, dy, dx_reads_x ? x : nullptr, dx, k, ops, true, c0, c1, 1);
+        });
+        return;
+    }
     const int64_t G = channel_group(v, Terms::kInputs * sizeof(T));
     const RowScratch<Sums, SumsRun<T, Terms>> scratch(v, G, num_threads());
     Scratch red(sizeof(Sums) * size_t(G));
-    const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
-        reduce_rows(v, c0, c1, scratch, red.as<Sums>(), SumsRun<T, Terms>{dy, x, static_cast<const T*>(ops.y), mean});
+        reduce_rows(v, c0, c1, scratch, red.as<Sums>(), kernel);
         for (int64_t c = 0; c < c1 - c0; ++c) {
             sum_dy[c] = red.as<Sums>()[c].dy;
             sum_dy_xmu[c] = red.as<Sums>()[c].dy_xmu;

@@ -81,8 +81,8 @@ const KernelTable& kernels() {
 
 namespace {
 // Size of the highest data / unified cache level as Linux's sysfs describes it for CPU 0 (what
-// lscpu prints), or -1. "32768K" style sizes.
-int64_t sysfs_llc_bytes() {
+// lscpu prints), or -1; with `level` > 0, that level's size instead. "32768K" style sizes.
+int64_t sysfs_cache_bytes(int want_level = 0) {
 #if defined(__linux__)
     int best_level = 0;
     int64_t best = -1;
@@ -101,6 +101,7 @@ int64_t sysfs_llc_bytes() {
         if (!read("level", "%d", &level)) break;
         if (!read("type", "%31s", type) || !read("size", "%31s", size)) continue;
         if (std::strcmp(type, "Instruction") == 0 || level < best_level) continue;
+        if (want_level > 0 && level != want_level) continue;
         char* unit = nullptr;
         const long long n = std::strtoll(size, &unit, 10);
         const int64_t scale = *unit == 'K' ? 1 << 10 : *unit == 'M' ? 1 << 20 : *unit == 'G' ? 1 << 30 : 1;
@@ -121,7 +122,7 @@ int64_t sysfs_llc_bytes() {
 // groups and the non-temporal stores off for 205 MB tensors (bench/NOTES.md, step 15).
 int64_t llc_bytes() {
     static const int64_t llc = [] {
-        int64_t b = sysfs_llc_bytes();
+        int64_t b = sysfs_cache_bytes();
 #if defined(_SC_LEVEL3_CACHE_SIZE)
         if (b <= 0) b = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
@@ -132,6 +133,26 @@ int64_t llc_bytes() {
 }  // namespace
 
 bool stream_output(int64_t bytes) { return bytes > 2 * cache_budget(); }
+
+// A thread's share of an eighth of the last-level cache, at least three quarters of one core's
+// level-2 cache (sysfs, then sysconf, then 512 KiB), or PYBN_CORE_BUDGET bytes (a tuning and
+// testing knob: 0 turns the per-core schedule off).
+int64_t core_budget(int threads) {
+    static const int64_t fixed = [] {
+        const char* e = std::getenv("PYBN_CORE_BUDGET");
+        return e && *e ? int64_t(std::atoll(e)) : int64_t(-1);
+    }();
+    static const int64_t l2 = [] {
+        int64_t b = sysfs_cache_bytes(2);
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+        if (b <= 0) b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+        return b > 0 ? b : int64_t(512) << 10;
+    }();
+    if (fixed >= 0) return fixed;
+    const int64_t share = llc_bytes() / (8 * int64_t(threads > 0 ? threads : 1));
+    return share > l2 * 3 / 4 ? share : l2 * 3 / 4;
+}
 
 // A quarter of the last-level cache (measured best: bench/NOTES.md), or PYBN_CACHE_BUDGET bytes (a tuning and testing knob: a small value
 // forces channel groups and non-temporal stores on small tensors).

@@ -15,7 +15,8 @@ namespace pybn::cpu {
 // channels (the accumulation type of the view's dtype, indexed by absolute channel) and keeps
 // the per-channel outputs (running statistics, saved values, parameter gradients). Implemented
 // by the API (api.cpp, compiled for the baseline: the per-channel float64 arithmetic is the same
-// whichever kernel path runs).
+// whichever kernel path runs). A kernel may call it from several threads at once, for disjoint
+// channel ranges: it must write nothing but those channels' entries.
 class ForwardEpilogue {
   public:
     virtual void operator()(int64_t c0, int64_t c1, const double* mean, const double* m2, void* coef) const = 0;
@@ -87,6 +88,11 @@ const KernelTable& kernels();
 // Bytes of data the fused kernels keep in the cache between their two sweeps: a quarter of the
 // last-level cache, or the environment variable PYBN_CACHE_BUDGET.
 int64_t cache_budget();
+// Bytes of data of one block when each of `threads` threads takes whole channel blocks of a
+// fused kernel (reduction, epilogue and sweep on one core): a thread's share of an eighth of the
+// last-level cache, at least three quarters of a core's level-2 cache, or the environment
+// variable PYBN_CORE_BUDGET (0: never).
+int64_t core_budget(int threads);
 // True when an output of `bytes` should bypass the caches: larger than 2 * cache_budget() (half
 // the last-level cache by default), the sweep's working set (its input and its output) does not
 // fit, and write-allocating the output would evict the input (bench/NOTES.md, step 27).

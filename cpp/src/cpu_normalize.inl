@@ -59,11 +59,11 @@ void normalize_cols(const T* x, const T* z, T* y, int64_t n, const ColumnCoefs<a
         scalar);
 }
 
-// The elementwise sweep of a forward over the row path's rows [c0, c1) (row_only) or the whole
-// view (by ghost batches when ops.groups > 1), with the epilogue of `ops`.
+// The elementwise sweep of a forward over the row path's rows [c0, c1) (row_only, on nt
+// threads) or the whole view (by ghost batches when ops.groups > 1), with the epilogue of `ops`.
 template <class T>
 void normalize_sweep(const pybn_view& v, const T* x, T* y, const acc_t<T>* k, const OutputOps& ops, bool row_only,
-                     int64_t c0, int64_t c1) {
+                     int64_t c0, int64_t c1, int nt = 0) {
     using A = acc_t<T>;
     const int64_t C = v.channels, W = C * v.inner;
     const bool stream = stream_sweep<T>(v);
@@ -79,7 +79,7 @@ void normalize_sweep(const pybn_view& v, const T* x, T* y, const acc_t<T>* k, co
             };
         };
         if (row_only) {
-            elementwise_rows(v, c0, c1, row_of(0, k));
+            elementwise_rows(v, c0, c1, row_of(0, k), nt > 0 ? nt : num_threads());
             return;
         }
         for_groups(v, ops.groups, k, [&](const pybn_view& g, int64_t base, const A* kg, const ColumnCoefs<A>& e) {
@@ -111,10 +111,27 @@ void forward_train_t(const pybn_view& v, const void* xv, void* yv, const Forward
     }
     const T* x = static_cast<const T*>(xv);
     T* y = static_cast<T*>(yv);
+    const A* k = coef.as<A>();
+    if (const CoreBlocks cb = core_blocks(v, sizeof(T)); cb.nb > 0) {  // per-core channel blocks
+        const int nt = num_threads();
+        const int64_t B = cb.B;
+        const CoreScratch<Moments, MomentsRun<T>> cs(v, B, nt);
+        parallel_for(cb.nb, v.outer * C * v.inner, nt, [&](int64_t b, int t) {
+            const int64_t c0 = cb.begin(C, b), c1 = cb.begin(C, b + 1);
+            reduce_rows_here(v, c0, c1, cs, t, MomentsRun<T>{x});
+            double* s = cs.sums(t);
+            for (int64_t c = 0; c < c1 - c0; ++c) {
+                s[c] = cs.out(t)[c].mean();
+                s[B + c] = cs.out(t)[c].m2;
+            }
+            epilogue(c0, c1, s, s + B, coef.as<A>());
+            normalize_sweep<T>(v, x, y, k, ops, true, c0, c1, 1);
+        });
+        return;
+    }
     const int64_t G = channel_group(v, sizeof(T));
     const RowScratch<Moments, MomentsRun<T>> scratch(v, G, num_threads());
     Scratch mom(sizeof(Moments) * size_t(G));
-    const A* k = coef.as<A>();
     for (int64_t c0 = 0; c0 < C; c0 += G) {
         const int64_t c1 = min64(C, c0 + G);
         reduce_rows(v, c0, c1, scratch, mom.as<Moments>(), MomentsRun<T>{x});

@@ -90,12 +90,54 @@ template <class Part, class Kernel> struct RowScratch {
     }
 };
 
+// One work item of the row reduction: channels [cb0, cb1) and the runs of part s of `split`,
+// each channel's Part of that part written to parts[(c - cb0) * split + s]; st: room for the run
+// states of cb1 - cb0 channels (memory order only).
+template <class Part, class Kernel>
+PYBN_INLINE void reduce_item(const pybn_view& v, int64_t cb0, int64_t cb1, int64_t s, int64_t split, Part* parts,
+                             typename Kernel::State* st, const Kernel& k) {
+    using State = typename Kernel::State;
+    const int64_t C = v.channels, inner = v.inner;
+    const RowRuns rr = row_runs(v);
+    const bool memory_order = row_memory_order<Kernel>(v);
+    const int64_t r1 = rr.runs * (s + 1) / split;
+    for (int64_t c = cb0; c < cb1; ++c) parts[(c - cb0) * split + s] = Part{};
+    for (int64_t r = rr.runs * s / split; r < r1;) {
+        const int64_t o0 = (r / rr.nseg) * rr.rows_per_run, g0 = r % rr.nseg;
+        const int64_t g1 = min64(rr.nseg, g0 + (r1 - r));  // this part's runs in row o0 (long rows)
+        const int64_t rows = min64(rr.rows_per_run, v.outer - o0);
+        if (memory_order) {
+            for (int64_t c = cb0; c < cb1; ++c) k.begin(st[c - cb0], c, (o0 * C + c) * inner);
+            for (int64_t o = o0; o < o0 + rows; ++o)
+                for (int64_t c = cb0; c < cb1; ++c) k.add(st[c - cb0], c, (o * C + c) * inner, inner);
+            for (int64_t c = cb0; c < cb1; ++c) parts[(c - cb0) * split + s].merge(k.end(st[c - cb0], rows * inner));
+        } else {  // channel by channel: a run of `rows` short rows, or segments of row o0
+            for (int64_t c = cb0; c < cb1; ++c)
+                for (int64_t g = g0; g < g1; ++g) {
+                    const int64_t off = (o0 * C + c) * inner + g * kSegment;
+                    const int64_t len = min64(kSegment, inner - g * kSegment);
+                    State one;
+                    k.begin(one, c, off);
+                    for (int64_t o = 0; o < rows; ++o) k.add(one, c, off + o * C * inner, len);
+                    parts[(c - cb0) * split + s].merge(k.end(one, rows * len));
+                }
+        }
+        r += g1 - g0;
+    }
+}
+
+// out[c] = the parts of channel c (parts[c * split + s]) merged in part order, c < nc.
+template <class Part> void merge_parts(const Part* parts, int64_t split, int64_t nc, Part* out) {
+    for (int64_t c = 0; c < nc; ++c) out[c] = Part{};
+    for (int64_t s = 0; s < split; ++s)  // part order per channel, channels interleaved (reduce_cols)
+        for (int64_t c = 0; c < nc; ++c) out[c].merge(parts[c * split + s]);
+}
+
 template <class Part, class Kernel>
 void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, const RowScratch<Part, Kernel>& scratch, Part* out,
                  const Kernel& k) {
     using State = typename Kernel::State;
-    const int64_t C = v.channels, inner = v.inner, nc = c1 - c0;
-    const RowRuns rr = row_runs(v);
+    const int64_t inner = v.inner, nc = c1 - c0;
     const int64_t split = row_split(v);
     const int64_t nb = min64(nc, ceil_div(kParts, split));  // channel blocks
     const bool memory_order = row_memory_order<Kernel>(v);
@@ -106,35 +148,69 @@ void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, const RowScratch<Pa
     parallel_for(nb * split, v.outer * nc * inner, nt, [&](int64_t p, int t) {
         // neighbouring items: neighbouring channel blocks of the same rows
         const int64_t b = p % nb, s = p / nb;
-        const int64_t cb0 = c0 + nc * b / nb, cb1 = c0 + nc * (b + 1) / nb, r1 = rr.runs * (s + 1) / split;
-        for (int64_t c = cb0; c < cb1; ++c) parts[(c - c0) * split + s] = Part{};
+        const int64_t cb0 = c0 + nc * b / nb, cb1 = c0 + nc * (b + 1) / nb;
         State* st = memory_order ? aligned_in<State>(states, sizeof(State) * size_t(per_block + 1) * size_t(t)) : nullptr;
-        for (int64_t r = rr.runs * s / split; r < r1;) {
-            const int64_t o0 = (r / rr.nseg) * rr.rows_per_run, g0 = r % rr.nseg;
-            const int64_t g1 = min64(rr.nseg, g0 + (r1 - r));  // this part's runs in row o0 (long rows)
-            const int64_t rows = min64(rr.rows_per_run, v.outer - o0);
-            if (memory_order) {
-                for (int64_t c = cb0; c < cb1; ++c) k.begin(st[c - cb0], c, (o0 * C + c) * inner);
-                for (int64_t o = o0; o < o0 + rows; ++o)
-                    for (int64_t c = cb0; c < cb1; ++c) k.add(st[c - cb0], c, (o * C + c) * inner, inner);
-                for (int64_t c = cb0; c < cb1; ++c) parts[(c - c0) * split + s].merge(k.end(st[c - cb0], rows * inner));
-            } else {  // channel by channel: a run of `rows` short rows, or segments of row o0
-                for (int64_t c = cb0; c < cb1; ++c)
-                    for (int64_t g = g0; g < g1; ++g) {
-                        const int64_t off = (o0 * C + c) * inner + g * kSegment;
-                        const int64_t len = min64(kSegment, inner - g * kSegment);
-                        State one;
-                        k.begin(one, c, off);
-                        for (int64_t o = 0; o < rows; ++o) k.add(one, c, off + o * C * inner, len);
-                        parts[(c - c0) * split + s].merge(k.end(one, rows * len));
-                    }
-            }
-            r += g1 - g0;
-        }
+        reduce_item(v, cb0, cb1, s, split, parts + (cb0 - c0) * split, st, k);
     });
-    for (int64_t c = 0; c < nc; ++c) out[c] = Part{};
-    for (int64_t s = 0; s < split; ++s)  // part order per channel, channels interleaved (reduce_cols)
-        for (int64_t c = 0; c < nc; ++c) out[c].merge(parts[c * split + s]);
+    merge_parts(parts, split, nc, out);
+}
+
+// Per-core channel blocks (the fused kernels' schedule when a channel's data is small enough,
+// core_budget()): a work item is a block of channels that one thread reduces, hands to the
+// epilogue and sweeps, with no barrier between the steps; the other threads work on other blocks
+// (the epilogues run concurrently, on disjoint channels). Its data, a thread's share of an eighth
+// of the LLC at most, stays in that core's L2 and the L3 between the two sweeps; channel groups
+// instead sweep a quarter of the LLC with every thread, a barrier before and after each step.
+// The reduction computes the same parts in the same order as reduce_rows (reduce_item,
+// merge_parts), so every bit is the same as by channel groups. Measured against channel groups
+// (old / new in one process, bench/NOTES.md, step 31): ResNet-50 layers at N = 32 (2 threads)
+// 0.81-0.96x the time for the training forward and 0.56-0.93x for the backward, float32 and
+// 16-bit alike; tensors of a few MB unchanged within the noise.
+// The blocks: as few as the budget allows (per_channel bytes each), at least 2 a thread (dynamic
+// scheduling then evens out a thread that runs slower) and a multiple of the thread count, the
+// channels spread evenly (block b is [C b / nb, C (b + 1) / nb)). nb is 0 when the schedule does
+// not apply: the row path only, one channel's data within the budget and at least 4 channels a
+// thread (a block more or less is then at most a few channels).
+struct CoreBlocks {
+    int64_t nb = 0, B = 0;  // blocks, channels of the largest
+    int64_t begin(int64_t C, int64_t b) const { return C * b / nb; }
+};
+inline CoreBlocks core_blocks(const pybn_view& v, int64_t bytes_per_value) {
+    const int64_t C = v.channels, nt = num_threads();
+    const int64_t per_channel = max64(1, v.outer * v.inner * bytes_per_value);
+    const int64_t most = core_budget(int(nt)) / per_channel;  // channels a block may hold
+    if (v.inner < kRowMin || most < 1 || C < 4 * nt) return {};
+    int64_t nb = max64(ceil_div(C, most), 2 * nt);
+    nb = min64(C / nt, ceil_div(nb, nt)) * nt;
+    if (ceil_div(C, nb) > most) return {};  // no multiple of nt within the budget
+    return {nb, ceil_div(C, nb)};
+}
+
+// The temporaries of the per-core blocks of up to B channels on nt threads, per thread: the
+// parts, the merged results, the run states and 3 x B doubles for the epilogue.
+template <class Part, class Kernel> struct CoreScratch {
+    using State = typename Kernel::State;
+    int64_t B, split;
+    size_t per_thread;
+    Scratch buf;
+    CoreScratch(const pybn_view& v, int64_t B_, int threads)
+        : B(B_), split(row_split(v)), per_thread(bytes(B_, split)), buf(per_thread * size_t(threads)) {}
+    static size_t bytes(int64_t B, int64_t split) {
+        return 64 + sizeof(Part) * size_t(B * (split + 1)) + 64 + sizeof(State) * size_t(B) + sizeof(double) * 3 * size_t(B);
+    }
+    Part* parts(int t) const { return aligned_in<Part>(buf, per_thread * size_t(t)); }
+    Part* out(int t) const { return parts(t) + B * split; }
+    State* states(int t) const { return aligned_in<State>(buf, per_thread * size_t(t) + 64 + sizeof(Part) * size_t(B * (split + 1))); }
+    double* sums(int t) const { return reinterpret_cast<double*>(states(t) + B); }
+};
+
+// Channels [c0, c1) reduced on the calling thread into s.out(t) (as reduce_rows: the same bits).
+template <class Part, class Kernel>
+void reduce_rows_here(const pybn_view& v, int64_t c0, int64_t c1, const CoreScratch<Part, Kernel>& s, int t,
+                      const Kernel& k) {
+    Part* parts = s.parts(t);
+    for (int64_t p = 0; p < s.split; ++p) reduce_item(v, c0, c1, p, s.split, parts, s.states(t), k);
+    merge_parts(parts, s.split, c1 - c0, s.out(t));
 }
 
 // Column path: the view is `outer` rows of W = C * inner columns; rows are cut into `nparts`
@@ -311,12 +387,12 @@ template <class F> PYBN_INLINE void with_flags(bool first, bool second, F&& f) {
 // Elementwise: rows of one channel (row path) or rows of W columns with per-column coefficients
 // (column path), in chunks of about kChunkValues values.
 
-// Row path over the rows (o, c) of channels [c0, c1).
+// Row path over the rows (o, c) of channels [c0, c1), on nt threads (1: the calling thread).
 template <class RowOp>
-void elementwise_rows(const pybn_view& v, int64_t c0, int64_t c1, RowOp row_op) {
+void elementwise_rows(const pybn_view& v, int64_t c0, int64_t c1, RowOp row_op, int nt) {
     const int64_t C = v.channels, inner = v.inner, nc = c1 - c0;
     const int64_t rows = v.outer * nc, per = max64(1, kChunkValues / inner);
-    parallel_for(ceil_div(rows, per), rows * inner, num_threads(), [&](int64_t b, int) {
+    parallel_for(ceil_div(rows, per), rows * inner, nt, [&](int64_t b, int) {
         for (int64_t r = b * per; r < min64(rows, (b + 1) * per); ++r) {
             const int64_t o = r / nc, c = c0 + r % nc;
             row_op((o * C + c) * inner, inner, c);
@@ -329,7 +405,7 @@ template <class RowOp, class ColsOp>
 void elementwise(const pybn_view& v, RowOp row_op, ColsOp cols_op) {
     const int64_t C = v.channels, inner = v.inner, total = v.outer * C * inner;
     if (inner >= kRowMin) {
-        elementwise_rows(v, 0, C, row_op);
+        elementwise_rows(v, 0, C, row_op, num_threads());
     } else {
         const int64_t W = C * inner, per = max64(1, kChunkValues / W);
         parallel_for(ceil_div(v.outer, per), total, num_threads(), [&](int64_t b, int) {
