@@ -187,21 +187,22 @@ inline CoreBlocks core_blocks(const pybn_view& v, int64_t bytes_per_value) {
 }
 
 // The temporaries of the per-core blocks of up to B channels on nt threads, per thread: the
-// parts, the merged results, the run states and 3 x B doubles for the epilogue.
+// parts, the merged results, the run states (memory order only) and 3 x B doubles for the
+// epilogue.
 template <class Part, class Kernel> struct CoreScratch {
     using State = typename Kernel::State;
-    int64_t B, split;
-    size_t per_thread;
+    int64_t B, split, nstates;
+    size_t parts_bytes, per_thread;
     Scratch buf;
     CoreScratch(const pybn_view& v, int64_t B_, int threads)
-        : B(B_), split(row_split(v)), per_thread(bytes(B_, split)), buf(per_thread * size_t(threads)) {}
-    static size_t bytes(int64_t B, int64_t split) {
-        return 64 + sizeof(Part) * size_t(B * (split + 1)) + 64 + sizeof(State) * size_t(B) + sizeof(double) * 3 * size_t(B);
-    }
+        : B(B_), split(row_split(v)), nstates(row_memory_order<Kernel>(v) ? B_ : 0),
+          parts_bytes(sizeof(Part) * size_t(B * (split + 1))),
+          per_thread(64 + parts_bytes + 64 + sizeof(State) * size_t(nstates) + sizeof(double) * 3 * size_t(B)),
+          buf(per_thread * size_t(threads)) {}
     Part* parts(int t) const { return aligned_in<Part>(buf, per_thread * size_t(t)); }
     Part* out(int t) const { return parts(t) + B * split; }
-    State* states(int t) const { return aligned_in<State>(buf, per_thread * size_t(t) + 64 + sizeof(Part) * size_t(B * (split + 1))); }
-    double* sums(int t) const { return reinterpret_cast<double*>(states(t) + B); }
+    State* states(int t) const { return aligned_in<State>(buf, per_thread * size_t(t) + 64 + parts_bytes); }
+    double* sums(int t) const { return reinterpret_cast<double*>(states(t) + nstates); }
 };
 
 // Channels [c0, c1) reduced on the calling thread into s.out(t) (as reduce_rows: the same bits).

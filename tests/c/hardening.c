@@ -322,6 +322,7 @@ int main(void) {
     const int dtypes[4] = {PYBN_FLOAT32, PYBN_FLOAT64, PYBN_FLOAT16, PYBN_BFLOAT16};
     for (int k = 0; k < 4; ++k) {
         every_entry_point(6, 3, 50, dtypes[k], 20);  /* row path (inner >= 32)  */
+        every_entry_point(4, 12, 700, dtypes[k], 3); /* per-core channel blocks (>= 4 channels a thread), threaded */
         every_entry_point(70, 5, 1, dtypes[k], 20);  /* column path (channels-last) */
         every_entry_point(3, 2, 17, dtypes[k], 5);   /* short rows, vector tails */
         every_entry_point(0, 4, 3, dtypes[k], 1);    /* empty batch */
