@@ -394,9 +394,16 @@ void elementwise_rows(const pybn_view& v, int64_t c0, int64_t c1, RowOp row_op, 
     const int64_t C = v.channels, inner = v.inner, nc = c1 - c0;
     const int64_t rows = v.outer * nc, per = max64(1, kChunkValues / inner);
     parallel_for(ceil_div(rows, per), rows * inner, nt, [&](int64_t b, int) {
-        for (int64_t r = b * per; r < min64(rows, (b + 1) * per); ++r) {
-            const int64_t o = r / nc, c = c0 + r % nc;
+        // row r is (o, c) = (r / nc, c0 + r % nc): one division a chunk, then counted (a 64-bit
+        // division a row cost about as much as the rest of a 49-value row; bench/NOTES.md, step 32)
+        const int64_t r0 = b * per, r1 = min64(rows, (b + 1) * per);
+        int64_t o = r0 / nc, c = c0 + r0 % nc;
+        for (int64_t r = r0; r < r1; ++r) {
             row_op((o * C + c) * inner, inner, c);
+            if (++c == c1) {
+                c = c0;
+                ++o;
+            }
         }
         stream_fence();
     });
