@@ -319,17 +319,12 @@ void backward_t(const pybn_view& v, const void* dyv, const void* xv, const void*
     const SumsRun<T, Terms> kernel{dy, x, static_cast<const T*>(ops.y), mean};
     const A* k = coef.as<A>();
     if (const CoreBlocks cb = core_blocks(v, Terms::kInputs * sizeof(T)); cb.nb > 0) {  // per-core channel blocks
-        const int nt = num_threads();
-        const int64_t B = cb.B;
-        const CoreScratch<Sums, SumsRun<T, Terms>> cs(v, B, nt);
-        parallel_for(cb.nb, v.outer * C * v.inner, nt, [&](int64_t b, int t) {
-            const int64_t c0 = cb.begin(C, b), c1 = cb.begin(C, b + 1), nc = c1 - c0;
-            reduce_rows_here(v, c0, c1, cs, t, kernel);
-            double* s = cs.sums(t);
-            for (int64_t c = 0; c < nc; ++c) {
-                s[c] = cs.out(t)[c].dy;
-                s[B + c] = cs.out(t)[c].dy_xmu;
-                s[2 * B + c] = cs.out(t)[c].xmu;
+        for_core_blocks<Sums>(v, cb, kernel, [&](int64_t c0, int64_t c1, const Sums* out, double* s) {
+            const int64_t B = cb.B;
+            for (int64_t c = 0; c < c1 - c0; ++c) {
+                s[c] = out[c].dy;
+                s[B + c] = out[c].dy_xmu;
+                s[2 * B + c] = out[c].xmu;
             }
             epilogue(c0, c1, s, s + B, s + 2 * B, coef.as<A>());
             if (sweep) backward_sweep<T>(v, dy, dx_reads_x ? x : nullptr, dx, k, ops, true, c0, c1, 1);

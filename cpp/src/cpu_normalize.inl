@@ -113,16 +113,11 @@ void forward_train_t(const pybn_view& v, const void* xv, void* yv, const Forward
     T* y = static_cast<T*>(yv);
     const A* k = coef.as<A>();
     if (const CoreBlocks cb = core_blocks(v, sizeof(T)); cb.nb > 0) {  // per-core channel blocks
-        const int nt = num_threads();
-        const int64_t B = cb.B;
-        const CoreScratch<Moments, MomentsRun<T>> cs(v, B, nt);
-        parallel_for(cb.nb, v.outer * C * v.inner, nt, [&](int64_t b, int t) {
-            const int64_t c0 = cb.begin(C, b), c1 = cb.begin(C, b + 1);
-            reduce_rows_here(v, c0, c1, cs, t, MomentsRun<T>{x});
-            double* s = cs.sums(t);
+        for_core_blocks<Moments>(v, cb, MomentsRun<T>{x}, [&](int64_t c0, int64_t c1, const Moments* out, double* s) {
+            const int64_t B = cb.B;
             for (int64_t c = 0; c < c1 - c0; ++c) {
-                s[c] = cs.out(t)[c].mean();
-                s[B + c] = cs.out(t)[c].m2;
+                s[c] = out[c].mean();
+                s[B + c] = out[c].m2;
             }
             epilogue(c0, c1, s, s + B, coef.as<A>());
             normalize_sweep<T>(v, x, y, k, ops, true, c0, c1, 1);

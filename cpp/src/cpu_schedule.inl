@@ -173,17 +173,19 @@ void reduce_rows(const pybn_view& v, int64_t c0, int64_t c1, const RowScratch<Pa
 // thread (a block more or less is then at most a few channels).
 struct CoreBlocks {
     int64_t nb = 0, B = 0;  // blocks, channels of the largest
+    int nt = 1;             // threads
     int64_t begin(int64_t C, int64_t b) const { return C * b / nb; }
 };
 inline CoreBlocks core_blocks(const pybn_view& v, int64_t bytes_per_value) {
-    const int64_t C = v.channels, nt = num_threads();
+    const int nt = num_threads();
+    const int64_t C = v.channels;
     const int64_t per_channel = max64(1, v.outer * v.inner * bytes_per_value);
-    const int64_t most = core_budget(int(nt)) / per_channel;  // channels a block may hold
-    if (v.inner < kRowMin || most < 1 || C < 4 * nt) return {};
-    int64_t nb = max64(ceil_div(C, most), 2 * nt);
+    const int64_t most = core_budget(nt) / per_channel;  // channels a block may hold
+    if (v.inner < kRowMin || most < 1 || C < 4 * int64_t(nt)) return {};
+    int64_t nb = max64(ceil_div(C, most), 2 * int64_t(nt));
     nb = min64(C / nt, ceil_div(nb, nt)) * nt;
     if (ceil_div(C, nb) > most) return {};  // no multiple of nt within the budget
-    return {nb, ceil_div(C, nb)};
+    return {nb, ceil_div(C, nb), nt};
 }
 
 // The temporaries of the per-core blocks of up to B channels on nt threads, per thread: the
@@ -205,13 +207,21 @@ template <class Part, class Kernel> struct CoreScratch {
     double* sums(int t) const { return reinterpret_cast<double*>(states(t) + nstates); }
 };
 
-// Channels [c0, c1) reduced on the calling thread into s.out(t) (as reduce_rows: the same bits).
-template <class Part, class Kernel>
-void reduce_rows_here(const pybn_view& v, int64_t c0, int64_t c1, const CoreScratch<Part, Kernel>& s, int t,
-                      const Kernel& k) {
-    Part* parts = s.parts(t);
-    for (int64_t p = 0; p < s.split; ++p) reduce_item(v, c0, c1, p, s.split, parts, s.states(t), k);
-    merge_parts(parts, s.split, c1 - c0, s.out(t));
+// The per-core schedule of a fused kernel: each block [c0, c1) of cb is reduced by one thread
+// (as reduce_rows: the same bits) and handed on that thread to step(c0, c1, out, sums): out, the
+// block's c1 - c0 merged Parts; sums, room for 3 x cb.B doubles. The scratch is allocated before
+// any step runs.
+template <class Part, class Kernel, class Step>
+void for_core_blocks(const pybn_view& v, const CoreBlocks& cb, const Kernel& k, Step step) {
+    const int64_t C = v.channels;
+    const CoreScratch<Part, Kernel> s(v, cb.B, cb.nt);
+    parallel_for(cb.nb, v.outer * C * v.inner, cb.nt, [&](int64_t b, int t) {
+        const int64_t c0 = cb.begin(C, b), c1 = cb.begin(C, b + 1);
+        Part* parts = s.parts(t);
+        for (int64_t p = 0; p < s.split; ++p) reduce_item(v, c0, c1, p, s.split, parts, s.states(t), k);
+        merge_parts(parts, s.split, c1 - c0, s.out(t));
+        step(c0, c1, static_cast<const Part*>(s.out(t)), s.sums(t));
+    });
 }
 
 // Column path: the view is `outer` rows of W = C * inner columns; rows are cut into `nparts`
